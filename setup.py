@@ -1,0 +1,67 @@
+"""Builds electra_ext._C: CPU kernels always, CUDA kernels (sm_80, sm_90) when torch and nvcc allow.
+
+ELECTRA_EXT_CUDA=0 forces a CPU-only build; ELECTRA_EXT_CUDA=1 fails unless the CUDA kernels build.
+Unset, CUDA is built whenever torch is a CUDA build and nvcc is found.
+"""
+import glob
+import os
+import shutil
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported. The `nvcc` on PATH here can be a wrapper
+# script, from which torch would guess /usr/local and fail to link, so point at the toolkit first.
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+# With no GPU present torch cannot detect an architecture and raises; sm_80 (A100) and sm_90 (H100/H200)
+# are the targets.
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    request = os.environ.get("ELECTRA_EXT_CUDA", "").strip()
+    if request not in ("", "0", "1"):
+        raise ValueError(f"ELECTRA_EXT_CUDA must be 0, 1 or unset, got {request!r}")
+    if request == "0":
+        return False
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        problems.append(f"nvcc not found (CUDA_HOME={CUDA_HOME!r}, nvcc on PATH: {shutil.which('nvcc')!r})")
+    if problems and request == "1":
+        raise RuntimeError("ELECTRA_EXT_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
+    return not problems
+
+
+def write_build_info(with_cuda: bool) -> None:
+    # Read at import time: an extension compiled against one torch must not be loaded next to another.
+    with open(os.path.join(HERE, "electra_ext", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+
+
+def extension():
+    with_cuda = want_cuda()
+    write_build_info(with_cuda)
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # No -std= flag: torch's own flags pick C++17 or C++20 and the sources compile as both.
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if not with_cuda:
+        return CppExtension("electra_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx_flags}), with_cuda
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    return CUDAExtension("electra_ext._C", sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}), with_cuda
+
+
+ext, WITH_CUDA = extension()
+print(f"electra_ext: building with CUDA kernels: {WITH_CUDA}")
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
