@@ -1,0 +1,19 @@
+"""Helpers shared by the op tests: the devices to run on and the error measure of the numerical standards."""
+import pytest
+import torch
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+# Every op test runs on each device that has a kernel; CUDA ones skip (with a reason) where no GPU exists.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")),
+]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (the absolute difference when expected is zero)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    denominator = expected.norm().item()
+    difference = (actual - expected).norm().item()
+    return difference / denominator if denominator > 0 else difference
