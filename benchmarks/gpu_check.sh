@@ -45,7 +45,7 @@ run_step() { # name, log file, command...: tees the output to the log, records a
     fi
 }
 
-run_step tests "$LOG_DIR/tests.log" "${PYTEST[@]}" "$REPO/tests" -q -x
+run_step tests "$LOG_DIR/tests.log" "${PYTEST[@]}" "$REPO/tests" -q
 run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" -q -k cuda \
     --benchmark-json "$LOG_DIR/bench.json" --benchmark-min-rounds 5
 

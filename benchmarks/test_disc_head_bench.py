@@ -13,7 +13,7 @@ from electra_ext.ops.reference import disc_head_reference
 # (sequences, tokens per sequence, hidden): "small" is a 128-token ELECTRA-small batch,
 # "base" a 512-token ELECTRA-base batch; N = sequences * tokens.
 SHAPES = {"small": (128, 128, 256), "base": (256, 512, 768)}
-REPLACED_RATE = 0.15  # ELECTRA's generator rewrites the 15% of tokens it masks
+REPLACED_RATE = 0.15  # ELECTRA masks 15% of tokens for its generator; taken here as all replaced
 PADDING_FRACTION = 0.1  # the last 10% of each sequence is padding (valid == False)
 
 DEVICES = [

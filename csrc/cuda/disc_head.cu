@@ -61,9 +61,9 @@ cudaError_t backward_typed(const DiscHeadBackwardArgs& a, int blocks, cudaStream
                         ? launch_backward<T, true>(a, blocks, warps, stream)
                         : launch_backward<T, false>(a, blocks, warps, stream);
   if (err != cudaSuccess) return err;
-  const int reduce_blocks = static_cast<int>((a.hidden + 1 + dev::kReduceThreads - 1) / dev::kReduceThreads);
-  dev::finish_grad_wb_kernel<<<reduce_blocks, dev::kReduceThreads, 0, stream>>>(a.block_grad_wb, blocks, a.hidden,
-                                                                                a.grad_w, a.grad_b);
+  const int reduce_blocks = static_cast<int>((a.hidden + 1 + dev::kReduceColumns - 1) / dev::kReduceColumns);
+  dev::finish_grad_wb_kernel<<<reduce_blocks, dev::kReduceColumns * dev::kReduceRowGroups, 0, stream>>>(
+      a.block_grad_wb, blocks, a.hidden, a.grad_w, a.grad_b);
   return cudaGetLastError();
 }
 
