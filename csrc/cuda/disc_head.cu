@@ -10,15 +10,17 @@ namespace {
 namespace dev = disc_head_device;
 
 template <typename T>
-bool can_vectorize(const void* x, int64_t hidden, int64_t row_stride) {
-  constexpr int kPack = dev::Pack<T>::kSize;
-  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && hidden % kPack == 0 && row_stride % kPack == 0;
+bool can_vectorize(const void* x, const float* w, int64_t hidden, int64_t row_stride) {
+  constexpr int kPack = dev::kVectorPack<T>;
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+         hidden % kPack == 0 && row_stride % kPack == 0;
 }
 
 int backward_warps(int64_t hidden, int device) {
   int max_shared = 0;
   cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return static_cast<int>(std::min<int64_t>(8, max_shared / (hidden * int64_t(sizeof(float)))));
+  return static_cast<int>(
+      std::min<int64_t>(dev::kBackwardMaxWarps, max_shared / (hidden * int64_t(sizeof(float)))));
 }
 
 template <typename T>
@@ -26,17 +28,17 @@ cudaError_t forward_typed(const DiscHeadForwardArgs& a, cudaStream_t stream) {
   const int blocks = forward_blocks(a.rows);
   const T* x = static_cast<const T*>(a.x);
   constexpr int threads = dev::kForwardWarps * dev::kWarpSize;
-  auto kernel = can_vectorize<T>(a.x, a.hidden, a.row_stride) ? dev::forward_kernel<T, true>
-                                                                : dev::forward_kernel<T, false>;
+  auto kernel = can_vectorize<T>(a.x, a.w, a.hidden, a.row_stride) ? dev::forward_kernel<T, dev::kVectorPack<T>>
+                                                                      : dev::forward_kernel<T, 1>;
   kernel<<<blocks, threads, 0, stream>>>(x, a.rows, a.hidden, a.row_stride, a.w, a.b, a.labels, a.valid, a.logits,
                                          a.block_loss, a.block_valid);
   dev::finish_loss_kernel<<<1, dev::kReduceThreads, 0, stream>>>(a.block_loss, a.block_valid, blocks, a.loss);
   return cudaGetLastError();
 }
 
-template <typename T, bool kVectorized>
+template <typename T, int kPack>
 cudaError_t launch_backward(const DiscHeadBackwardArgs& a, int blocks, int warps, cudaStream_t stream) {
-  auto kernel = dev::backward_kernel<T, kVectorized>;
+  auto kernel = dev::backward_kernel<T, kPack>;
   const size_t shared = size_t(warps) * a.hidden * sizeof(float);
   // Above 48 KB of dynamic shared memory a kernel must opt in (H > 1536 with 8 warps).
   if (shared > 48 * 1024) {
@@ -57,9 +59,9 @@ cudaError_t backward_typed(const DiscHeadBackwardArgs& a, int blocks, cudaStream
   cudaGetDevice(&device);
   const int warps = backward_warps(a.hidden, device);
   // grad_x is allocated contiguous, so x's alignment decides for both.
-  cudaError_t err = can_vectorize<T>(a.x, a.hidden, a.row_stride)
-                        ? launch_backward<T, true>(a, blocks, warps, stream)
-                        : launch_backward<T, false>(a, blocks, warps, stream);
+  cudaError_t err = can_vectorize<T>(a.x, a.w, a.hidden, a.row_stride)
+                        ? launch_backward<T, dev::kVectorPack<T>>(a, blocks, warps, stream)
+                        : launch_backward<T, 1>(a, blocks, warps, stream);
   if (err != cudaSuccess) return err;
   const int reduce_blocks = static_cast<int>((a.hidden + 1 + dev::kReduceColumns - 1) / dev::kReduceColumns);
   dev::finish_grad_wb_kernel<<<reduce_blocks, dev::kReduceColumns * dev::kReduceRowGroups, 0, stream>>>(
