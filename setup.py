@@ -50,9 +50,7 @@ def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # No -std= flag: torch's own flags pick C++17 or C++20 and the sources compile as both. No
-    # -fvisibility=hidden: with g++ 13 (the GPU image) it gave _C private copies of libstdc++'s stream
-    # internals, and formatting a TORCH_CHECK message then crashed in the locale lookup.
+    # No -std= flag: torch's own flags pick C++17 or C++20 and the sources compile as both.
     cxx_flags = ["-O3"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not with_cuda:

@@ -17,10 +17,19 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)'
 
-echo "== build (log: $LOG_DIR/build.log)"
+# Build for this card only (sm_80 and sm_90 are both compiled by CI on every run).
+ARCH=$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+# The distribution's compiler, not the CC/CXX the image may set: the H200 image (2026-11) points them at an
+# /opt/gcc wrapper whose specs link shared libraries with -Bsymbolic, which binds _C to private copies of
+# libstdc++'s template statics (locale facet ids); the first TORCH_CHECK message that formatted a number then
+# crashed the process. Built with /usr/bin/g++, every test passed.
+BUILD_CC=${ELECTRA_EXT_CC:-/usr/bin/gcc}
+BUILD_CXX=${ELECTRA_EXT_CXX:-/usr/bin/g++}
+echo "== build for sm_${ARCH/./} with $BUILD_CXX (log: $LOG_DIR/build.log)"
 # --no-index: the machine has no network, so pip must not try to reach an index.
 if ! (cd "$REPO" &&
-    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} MAX_JOBS=$(nproc) \
+    CC=$BUILD_CC CXX=$BUILD_CXX LDSHARED="$BUILD_CXX -shared" CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} \
+        TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$(nproc) \
         python3 -m pip install --no-index --no-build-isolation --no-deps -v .) >"$LOG_DIR/build.log" 2>&1; then
     tail -n 60 "$LOG_DIR/build.log"
     echo "gpu_check: build failed; nothing to test" >&2

@@ -8,6 +8,7 @@ commit and date, to a file.
 
 import argparse
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,9 @@ COLUMNS = [
 
 
 def git_commit():
-    """Short HEAD of the checkout this script sits in: gpu_check.sh summarizes right after its run."""
+    """$ELECTRA_EXT_COMMIT when set (a copy of the tree without .git), else the short HEAD of this checkout."""
+    if os.environ.get("ELECTRA_EXT_COMMIT"):
+        return os.environ["ELECTRA_EXT_COMMIT"]
     try:
         command = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"]
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
