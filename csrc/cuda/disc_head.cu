@@ -1,10 +1,12 @@
 // Host launchers of the discriminator-head kernels (torch-free; see disc_head_device.cuh for the napkin math).
+// Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the SIMT emulation (namespace
+// emulated, through csrc/emulated/disc_head.cpp).
 #include <algorithm>
 
 #include "cuda/disc_head_device.cuh"
 #include "cuda/disc_head_launch.h"
 
-namespace electra_ext::cuda {
+namespace electra_ext::ELECTRA_BACKEND {
 namespace {
 
 namespace dev = disc_head_device;
@@ -17,8 +19,7 @@ bool can_vectorize(const void* x, const float* w, int64_t hidden, int64_t row_st
 }
 
 int backward_warps(int64_t hidden, int device) {
-  int max_shared = 0;
-  cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int max_shared = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   return static_cast<int>(
       std::min<int64_t>(dev::kBackwardMaxWarps, max_shared / (hidden * int64_t(sizeof(float)))));
 }
@@ -30,9 +31,10 @@ cudaError_t forward_typed(const DiscHeadForwardArgs& a, cudaStream_t stream) {
   constexpr int threads = dev::kForwardWarps * dev::kWarpSize;
   auto kernel = can_vectorize<T>(a.x, a.w, a.hidden, a.row_stride) ? dev::forward_kernel<T, dev::kVectorPack<T>>
                                                                       : dev::forward_kernel<T, 1>;
-  kernel<<<blocks, threads, 0, stream>>>(x, a.rows, a.hidden, a.row_stride, a.w, a.b, a.labels, a.valid, a.logits,
-                                         a.block_loss, a.block_valid);
-  dev::finish_loss_kernel<<<1, dev::kReduceThreads, 0, stream>>>(a.block_loss, a.block_valid, blocks, a.loss);
+  launch_kernel(kernel, blocks, threads, 0, stream, x, a.rows, a.hidden, a.row_stride, a.w, a.b, a.labels, a.valid,
+                a.logits, a.block_loss, a.block_valid);
+  launch_kernel(dev::finish_loss_kernel, 1, dev::kReduceThreads, 0, stream, a.block_loss, a.block_valid, blocks,
+                a.loss);
   return cudaGetLastError();
 }
 
@@ -47,9 +49,9 @@ cudaError_t launch_backward(const DiscHeadBackwardArgs& a, int blocks, int warps
       return err;
     }
   }
-  kernel<<<blocks, warps * dev::kWarpSize, shared, stream>>>(
-      a.grad_logits, a.loss_scale, static_cast<const T*>(a.x), a.rows, a.hidden, a.row_stride, a.w, a.logits,
-      a.labels, a.valid, static_cast<T*>(a.grad_x), a.block_grad_wb);
+  launch_kernel(kernel, blocks, warps * dev::kWarpSize, shared, stream, a.grad_logits, a.loss_scale,
+                static_cast<const T*>(a.x), a.rows, a.hidden, a.row_stride, a.w, a.logits, a.labels, a.valid,
+                static_cast<T*>(a.grad_x), a.block_grad_wb);
   return cudaGetLastError();
 }
 
@@ -64,8 +66,8 @@ cudaError_t backward_typed(const DiscHeadBackwardArgs& a, int blocks, cudaStream
                         : launch_backward<T, 1>(a, blocks, warps, stream);
   if (err != cudaSuccess) return err;
   const int reduce_blocks = static_cast<int>((a.hidden + 1 + dev::kReduceColumns - 1) / dev::kReduceColumns);
-  dev::finish_grad_wb_kernel<<<reduce_blocks, dev::kReduceColumns * dev::kReduceRowGroups, 0, stream>>>(
-      a.block_grad_wb, blocks, a.hidden, a.grad_w, a.grad_b);
+  launch_kernel(dev::finish_grad_wb_kernel, reduce_blocks, dev::kReduceColumns * dev::kReduceRowGroups, 0, stream,
+                a.block_grad_wb, blocks, a.hidden, a.grad_w, a.grad_b);
   return cudaGetLastError();
 }
 
@@ -79,9 +81,8 @@ int forward_blocks(int64_t rows) {
 int backward_blocks(int64_t rows, int64_t hidden, int device) {
   const int warps = backward_warps(hidden, device);
   if (warps < 1) return 0;
-  int sms = 0, max_threads = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaDeviceGetAttribute(&max_threads, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int max_threads = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device);
   const int64_t resident = int64_t(sms) * std::max(1, max_threads / (warps * dev::kWarpSize));
   return static_cast<int>(std::clamp<int64_t>((rows + warps - 1) / warps, 1, resident));
 }
@@ -104,4 +105,4 @@ cudaError_t disc_head_backward(const DiscHeadBackwardArgs& args, int blocks, cud
   return cudaErrorInvalidValue;
 }
 
-}  // namespace electra_ext::cuda
+}  // namespace electra_ext::ELECTRA_BACKEND

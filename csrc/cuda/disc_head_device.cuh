@@ -1,4 +1,5 @@
-// Device code of the discriminator head (torch-free, so the CPU emulation of issue 3 can compile it too).
+// Device code of the discriminator head: torch-free, built by nvcc and, against the SIMT emulation, by the
+// host compiler (simt/simt.cuh).
 //
 // Napkin math, ELECTRA-Base (N = 256*512 = 131,072 rows, H = 768, bf16), H200 (4.3 TB/s measured copy):
 //   forward  reads x once: 201 MB (+0.5 MB logits, 0.3 MB flags)        -> 47 us at the copy rate
@@ -18,14 +19,12 @@
 // [blocks, H + 1] (the last column is db) and a second kernel adds them per column in block order.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
 #include "common/disc_head_math.h"
+#include "simt/simt.cuh"
 
-namespace electra_ext::cuda::disc_head_device {
+namespace electra_ext::ELECTRA_BACKEND::disc_head_device {
 
 namespace math = electra_ext::disc_head_math;
 
@@ -178,7 +177,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   loss_sum[threadIdx.x] = sum;
   valid_sum[threadIdx.x] = count;
   __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half /= 2) {
+  for (unsigned half = kReduceThreads / 2; half > 0; half /= 2) {
     if (threadIdx.x < half) {
       loss_sum[threadIdx.x] += loss_sum[threadIdx.x + half];
       valid_sum[threadIdx.x] += valid_sum[threadIdx.x + half];
@@ -196,12 +195,15 @@ __global__ void __launch_bounds__(kBackwardMaxWarps * kWarpSize, kMinBlocksPerSm
                                 const float* __restrict__ w, const float* __restrict__ logits,
                                 const bool* __restrict__ labels, const bool* __restrict__ valid,
                                 T* __restrict__ grad_x, float* __restrict__ block_grad_wb) {
-  extern __shared__ float warp_grad_w[];
+  ELECTRA_DYNAMIC_SHARED(float, warp_grad_w);
   const int warps = blockDim.x / kWarpSize;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t packs = hidden / kPack;
   float* grad_w_acc = warp_grad_w + int64_t(warp) * hidden;
   for (int64_t j = lane; j < hidden; j += kWarpSize) grad_w_acc[j] = 0.0f;
+  // Lanes zero other slots than they later update (pack-major layout): without this, a lane could add to a
+  // slot before its owner zeroes it (found by the CPU emulation; the GPU's lockstep execution hid it).
+  __syncwarp();
   const float scale = *loss_scale;
   float grad_b = 0.0f;
   for (int64_t row = int64_t(blockIdx.x) * warps + warp; row < rows; row += int64_t(gridDim.x) * warps) {
@@ -269,4 +271,4 @@ __global__ void __launch_bounds__(kReduceColumns * kReduceRowGroups)
   }
 }
 
-}  // namespace electra_ext::cuda::disc_head_device
+}  // namespace electra_ext::ELECTRA_BACKEND::disc_head_device

@@ -1,12 +1,14 @@
 // Torch-free launchers of the discriminator-head CUDA kernels: raw pointers, sizes, strides and a stream.
-// The glue in disc_head_cuda.cpp converts tensors; the device code lives in disc_head_device.cuh.
+// disc_head.cu implements them twice: for the GPU (namespace cuda, nvcc) and for the SIMT emulation on the
+// CPU (namespace emulated, host compiler). The glue in csrc/disc_head_device_glue.h converts tensors; the
+// device code lives in disc_head_device.cuh.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-namespace electra_ext::cuda {
+namespace electra_ext {
 
 enum class FloatType { kFloat32, kFloat16, kBFloat16 };
 
@@ -40,11 +42,21 @@ struct DiscHeadBackwardArgs {
   float* block_grad_wb;      // [backward_blocks(...), hidden + 1] workspace
 };
 
-int forward_blocks(int64_t rows);
-// The backward grid fills the device once; its size decides the workspace.
-int backward_blocks(int64_t rows, int64_t hidden, int device);
+// Blocks of the forward grid; the backward grid fills the device once and its size decides the workspace.
+#define ELECTRA_DISC_HEAD_LAUNCHERS                                                          \
+  int forward_blocks(int64_t rows);                                                          \
+  int backward_blocks(int64_t rows, int64_t hidden, int device);                             \
+  cudaError_t disc_head_forward(const DiscHeadForwardArgs& args, cudaStream_t stream);       \
+  cudaError_t disc_head_backward(const DiscHeadBackwardArgs& args, int blocks, cudaStream_t stream);
 
-cudaError_t disc_head_forward(const DiscHeadForwardArgs& args, cudaStream_t stream);
-cudaError_t disc_head_backward(const DiscHeadBackwardArgs& args, int blocks, cudaStream_t stream);
+namespace cuda {
+ELECTRA_DISC_HEAD_LAUNCHERS
+}  // namespace cuda
 
-}  // namespace electra_ext::cuda
+namespace emulated {
+ELECTRA_DISC_HEAD_LAUNCHERS
+}  // namespace emulated
+
+#undef ELECTRA_DISC_HEAD_LAUNCHERS
+
+}  // namespace electra_ext

@@ -1,0 +1,3 @@
+// The discriminator-head CUDA kernels and launchers, built by the host compiler against the SIMT emulation:
+// the same source as the GPU build, running on the CPU (namespace electra_ext::emulated).
+#include "cuda/disc_head.cu"

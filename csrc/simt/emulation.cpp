@@ -1,0 +1,203 @@
+// The SIMT emulation runtime: runs a grid's blocks one after another, each block's threads as host threads.
+#include "simt/emulation.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace simt {
+namespace {
+
+// A reusable barrier for a fixed set of threads in which a thread that has finished (returned from the
+// kernel) drops out, as exited threads stop counting at a GPU barrier. std::barrier is C++20; this builds as
+// C++17 too.
+class Barrier {
+ public:
+  void reset(int participants) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    participants_ = participants;
+    waiting_ = 0;
+  }
+
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long generation = generation_;
+    if (++waiting_ == participants_) {
+      release();
+      return;
+    }
+    released_.wait(lock, [&] { return generation != generation_; });
+  }
+
+  void arrive_and_drop() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --participants_;
+    if (participants_ > 0 && waiting_ == participants_) release();
+  }
+
+ private:
+  void release() {
+    waiting_ = 0;
+    ++generation_;
+    released_.notify_all();
+  }
+
+  std::mutex mutex_;
+  std::condition_variable released_;
+  int participants_ = 0;
+  int waiting_ = 0;
+  unsigned long generation_ = 0;
+};
+
+struct Warp {
+  Barrier barrier;
+  unsigned char slots[kWarpSize][16];
+  bool votes[kWarpSize];
+};
+
+struct Block {
+  Barrier barrier;
+  std::vector<Warp> warps;
+  std::vector<unsigned char> dynamic_shared;
+};
+
+thread_local Block* current_block = nullptr;
+thread_local int current_thread = 0;  // linear thread index in the block
+
+Warp& current_warp() { return current_block->warps[current_thread / kWarpSize]; }
+
+thread_local cudaError_t last_error = cudaSuccess;
+std::mutex launch_mutex;  // __shared__ statics are per kernel, not per launch: one launch at a time
+
+// Poison for memory a kernel must write before reading (dynamic shared memory at the start of each block):
+// 0xFF bytes are NaN as float and -1 as integers, so a read of unwritten memory shows in the results.
+constexpr unsigned char kPoison = 0xFF;
+
+uint3 unlinear(unsigned i, const dim3& extent) {
+  return uint3{i % extent.x, (i / extent.x) % extent.y, i / (extent.x * extent.y)};
+}
+
+}  // namespace
+
+void fail(const char* what) {
+  std::fprintf(stderr, "simt emulation: %s\n", what);
+  std::abort();
+}
+
+void sync_block() { current_block->barrier.arrive_and_wait(); }
+void sync_warp() { current_warp().barrier.arrive_and_wait(); }
+int lane_id() { return current_thread % kWarpSize; }
+void* dynamic_shared_memory() { return current_block->dynamic_shared.data(); }
+
+void warp_exchange(const void* value, void* out, std::size_t bytes, int source_lane) {
+  Warp& warp = current_warp();
+  std::memcpy(warp.slots[lane_id()], value, bytes);
+  warp.barrier.arrive_and_wait();  // every lane has published
+  std::memcpy(out, warp.slots[source_lane], bytes);
+  warp.barrier.arrive_and_wait();  // every lane has read: slots may be overwritten again
+}
+
+unsigned warp_ballot(bool predicate) {
+  Warp& warp = current_warp();
+  warp.votes[lane_id()] = predicate;
+  warp.barrier.arrive_and_wait();
+  unsigned ballot = 0;
+  for (int lane = 0; lane < kWarpSize; ++lane) ballot |= static_cast<unsigned>(warp.votes[lane]) << lane;
+  warp.barrier.arrive_and_wait();
+  return ballot;
+}
+
+void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, const std::function<void()>& body) {
+  const unsigned threads = block_shape.x * block_shape.y * block_shape.z;
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  if (threads == 0 || threads > kMaxThreadsPerBlock || threads % kWarpSize != 0) {
+    last_error = cudaErrorInvalidConfiguration;  // the emulation also needs whole warps
+    return;
+  }
+  if (dynamic_shared_bytes > static_cast<std::size_t>(kMaxSharedMemoryPerBlockOptin)) {
+    last_error = cudaErrorInvalidValue;
+    return;
+  }
+  if (blocks == 0) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  std::lock_guard<std::mutex> launch_lock(launch_mutex);
+  Block block;
+  block.warps = std::vector<Warp>(threads / kWarpSize);
+  block.dynamic_shared.resize(dynamic_shared_bytes);
+
+  // One host thread per CUDA thread for the whole launch; the launching thread hands out blocks.
+  std::mutex mutex;
+  std::condition_variable changed;
+  unsigned started_block = 0, finished_threads = 0;
+  bool have_block = false;
+  auto worker = [&](unsigned thread) {
+    current_block = &block;
+    current_thread = static_cast<int>(thread);
+    threadIdx = unlinear(thread, block_shape);
+    blockDim = block_shape;
+    gridDim = grid;
+    for (unsigned b = 0; b < blocks; ++b) {
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        changed.wait(lock, [&] { return have_block && started_block == b; });
+      }
+      blockIdx = unlinear(b, grid);
+      body();
+      current_warp().barrier.arrive_and_drop();
+      block.barrier.arrive_and_drop();
+      std::lock_guard<std::mutex> lock(mutex);
+      if (++finished_threads == threads) {
+        have_block = false;
+        changed.notify_all();
+      }
+    }
+  };
+  std::vector<std::thread> workers;
+  workers.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) workers.emplace_back(worker, t);
+  for (unsigned b = 0; b < blocks; ++b) {
+    block.barrier.reset(static_cast<int>(threads));
+    for (Warp& warp : block.warps) warp.barrier.reset(kWarpSize);
+    std::fill(block.dynamic_shared.begin(), block.dynamic_shared.end(), kPoison);
+    std::unique_lock<std::mutex> lock(mutex);
+    started_block = b;
+    finished_threads = 0;
+    have_block = true;
+    changed.notify_all();
+    changed.wait(lock, [&] { return !have_block; });
+  }
+  for (std::thread& w : workers) w.join();
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t error = last_error;
+  last_error = cudaSuccess;
+  return error;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  if (device != 0) fail("the emulated device is device 0");
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount: return kMultiProcessorCount;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: return kMaxThreadsPerMultiProcessor;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return kMaxSharedMemoryPerBlockOptin;
+    case cudaDevAttrMaxSharedMemoryPerBlock: return kDefaultSharedMemoryPerBlock;
+    case cudaDevAttrMaxThreadsPerBlock: return kMaxThreadsPerBlock;
+    case cudaDevAttrWarpSize: return kWarpSize;
+    default: fail("device attribute not emulated");
+  }
+}
+
+}  // namespace simt

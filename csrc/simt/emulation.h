@@ -1,0 +1,165 @@
+// SIMT emulation of CUDA device code on the CPU (included through simt/simt.cuh by a host compiler only).
+//
+// A launch runs its blocks one after another; the threads of a block run as real host threads, so barriers,
+// warp shuffles and shared memory behave as on the GPU within a block: a missing __syncthreads shows up as a
+// wrong or run-to-run-different result, and AddressSanitizer sees out-of-bounds global and shared accesses.
+// Not modelled: timing, occupancy, bank conflicts, races between blocks (blocks never overlap) and the GPU's
+// weak memory model. Supported: 1-3 D grids and blocks of whole warps (blockDim a multiple of 32, at most
+// 1024 threads), full-warp collectives (mask 0xffffffff, width 32), static and dynamic shared memory.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// Kernels carry `#pragma unroll` for nvcc; the host compiler has its own unrolling.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+
+// The CUDA headers define these as attributes for a host compiler; the emulation needs other meanings.
+// __shared__ variables are function-local statics: one copy per kernel, shared by the threads of the block
+// that runs, and blocks run one at a time.
+#undef __shared__
+#define __shared__ static
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __host__
+#define __host__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+
+namespace simt {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreadsPerBlock = 1024;
+// The emulated device: an H100-like shared-memory limit, few SMs so that grids sized "to fill the device"
+// stay small on the CPU.
+constexpr int kMultiProcessorCount = 2;
+constexpr int kMaxThreadsPerMultiProcessor = 2048;
+constexpr int kMaxSharedMemoryPerBlockOptin = 227 * 1024;
+constexpr int kDefaultSharedMemoryPerBlock = 48 * 1024;
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+// Block-wide and warp-wide synchronisation and data exchange for the calling emulated thread.
+void sync_block();
+void sync_warp();
+// Publishes `bytes` bytes of this lane's value, then copies lane `source_lane`'s into `out` (all lanes).
+void warp_exchange(const void* value, void* out, std::size_t bytes, int source_lane);
+unsigned warp_ballot(bool predicate);
+int lane_id();
+void* dynamic_shared_memory();
+[[noreturn]] void fail(const char* what);
+
+inline void check_full_mask(unsigned mask, int width) {
+  if (mask != 0xffffffffu || width != kWarpSize) fail("only full-warp collectives (mask 0xffffffff, width 32)");
+}
+
+template <typename T>
+T shuffle_from(unsigned mask, T value, int source_lane, int width) {
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 16, "shuffle of a small trivial value");
+  check_full_mask(mask, width);
+  T out;
+  warp_exchange(&value, &out, sizeof(T), source_lane);
+  return out;
+}
+
+// Runs `body` for every thread of every block of the grid (see the top of this file).
+void run_grid(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, const std::function<void()>& body);
+
+template <typename... KernelArgs, typename... Args>
+void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t dynamic_shared_bytes,
+                   cudaStream_t, Args&&... args) {
+  const std::tuple<std::decay_t<KernelArgs>...> bound(static_cast<KernelArgs>(args)...);
+  run_grid(grid, block, dynamic_shared_bytes, [&] { std::apply(kernel, bound); });
+}
+
+// The CUDA runtime calls that launchers make (they answer for the emulated device above).
+cudaError_t cudaGetLastError();
+cudaError_t cudaGetDevice(int* device);
+int device_attribute(cudaDeviceAttr attribute, int device);
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute attribute, int value) {
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize && value > kMaxSharedMemoryPerBlockOptin) {
+    return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace simt
+
+using simt::blockDim;
+using simt::blockIdx;
+using simt::gridDim;
+using simt::threadIdx;
+
+inline void __syncthreads() { simt::sync_block(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  simt::check_full_mask(mask, simt::kWarpSize);
+  simt::sync_warp();
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T value, int source_lane, int width = simt::kWarpSize) {
+  return simt::shuffle_from(mask, value, source_lane % simt::kWarpSize, width);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = simt::kWarpSize) {
+  return simt::shuffle_from(mask, value, (simt::lane_id() ^ lane_mask) % simt::kWarpSize, width);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = simt::kWarpSize) {
+  const int source = simt::lane_id() + static_cast<int>(delta);
+  return simt::shuffle_from(mask, value, source < simt::kWarpSize ? source : simt::lane_id(), width);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = simt::kWarpSize) {
+  const int source = simt::lane_id() - static_cast<int>(delta);
+  return simt::shuffle_from(mask, value, source >= 0 ? source : simt::lane_id(), width);
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  simt::check_full_mask(mask, simt::kWarpSize);
+  return simt::warp_ballot(predicate != 0);
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0u; }
+inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == 0xffffffffu; }
+
+// Atomics on the GCC/Clang builtins (std::atomic_ref is C++20; these sources also build as C++17).
+template <typename T>
+T atomicAdd(T* address, T value) {
+  if constexpr (std::is_integral<T>::value) {
+    return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
+  } else {
+    T expected;
+    __atomic_load(address, &expected, __ATOMIC_SEQ_CST);
+    T desired = expected + value;
+    while (!__atomic_compare_exchange(address, &expected, &desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+      desired = expected + value;
+    }
+    return expected;
+  }
+}
+template <typename T>
+T atomicMax(T* address, T value) {
+  T expected = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+  while (expected < value && !__atomic_compare_exchange_n(address, &expected, value, false, __ATOMIC_SEQ_CST,
+                                                           __ATOMIC_SEQ_CST)) {
+  }
+  return expected;
+}
+template <typename T>
+T atomicCAS(T* address, T compare, T value) {
+  __atomic_compare_exchange_n(address, &compare, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return compare;
+}
