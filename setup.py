@@ -38,21 +38,35 @@ def want_cuda() -> bool:
     return not problems
 
 
-def write_build_info(with_cuda: bool) -> None:
+def cuda_include_dir():
+    """The CUDA toolkit's headers: the SIMT emulation compiles the device code against them (no libraries)."""
+    include = os.path.join(CUDA_HOME or os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    return include if os.path.exists(os.path.join(include, "cuda_fp16.h")) else None
+
+
+def write_build_info(with_cuda: bool, with_emulation: bool) -> None:
     # Read at import time: an extension compiled against one torch must not be loaded next to another.
     with open(os.path.join(HERE, "electra_ext", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
+        f.write(f"WITH_EMULATION = {with_emulation!r}\n")
 
 
 def extension():
     with_cuda = want_cuda()
-    write_build_info(with_cuda)
+    emulation_include = cuda_include_dir()
+    write_build_info(with_cuda, emulation_include is not None)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std= flag: torch's own flags pick C++17 or C++20 and the sources compile as both.
     cxx_flags = ["-O3"]
     include_dirs = [os.path.join(HERE, "csrc")]
+    if emulation_include is None:
+        sources.remove("csrc/cpu/disc_head_emulated.cpp")
+    else:
+        sources += sorted(glob.glob("csrc/simt/*.cpp") + glob.glob("csrc/emulated/*.cpp"))
+        include_dirs.append(emulation_include)
+        cxx_flags.append("-DELECTRA_EXT_WITH_EMULATION")
     if not with_cuda:
         return CppExtension("electra_ext._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags}), with_cuda
@@ -63,5 +77,5 @@ def extension():
 
 
 ext, WITH_CUDA = extension()
-print(f"electra_ext: building with CUDA kernels: {WITH_CUDA}")
+print(f"electra_ext: building with CUDA kernels: {WITH_CUDA}, with the SIMT emulation: {cuda_include_dir() is not None}")
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

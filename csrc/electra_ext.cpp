@@ -13,8 +13,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(electra_ext, m) {
   // Discriminator head after its H->H dense layer: logits = gelu(x) @ w + b, loss = mean BCE over valid rows.
-  m.def("disc_head(Tensor x, Tensor w, Tensor b, Tensor labels, Tensor valid) -> (Tensor logits, Tensor loss)");
+  // emulated=True (CPU tensors only) runs the CUDA kernels' device code through the SIMT emulation.
+  m.def(
+      "disc_head(Tensor x, Tensor w, Tensor b, Tensor labels, Tensor valid, *, bool emulated=False) "
+      "-> (Tensor logits, Tensor loss)");
   m.def(
       "disc_head_backward(Tensor? grad_logits, Tensor grad_loss, Tensor x, Tensor w, Tensor logits, "
-      "Tensor labels, Tensor valid) -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
+      "Tensor labels, Tensor valid, *, bool emulated=False) -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
 }

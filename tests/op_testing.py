@@ -4,9 +4,11 @@ import torch
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 
-# Every op test runs on each device that has a kernel; CUDA ones skip (with a reason) where no GPU exists.
-DEVICES = [
+# Every op test runs on each target: the CPU kernel, the CUDA kernel's device code under the SIMT emulation
+# (CPU tensors, never skipped: CI must run it), and the CUDA kernel, which skips (with a reason) without a GPU.
+TARGETS = [
     "cpu",
+    "emulated",
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")),
 ]
 

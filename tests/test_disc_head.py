@@ -1,4 +1,6 @@
-"""electra_ext.ops.disc_head against its float64 PyTorch reference, on every device with a kernel."""
+"""electra_ext.ops.disc_head against its float64 PyTorch reference, on every target (CPU, emulated, CUDA)."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,12 @@ from electra_ext.ops.reference import disc_head_reference
 from op_testing import CUDA_AVAILABLE, relative_error
 
 OP = torch.ops.electra_ext.disc_head.default
+
+
+@pytest.fixture
+def op(backend):
+    """disc_head as the target runs it."""
+    return functools.partial(disc_head, backend=backend)
 
 
 def make_inputs(n, h, device, dtype=torch.float32, padding="random", seed=0):
@@ -42,35 +50,35 @@ def float64_reference(x, w, b, labels, valid, logits_weight=None):
 @pytest.mark.parametrize("n", [1, 7, 4096 + 3])
 @pytest.mark.parametrize("h", [64, 256, 768, 1000])
 @pytest.mark.parametrize("padding", ["random", "none", "all"])
-def test_float32_matches_float64_reference(device, n, h, padding):
+def test_float32_matches_float64_reference(device, op, n, h, padding):
     inputs = make_inputs(n, h, device, padding=padding)
     expected = float64_reference(*inputs)
-    actual = forward_backward(disc_head, *inputs)
+    actual = forward_backward(op, *inputs)
     for name, a, e in zip(("logits", "loss", "dx", "dw", "db"), actual, expected):
         assert a.dtype == (inputs[0].dtype if name == "dx" else torch.float32), name
         assert relative_error(a, e) <= 1e-5, name
 
 
-def test_all_padding_gives_zero_loss_and_zero_gradients(device):
+def test_all_padding_gives_zero_loss_and_zero_gradients(device, op):
     x, w, b, labels, valid = make_inputs(33, 64, device, padding="all")
-    logits, loss, dx, dw, db = forward_backward(disc_head, x, w, b, labels, valid)
+    logits, loss, dx, dw, db = forward_backward(op, x, w, b, labels, valid)
     assert loss.item() == 0.0
     assert dx.abs().max().item() == 0.0 and dw.abs().max().item() == 0.0 and db.abs().max().item() == 0.0
     # The logits are still computed for every row.
     assert relative_error(logits, disc_head_reference(x.double(), w.double(), b.double(), labels, valid)[0]) < 1e-5
 
 
-def test_gradient_flows_through_logits_too(device):
+def test_gradient_flows_through_logits_too(device, op):
     inputs = make_inputs(129, 256, device)
     logits_weight = torch.randn(129, device=device)
     expected = float64_reference(*inputs, logits_weight=logits_weight)
-    actual = forward_backward(disc_head, *inputs, logits_weight=logits_weight)
+    actual = forward_backward(op, *inputs, logits_weight=logits_weight)
     for name, a, e in zip(("logits", "loss", "dx", "dw", "db"), actual, expected):
         assert relative_error(a, e) <= 1e-5, name
 
 
 @pytest.mark.parametrize("layout", ["row_slice", "every_other_row", "transposed", "unaligned_offset"])
-def test_non_contiguous_x(device, layout):
+def test_non_contiguous_x(device, op, layout):
     n, h = 65, 256
     base = torch.randn(2 * n + 1, 2 * h + 8, device=device)
     x = {
@@ -82,7 +90,7 @@ def test_non_contiguous_x(device, layout):
     assert not x.is_contiguous()
     _, w, b, labels, valid = make_inputs(n, h, device)
     expected = float64_reference(x, w, b, labels, valid)
-    actual = forward_backward(disc_head, x, w, b, labels, valid)
+    actual = forward_backward(op, x, w, b, labels, valid)
     for name, a, e in zip(("logits", "loss", "dx", "dw", "db"), actual, expected):
         assert relative_error(a, e) <= 1e-5, name
 
@@ -97,12 +105,12 @@ def pytorch_low_precision(x, w, b, labels, valid):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,h", [(7, 64), (65, 37), (1000, 768), (4096 + 3, 256)])
-def test_low_precision_error_at_most_twice_pytorch(device, dtype, n, h):
+def test_low_precision_error_at_most_twice_pytorch(device, op, dtype, n, h):
     # FlashAttention's rule: against the float64 reference on the same (rounded) inputs, the kernel's error
     # is at most twice that of PyTorch's own implementation in the same precision.
     inputs = make_inputs(n, h, device, dtype=dtype)
     expected = float64_reference(*inputs)
-    actual = forward_backward(disc_head, *inputs)
+    actual = forward_backward(op, *inputs)
     pytorch = forward_backward(pytorch_low_precision, *inputs)
     for name, a, p, e in zip(("logits", "loss", "dx", "dw", "db"), actual, pytorch, expected):
         kernel_error = (a.double().cpu() - e.cpu()).abs().max().item()
@@ -112,9 +120,9 @@ def test_low_precision_error_at_most_twice_pytorch(device, dtype, n, h):
     assert actual[2].dtype == dtype
 
 
-def test_bitwise_deterministic(device):
+def test_bitwise_deterministic(device, op):
     inputs = make_inputs(4096 + 3, 768, device)
-    first, second = forward_backward(disc_head, *inputs), forward_backward(disc_head, *inputs)
+    first, second = forward_backward(op, *inputs), forward_backward(op, *inputs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -133,35 +141,36 @@ def test_cpu_result_does_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
-def test_empty_batch(device):
+def test_empty_batch(device, op):
     x, w, b, labels, valid = make_inputs(0, 64, device)
-    logits, loss, dx, dw, db = forward_backward(disc_head, x, w, b, labels, valid)
+    logits, loss, dx, dw, db = forward_backward(op, x, w, b, labels, valid)
     assert logits.shape == (0,) and loss.item() == 0.0 and dx.shape == (0, 64)
     assert dw.abs().max().item() == 0.0 and db.item() == 0.0
 
 
-def test_labels_from_ids(device):
+def test_labels_from_ids(device, backend):
     x, w, b, _, valid = make_inputs(50, 64, device)
     original = torch.randint(0, 100, (5, 10), device=device)
     corrupted = torch.where(torch.rand(5, 10, device=device) < 0.3, original + 1, original)
-    logits, loss = disc_head_from_ids(x, w, b, corrupted, original, valid)
+    logits, loss = disc_head_from_ids(x, w, b, corrupted, original, valid, backend=backend)
     expected = disc_head_reference(x, w, b, (corrupted != original).reshape(-1), valid)
     assert relative_error(loss, expected[1]) <= 1e-5
     with pytest.raises(ValueError, match="original_ids"):
-        disc_head_from_ids(x, w, b, corrupted, original[:, :5], valid)
+        disc_head_from_ids(x, w, b, corrupted, original[:, :5], valid, backend=backend)
 
 
-def test_opcheck(device):
+def test_opcheck(device, backend):
     for padding in ("random", "all"):
         x, w, b, labels, valid = make_inputs(37, 64, device, padding=padding)
-        torch.library.opcheck(OP, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, valid))
+        torch.library.opcheck(OP, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, valid),
+                              {"emulated": backend == "emulated"})
 
 
-def test_torch_compile_fullgraph_no_graph_breaks(device):
+def test_torch_compile_fullgraph_no_graph_breaks(device, op):
     inputs = make_inputs(300, 256, device)
 
     def objective(x, w, b, labels, valid):
-        logits, loss = disc_head(x, w, b, labels, valid)
+        logits, loss = op(x, w, b, labels, valid)
         return loss + 0.1 * logits.sum()
 
     compiled = torch.compile(objective, fullgraph=True)
@@ -172,24 +181,39 @@ def test_torch_compile_fullgraph_no_graph_breaks(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_feeds_low_precision_and_returns_float32(device, dtype):
+def test_autocast_feeds_low_precision_and_returns_float32(device, op, dtype):
     head = electra_ext.modules.DiscriminatorHead(256).to(device)
-    hidden = torch.randn(4, 16, 256, device=device)
-    labels = torch.rand(4, 16, device=device) < 0.15
-    valid = torch.rand(4, 16, device=device) < 0.9
+    hidden = torch.randn(64, 256, device=device)
+    labels = torch.rand(64, device=device) < 0.15
+    valid = torch.rand(64, device=device) < 0.9
+    w, b = head.dense_prediction.weight.view(-1), head.dense_prediction.bias
     with torch.autocast(device_type=device, dtype=dtype):
-        logits, loss = head(hidden, labels, valid)
         # Autocast runs the dense layer in low precision; the op receives that output unchanged.
         pre_activation = head.dense(hidden)
+        logits, loss = op(pre_activation, w, b, labels, valid)
     assert pre_activation.dtype == dtype
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32
     loss.backward()
     assert head.dense_prediction.weight.grad.dtype == torch.float32
+    expected_logits, expected_loss = disc_head_reference(pre_activation.double(), w.double(), b.double(), labels,
+                                                         valid)
+    assert relative_error(logits, expected_logits) <= 1e-5
+    assert relative_error(loss, expected_loss) <= 1e-5
+
+
+def test_module_matches_dense_then_op():
+    head = electra_ext.modules.DiscriminatorHead(64)
+    hidden = torch.randn(3, 5, 64)
+    labels, valid = torch.rand(3, 5) < 0.3, torch.rand(3, 5) < 0.8
+    logits, loss = head(hidden, labels, valid)
     expected_logits, expected_loss = disc_head_reference(
-        pre_activation.reshape(-1, 256).double(), head.dense_prediction.weight.view(-1).double(),
+        head.dense(hidden).reshape(-1, 64).double(), head.dense_prediction.weight.view(-1).double(),
         head.dense_prediction.bias.double(), labels.reshape(-1), valid.reshape(-1))
+    assert logits.shape == (3, 5)
     assert relative_error(logits.reshape(-1), expected_logits) <= 1e-5
     assert relative_error(loss, expected_loss) <= 1e-5
+    with pytest.raises(ValueError, match="labels and valid"):
+        head(hidden, labels[:, :4], valid)
 
 
 BAD_INPUTS = [
@@ -208,10 +232,10 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("mutate,error,words", BAD_INPUTS)
-def test_bad_input_names_the_argument(device, mutate, error, words):
+def test_bad_input_names_the_argument(device, op, mutate, error, words):
     inputs = mutate(*make_inputs(9, 64, device))
     with pytest.raises(error) as raised:
-        disc_head(*inputs)
+        op(*inputs)
     assert words in str(raised.value)
 
 
@@ -234,3 +258,23 @@ def test_module_state_dict_uses_hf_names():
     assert head.dense_prediction.weight.shape == (1, 64)
     with pytest.raises(ValueError, match="hidden_size"):
         electra_ext.modules.DiscriminatorHead(0)
+
+
+def test_backend_selection_errors():
+    x, w, b, labels, valid = make_inputs(9, 64, "cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        disc_head(x, w, b, labels, valid, backend="triton")
+    if CUDA_AVAILABLE:
+        with pytest.raises(ValueError, match="needs CPU tensors"):
+            disc_head(x.cuda(), w.cuda(), b.cuda(), labels.cuda(), valid.cuda(), backend="emulated")
+
+
+def test_reference_backend_runs_the_reference():
+    inputs = make_inputs(33, 64, "cpu")
+    for a, e in zip(disc_head(*inputs, backend="reference"), disc_head_reference(*inputs)):
+        assert torch.equal(a, e)
+
+
+def test_emulation_is_built():
+    # CI must run the emulated CUDA kernels: a build without the emulation fails here instead of skipping.
+    assert electra_ext.BUILD_INFO.WITH_EMULATION

@@ -17,6 +17,9 @@
 
 #include "common/disc_head_math.h"
 #include "disc_head_checks.h"
+#if defined(ELECTRA_EXT_WITH_EMULATION)
+#include "cpu/disc_head_emulated.h"
+#endif
 
 namespace electra_ext {
 namespace {
@@ -44,7 +47,7 @@ void for_each_chunk(const Chunks& chunks, int64_t rows, const Body& body) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> disc_head_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+std::tuple<at::Tensor, at::Tensor> disc_head_aten(const at::Tensor& x_in, const at::Tensor& w_in,
                                                  const at::Tensor& b_in, const at::Tensor& labels_in,
                                                  const at::Tensor& valid_in) {
   check_disc_head_inputs(x_in, w_in, labels_in, valid_in);
@@ -89,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> disc_head_cpu(const at::Tensor& x_in, const a
   return {logits, at::scalar_tensor(loss, x.options().dtype(at::kFloat))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_aten(
     const c10::optional<at::Tensor>& grad_logits_in, const at::Tensor& grad_loss, const at::Tensor& x_in,
     const at::Tensor& w_in, const at::Tensor& logits_in, const at::Tensor& labels_in,
     const at::Tensor& valid_in) {
@@ -145,6 +148,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_cpu(
     }
   });
   return {grad_x, grad_w, at::full({1}, grad_b, grad_w.options())};
+}
+
+// emulated=True: the CUDA kernels' device code on CPU tensors, through the SIMT emulation.
+#if defined(ELECTRA_EXT_WITH_EMULATION)
+#define ELECTRA_EXT_EMULATED(call) return call
+#else
+#define ELECTRA_EXT_EMULATED(call)                                                                          \
+  TORCH_CHECK_VALUE(false, "disc_head: emulated=True needs electra_ext built with the SIMT emulation, which " \
+                           "needs the CUDA toolkit's headers (set CUDA_HOME) at build time")
+#endif
+
+std::tuple<at::Tensor, at::Tensor> disc_head_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                 const at::Tensor& labels, const at::Tensor& valid, bool emulated) {
+  if (!emulated) return disc_head_aten(x, w, b, labels, valid);
+  ELECTRA_EXT_EMULATED(disc_head_emulated(x, w, b, labels, valid));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_cpu(
+    const c10::optional<at::Tensor>& grad_logits, const at::Tensor& grad_loss, const at::Tensor& x,
+    const at::Tensor& w, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& valid,
+    bool emulated) {
+  if (!emulated) return disc_head_backward_aten(grad_logits, grad_loss, x, w, logits, labels, valid);
+  ELECTRA_EXT_EMULATED(disc_head_backward_emulated(grad_logits, grad_loss, x, w, logits, labels, valid));
 }
 
 }  // namespace

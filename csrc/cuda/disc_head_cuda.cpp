@@ -1,106 +1,48 @@
-// CUDA entry points of disc_head: argument checks, device guard, current stream, workspace allocation,
-// dtype mapping; the kernels themselves are behind the torch-free launchers of disc_head_launch.h.
-#include <ATen/ATen.h>
+// CUDA entry points of disc_head: the device guard and current stream around the shared device glue.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/disc_head_launch.h"
-#include "disc_head_checks.h"
+#include "disc_head_device_glue.h"
 
 namespace electra_ext {
 namespace {
 
-cuda::FloatType float_type(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return cuda::FloatType::kFloat32;
-    case at::kHalf: return cuda::FloatType::kFloat16;
-    case at::kBFloat16: return cuda::FloatType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "disc_head: unsupported dtype ", x.scalar_type());
+struct CudaLaunchers {
+  static int forward_blocks(int64_t rows) { return cuda::forward_blocks(rows); }
+  static int backward_blocks(int64_t rows, int64_t hidden, int device) {
+    return cuda::backward_blocks(rows, hidden, device);
   }
+  static cudaError_t disc_head_forward(const DiscHeadForwardArgs& args, cudaStream_t stream) {
+    return cuda::disc_head_forward(args, stream);
+  }
+  static cudaError_t disc_head_backward(const DiscHeadBackwardArgs& args, int blocks, cudaStream_t stream) {
+    return cuda::disc_head_backward(args, blocks, stream);
+  }
+  static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+  static void check(cudaError_t error) { C10_CUDA_CHECK(error); }
+};
+
+void check_not_emulated(bool emulated) {
+  TORCH_CHECK_VALUE(!emulated, "disc_head: emulated=True runs the CUDA kernels on the CPU and needs CPU tensors, "
+                               "got CUDA tensors");
 }
 
-std::tuple<at::Tensor, at::Tensor> disc_head_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
-                                                  const at::Tensor& b_in, const at::Tensor& labels_in,
-                                                  const at::Tensor& valid_in) {
-  check_disc_head_inputs(x_in, w_in, labels_in, valid_in);
-  check_disc_head_bias(x_in, b_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = rows_with_unit_stride(x_in);
-  const at::Tensor w = as_contiguous_float(w_in);
-  const at::Tensor b = as_contiguous_float(b_in);
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor valid = valid_in.contiguous();
-  const int64_t rows = x.size(0);
-  const auto float_options = x.options().dtype(at::kFloat);
-  at::Tensor logits = at::empty({rows}, float_options);
-  at::Tensor loss = at::zeros({}, float_options);
-  if (rows == 0) return {logits, loss};
-
-  const int blocks = cuda::forward_blocks(rows);
-  at::Tensor block_loss = at::empty({blocks}, float_options);
-  at::Tensor block_valid = at::empty({blocks}, x.options().dtype(at::kInt));
-  const cuda::DiscHeadForwardArgs args{float_type(x),
-                                       x.data_ptr(),
-                                       rows,
-                                       x.size(1),
-                                       row_stride(x),
-                                       w.data_ptr<float>(),
-                                       b.data_ptr<float>(),
-                                       labels.data_ptr<bool>(),
-                                       valid.data_ptr<bool>(),
-                                       logits.data_ptr<float>(),
-                                       loss.data_ptr<float>(),
-                                       block_loss.data_ptr<float>(),
-                                       block_valid.data_ptr<int32_t>()};
-  C10_CUDA_CHECK(cuda::disc_head_forward(args, c10::cuda::getCurrentCUDAStream()));
-  return {logits, loss};
+std::tuple<at::Tensor, at::Tensor> disc_head_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                  const at::Tensor& labels, const at::Tensor& valid, bool emulated) {
+  check_not_emulated(emulated);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return disc_head_on_device<CudaLaunchers>(x, w, b, labels, valid);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_cuda(
-    const c10::optional<at::Tensor>& grad_logits_in, const at::Tensor& grad_loss, const at::Tensor& x_in,
-    const at::Tensor& w_in, const at::Tensor& logits_in, const at::Tensor& labels_in,
-    const at::Tensor& valid_in) {
-  check_disc_head_backward_inputs(grad_logits_in, grad_loss, x_in, w_in, logits_in, labels_in, valid_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = rows_with_unit_stride(x_in);
-  const at::Tensor w = as_contiguous_float(w_in);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor valid = valid_in.contiguous();
-  const c10::optional<at::Tensor> grad_logits =
-      grad_logits_in.has_value() ? c10::optional<at::Tensor>(as_contiguous_float(*grad_logits_in)) : c10::nullopt;
-  const int64_t rows = x.size(0), hidden = x.size(1);
-  const auto float_options = x.options().dtype(at::kFloat);
-  at::Tensor grad_x = at::empty({rows, hidden}, x.options());
-  at::Tensor grad_w = at::zeros({hidden}, float_options);
-  at::Tensor grad_b = at::zeros({1}, float_options);
-  if (rows == 0) return {grad_x, grad_w, grad_b};
-
-  const int blocks = cuda::backward_blocks(rows, hidden, x.get_device());
-  TORCH_CHECK_VALUE(blocks > 0, "disc_head_backward: H = ", hidden,
-                    " is too large: one row of float32 dw accumulators must fit in shared memory");
-  // The loss is the mean over valid rows: d loss / d z_i = grad_loss * (sigmoid(z_i) - y_i) / valid rows.
-  const at::Tensor loss_scale = grad_loss.reshape({}).to(at::kFloat) / valid.sum().clamp_min(1).to(at::kFloat);
-  at::Tensor block_grad_wb = at::empty({blocks, hidden + 1}, float_options);
-  const cuda::DiscHeadBackwardArgs args{float_type(x),
-                                        grad_logits.has_value() ? grad_logits->data_ptr<float>() : nullptr,
-                                        loss_scale.data_ptr<float>(),
-                                        x.data_ptr(),
-                                        rows,
-                                        hidden,
-                                        row_stride(x),
-                                        w.data_ptr<float>(),
-                                        logits.data_ptr<float>(),
-                                        labels.data_ptr<bool>(),
-                                        valid.data_ptr<bool>(),
-                                        grad_x.data_ptr(),
-                                        grad_w.data_ptr<float>(),
-                                        grad_b.data_ptr<float>(),
-                                        block_grad_wb.data_ptr<float>()};
-  C10_CUDA_CHECK(cuda::disc_head_backward(args, blocks, c10::cuda::getCurrentCUDAStream()));
-  return {grad_x, grad_w, grad_b};
+    const c10::optional<at::Tensor>& grad_logits, const at::Tensor& grad_loss, const at::Tensor& x,
+    const at::Tensor& w, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& valid,
+    bool emulated) {
+  check_not_emulated(emulated);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return disc_head_backward_on_device<CudaLaunchers>(grad_logits, grad_loss, x, w, logits, labels, valid);
 }
 
 }  // namespace

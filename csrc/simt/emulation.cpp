@@ -2,6 +2,7 @@
 #include "simt/emulation.h"
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,9 @@
 
 namespace simt {
 namespace {
+
+// Far above any legitimate wait (a block's threads reach a barrier within milliseconds, even under ASan).
+constexpr std::chrono::seconds kBarrierTimeout{120};
 
 // A reusable barrier for a fixed set of threads in which a thread that has finished (returned from the
 // kernel) drops out, as exited threads stop counting at a GPU barrier. std::barrier is C++20; this builds as
@@ -31,7 +35,11 @@ class Barrier {
       release();
       return;
     }
-    released_.wait(lock, [&] { return generation != generation_; });
+    // A GPU would hang here too; the emulation says why instead.
+    if (!released_.wait_for(lock, kBarrierTimeout, [&] { return generation != generation_; })) {
+      fail("a barrier waited 120 s for threads that never arrived (a __syncthreads or warp collective that "
+           "not every thread of the block or warp reaches?)");
+    }
   }
 
   void arrive_and_drop() {

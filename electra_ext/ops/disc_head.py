@@ -10,50 +10,49 @@ float32 logits and loss. Gradients come back in the dtypes of x, w and b.
 """
 import torch
 
+from electra_ext.ops import backend as backends
 from electra_ext.ops.reference import disc_head_reference
 
 _OP = torch.ops.electra_ext.disc_head
 _BACKWARD_OP = torch.ops.electra_ext.disc_head_backward
 
-
-def has_kernel(op, device_type: str) -> bool:
-    """Whether `op` has a compiled kernel for `device_type` ("cpu", "cuda") in this build of electra_ext."""
-    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), dispatch_key)
+# Resolved once per device: torch.compile then traces a dictionary lookup, not the dispatcher query.
+_DEFAULT_IMPLEMENTATION = {device: backends.resolve(_OP.default, None, device) for device in ("cpu", "cuda")}
 
 
-# Looked up once: torch.compile traces a membership test in a constant set, not the dispatcher query.
-_KERNEL_DEVICES = frozenset(device for device in ("cpu", "cuda") if has_kernel(_OP.default, device))
-
-
-def disc_head(x, w, b, labels, valid):
+def disc_head(x, w, b, labels, valid, *, backend=None):
     """Returns (logits [N] float32, loss float32 scalar); see the module docstring.
 
     x: [N, H] float32/bfloat16/float16, w: [H], b: [1], labels: [N] bool (token was replaced),
-    valid: [N] bool (token is not padding). Devices without a kernel run the PyTorch reference.
+    valid: [N] bool (token is not padding). backend: see electra_ext.ops.backend (None: the default).
     """
-    if x.device.type not in _KERNEL_DEVICES:
+    device = x.device.type
+    if backend is None and device in _DEFAULT_IMPLEMENTATION:
+        implementation = _DEFAULT_IMPLEMENTATION[device]
+    else:
+        implementation = backends.resolve(_OP.default, backend, device)
+    if implementation == "reference":
         return disc_head_reference(x, w, b, labels, valid)
-    return _OP(x, w, b, labels, valid)
+    return _OP(x, w, b, labels, valid, emulated=implementation == "emulated")
 
 
-def disc_head_from_ids(x, w, b, corrupted_ids, original_ids, valid):
+def disc_head_from_ids(x, w, b, corrupted_ids, original_ids, valid, *, backend=None):
     """disc_head with labels computed on the fly: a token is "replaced" where corrupted_ids != original_ids."""
     if corrupted_ids.shape != original_ids.shape:
         raise ValueError(
             f"disc_head_from_ids: corrupted_ids and original_ids must have the same shape, "
             f"got {tuple(corrupted_ids.shape)} and {tuple(original_ids.shape)}"
         )
-    return disc_head(x, w, b, (corrupted_ids != original_ids).reshape(-1), valid)
+    return disc_head(x, w, b, (corrupted_ids != original_ids).reshape(-1), valid, backend=backend)
 
 
 @torch.library.register_fake("electra_ext::disc_head")
-def _disc_head_fake(x, w, b, labels, valid):
+def _disc_head_fake(x, w, b, labels, valid, *, emulated=False):
     return x.new_empty((x.shape[0],), dtype=torch.float32), x.new_empty((), dtype=torch.float32)
 
 
 @torch.library.register_fake("electra_ext::disc_head_backward")
-def _disc_head_backward_fake(grad_logits, grad_loss, x, w, logits, labels, valid):
+def _disc_head_backward_fake(grad_logits, grad_loss, x, w, logits, labels, valid, *, emulated=False):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         w.new_empty(w.shape, dtype=torch.float32),
@@ -61,16 +60,18 @@ def _disc_head_backward_fake(grad_logits, grad_loss, x, w, logits, labels, valid
     )
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
     x, w, b, labels, valid = inputs
     logits, _ = output
     ctx.save_for_backward(x, w, logits, labels, valid)
     ctx.b_dtype = b.dtype
+    ctx.emulated = keyword_only_inputs["emulated"]
 
 
 def _backward(ctx, grad_logits, grad_loss):
     x, w, logits, labels, valid = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _BACKWARD_OP(grad_logits, grad_loss, x, w, logits, labels, valid)
+    grad_x, grad_w, grad_b = _BACKWARD_OP(grad_logits, grad_loss, x, w, logits, labels, valid,
+                                          emulated=ctx.emulated)
     return grad_x, grad_w.to(w.dtype), grad_b.to(ctx.b_dtype), None, None
 
 
