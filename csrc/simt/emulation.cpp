@@ -64,7 +64,7 @@ class Barrier {
 
 struct Warp {
   Barrier barrier;
-  unsigned char slots[kWarpSize][16];
+  unsigned char slots[kWarpSize][kWarpSlotBytes];
   bool votes[kWarpSize];
 };
 
@@ -103,11 +103,23 @@ int lane_id() { return current_thread % kWarpSize; }
 void* dynamic_shared_memory() { return current_block->dynamic_shared.data(); }
 
 void warp_exchange(const void* value, void* out, std::size_t bytes, int source_lane) {
+  if (bytes > kWarpSlotBytes) fail("warp_exchange of more than kWarpSlotBytes per lane");
   Warp& warp = current_warp();
   std::memcpy(warp.slots[lane_id()], value, bytes);
   warp.barrier.arrive_and_wait();  // every lane has published
   std::memcpy(out, warp.slots[source_lane], bytes);
   warp.barrier.arrive_and_wait();  // every lane has read: slots may be overwritten again
+}
+
+void warp_gather(const void* value, void* out, std::size_t bytes) {
+  if (bytes > kWarpSlotBytes) fail("warp_gather of more than kWarpSlotBytes per lane");
+  Warp& warp = current_warp();
+  std::memcpy(warp.slots[lane_id()], value, bytes);
+  warp.barrier.arrive_and_wait();
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    std::memcpy(static_cast<unsigned char*>(out) + lane * bytes, warp.slots[lane], bytes);
+  }
+  warp.barrier.arrive_and_wait();
 }
 
 unsigned warp_ballot(bool predicate) {

@@ -54,8 +54,11 @@ inline thread_local dim3 gridDim;
 // Block-wide and warp-wide synchronisation and data exchange for the calling emulated thread.
 void sync_block();
 void sync_warp();
-// Publishes `bytes` bytes of this lane's value, then copies lane `source_lane`'s into `out` (all lanes).
+// Publishes `bytes` (at most kWarpSlotBytes) of this lane's value, then copies lane `source_lane`'s into
+// `out`; warp_gather copies every lane's, lane by lane, into `out` (32 * bytes). All lanes must call.
+constexpr std::size_t kWarpSlotBytes = 64;
 void warp_exchange(const void* value, void* out, std::size_t bytes, int source_lane);
+void warp_gather(const void* value, void* out, std::size_t bytes);
 unsigned warp_ballot(bool predicate);
 int lane_id();
 void* dynamic_shared_memory();
@@ -67,7 +70,7 @@ inline void check_full_mask(unsigned mask, int width) {
 
 template <typename T>
 T shuffle_from(unsigned mask, T value, int source_lane, int width) {
-  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 16, "shuffle of a small trivial value");
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= kWarpSlotBytes, "shuffle of a small value");
   check_full_mask(mask, width);
   T out;
   warp_exchange(&value, &out, sizeof(T), source_lane);

@@ -1,0 +1,202 @@
+// Tensor-core and asynchronous-copy primitives. Device code uses these wrappers and never writes inline PTX:
+// under nvcc each one is the PTX instruction (sm_80 and newer); under the SIMT emulation it computes what the
+// PTX ISA specifies, fragment layouts included, so a kernel that misreads a layout is wrong on the CPU too.
+// tests/native/test_primitives.cu checks each against a direct computation, emulated in CI and on a GPU in
+// benchmarks/gpu_check.sh (which is what proves emulation and hardware agree).
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), per lane:
+// group = lane / 4, pair = lane % 4; a 32-bit register holds two 16-bit elements, the lower index in the lower
+// half. A (16x16, row-major) a[0..3] = elements i = 0..7: row group + 8 * ((i / 2) % 2), column
+// 2 * pair + i % 2 + 8 * (i / 4). B (16x8, k x n) b[0..1] = elements i = 0..3: k = 2 * pair + i % 2 +
+// 8 * (i / 2), n = group. C and D (16x8 fp32) i = 0..3: row group + 8 * (i / 2), column 2 * pair + i % 2.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "simt/simt.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "electra_ext's tensor-core and cp.async primitives need sm_80 or newer"
+#endif
+
+namespace electra_ext::ELECTRA_BACKEND {
+
+// Two 16-bit values (bf16 or fp16) in one register, `low` in the lower half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(T low, T high) {
+  uint16_t low_bits, high_bits;
+  std::memcpy(&low_bits, &low, 2);
+  std::memcpy(&high_bits, &high, 2);
+  return uint32_t(low_bits) | (uint32_t(high_bits) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ T pair_element(uint32_t pair, int index) {
+  const uint16_t bits = static_cast<uint16_t>(pair >> (16 * index));
+  T value;
+  std::memcpy(static_cast<void*>(&value), &bits, 2);
+  return value;
+}
+
+__host__ __device__ __forceinline__ float element_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__host__ __device__ __forceinline__ float element_to_float(__half v) { return __half2float(v); }
+
+#if defined(__CUDACC__)
+
+// D = A * B + C for the warp: mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                             const float (&c)[4]) {
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16 inputs");
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  }
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16: lanes 8m..8m+7 give the 16-byte rows of matrix m;
+// lane l receives, per matrix, row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (of the transpose with .trans).
+template <int kMatrices, bool kTranspose>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const void* row) {
+  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  const uint32_t address = shared_address(row);
+  if constexpr (kMatrices == 1 && !kTranspose) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(address) : "memory");
+  } else if constexpr (kMatrices == 1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0]) : "r"(address) : "memory");
+  } else if constexpr (kMatrices == 2 && !kTranspose) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(address) : "memory");
+  } else if constexpr (kMatrices == 2) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(address) : "memory");
+  } else if constexpr (!kTranspose) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
+  }
+}
+
+// 16 bytes global -> shared without passing through registers (cp.async.cg: cached in L2 only). Both
+// addresses 16-byte aligned. The copy is complete only after cp_async_commit and a cp_async_wait that covers
+// its group, and visible to other threads only after a __syncthreads as well.
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(shared)), "l"(global) : "memory");
+}
+
+// As cp_async_16 when `copy`; otherwise writes 16 zero bytes and reads nothing (for tiles past the end).
+__device__ __forceinline__ void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
+               "r"(copy ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+#else  // the SIMT emulation
+
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16 inputs");
+  struct Fragments {
+    uint32_t a[4];
+    uint32_t b[2];
+    float c[4];
+  };
+  const Fragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  Fragments lanes[::simt::kWarpSize];
+  ::simt::warp_gather(&mine, lanes, sizeof(Fragments));
+  float A[16][16], B[16][8], C[16][8];
+  for (int lane = 0; lane < ::simt::kWarpSize; ++lane) {
+    const int group = lane / 4, pair = lane % 4;
+    for (int i = 0; i < 8; ++i) {
+      A[group + 8 * ((i / 2) % 2)][2 * pair + i % 2 + 8 * (i / 4)] =
+          element_to_float(pair_element<T>(lanes[lane].a[i / 2], i % 2));
+    }
+    for (int i = 0; i < 4; ++i) {
+      B[2 * pair + i % 2 + 8 * (i / 2)][group] = element_to_float(pair_element<T>(lanes[lane].b[i / 2], i % 2));
+      C[group + 8 * (i / 2)][2 * pair + i % 2] = lanes[lane].c[i];
+    }
+  }
+  const int group = ::simt::lane_id() / 4, pair = ::simt::lane_id() % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = group + 8 * (i / 2), column = 2 * pair + i % 2;
+    float sum = C[row][column];
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][column];
+    d[i] = sum;
+  }
+}
+
+template <int kMatrices, bool kTranspose>
+void ldmatrix(uint32_t (&r)[kMatrices], const void* row) {
+  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) ::simt::fail("ldmatrix: a row address is not 16-byte aligned");
+  const void* rows[::simt::kWarpSize];
+  ::simt::warp_gather(&row, rows, sizeof(row));
+  const int lane = ::simt::lane_id();
+  auto element = [&](int matrix, int r, int c) {
+    uint16_t value;
+    std::memcpy(&value, static_cast<const unsigned char*>(rows[8 * matrix + r]) + 2 * c, 2);
+    return uint32_t(value);
+  };
+  for (int m = 0; m < kMatrices; ++m) {
+    const int out_row = lane / 4, out_column = 2 * (lane % 4);
+    if constexpr (kTranspose) {  // element (r, c) of the result is element (c, r) of the matrix
+      r[m] = element(m, out_column, out_row) | (element(m, out_column + 1, out_row) << 16);
+    } else {
+      r[m] = element(m, out_row, out_column) | (element(m, out_row, out_column + 1) << 16);
+    }
+  }
+}
+
+// The copy happens at issue time, so commit and wait have nothing left to do; kernels still need them (and
+// the __syncthreads after the wait) for the GPU.
+inline void check_copy_alignment(const void* shared, const void* global) {
+  if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 || reinterpret_cast<uintptr_t>(global) % 16 != 0) {
+    ::simt::fail("cp.async: an address is not 16-byte aligned");
+  }
+}
+inline void cp_async_16(void* shared, const void* global) {
+  check_copy_alignment(shared, global);
+  std::memcpy(shared, global, 16);
+}
+inline void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
+  if (copy) {
+    cp_async_16(shared, global);
+  } else {
+    std::memset(shared, 0, 16);
+  }
+}
+inline void cp_async_commit() {}
+template <int kPending>
+void cp_async_wait() {}
+
+#endif
+
+}  // namespace electra_ext::ELECTRA_BACKEND

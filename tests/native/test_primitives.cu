@@ -1,0 +1,199 @@
+// Self-tests of the tensor-core and async-copy primitives (csrc/simt/primitives.cuh), each against a direct
+// computation on the host. The same source runs on a GPU (built by nvcc: target test_primitives_cuda, run by
+// benchmarks/gpu_check.sh) and under the SIMT emulation (test_primitives_emulated.cpp, in every CI run): the
+// pair proves that the emulation computes what the hardware does.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "simt/primitives.cuh"
+
+namespace electra_ext::ELECTRA_BACKEND::primitive_tests {
+
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("FAILED: %s\n", what);
+    ++failures;
+  }
+}
+
+template <typename T>
+T from_float(float v);
+template <>
+__nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// A device buffer holding a copy of `host`, freed with the object.
+template <typename T>
+struct DeviceBuffer {
+  explicit DeviceBuffer(const std::vector<T>& host) : size(host.size()), data(device_alloc<T>(host.size())) {
+    copy_to_device(data, host.data(), size * sizeof(T));
+  }
+  ~DeviceBuffer() { device_free(data); }
+  std::vector<T> to_host() const {
+    std::vector<T> host(size);
+    copy_to_host(host.data(), data, size * sizeof(T));
+    return host;
+  }
+  size_t size;
+  T* data;
+};
+
+// One warp: fragments gathered from row-major A [16][16], B [16][8] (k x n) and C [16][8] by the documented
+// layout, D = A B + C scattered back by the same layout.
+template <typename T>
+__global__ void mma_from_global_kernel(const T* a, const T* b, const float* c, float* d) {
+  const int lane = threadIdx.x, group = lane / 4, pair = lane % 4;
+  uint32_t a_frag[4], b_frag[2];
+  float c_frag[4], d_frag[4];
+  for (int r = 0; r < 4; ++r) {
+    const int i = 2 * r;
+    const int row = group + 8 * ((i / 2) % 2), column = 2 * pair + 8 * (i / 4);
+    a_frag[r] = pack_pair(a[row * 16 + column], a[row * 16 + column + 1]);
+  }
+  for (int r = 0; r < 2; ++r) {
+    const int k = 2 * pair + 8 * r;
+    b_frag[r] = pack_pair(b[k * 8 + group], b[(k + 1) * 8 + group]);
+  }
+  for (int i = 0; i < 4; ++i) c_frag[i] = c[(group + 8 * (i / 2)) * 8 + 2 * pair + i % 2];
+  mma_m16n8k16<T>(d_frag, a_frag, b_frag, c_frag);
+  for (int i = 0; i < 4; ++i) d[(group + 8 * (i / 2)) * 8 + 2 * pair + i % 2] = d_frag[i];
+}
+
+// The canonical use: A and B staged in shared memory, fragments loaded with ldmatrix (x4 for A; x2.trans for
+// B, which is stored k-major), then the mma.
+template <typename T>
+__global__ void mma_from_ldmatrix_kernel(const T* a, const T* b, const float* c, float* d) {
+  alignas(16) __shared__ T a_tile[16 * 16];
+  alignas(16) __shared__ T b_tile[16 * 8];
+  const int lane = threadIdx.x, group = lane / 4, pair = lane % 4;
+  for (int i = lane; i < 16 * 16; i += 32) a_tile[i] = a[i];
+  for (int i = lane; i < 16 * 8; i += 32) b_tile[i] = b[i];
+  __syncthreads();
+  uint32_t a_frag[4], b_frag[2];
+  ldmatrix<4, false>(a_frag, &a_tile[(lane % 16) * 16 + (lane / 16) * 8]);
+  ldmatrix<2, true>(b_frag, &b_tile[(lane % 16) * 8]);
+  float c_frag[4], d_frag[4];
+  for (int i = 0; i < 4; ++i) c_frag[i] = c[(group + 8 * (i / 2)) * 8 + 2 * pair + i % 2];
+  mma_m16n8k16<T>(d_frag, a_frag, b_frag, c_frag);
+  for (int i = 0; i < 4; ++i) d[(group + 8 * (i / 2)) * 8 + 2 * pair + i % 2] = d_frag[i];
+}
+
+template <typename T>
+void test_mma(std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::vector<T> a(16 * 16), b(16 * 8);
+  std::vector<float> c(16 * 8);
+  for (T& v : a) v = from_float<T>(normal(rng));
+  for (T& v : b) v = from_float<T>(normal(rng));
+  for (float& v : c) v = normal(rng);
+  std::vector<double> expected(16 * 8);
+  for (int row = 0; row < 16; ++row) {
+    for (int n = 0; n < 8; ++n) {
+      double sum = c[row * 8 + n];
+      for (int k = 0; k < 16; ++k) sum += double(element_to_float(a[row * 16 + k])) * element_to_float(b[k * 8 + n]);
+      expected[row * 8 + n] = sum;
+    }
+  }
+  const DeviceBuffer<T> a_device(a), b_device(b);
+  const DeviceBuffer<float> c_device(c);
+  for (int via_ldmatrix = 0; via_ldmatrix < 2; ++via_ldmatrix) {
+    DeviceBuffer<float> d_device(std::vector<float>(16 * 8, NAN));
+    launch_kernel(via_ldmatrix ? mma_from_ldmatrix_kernel<T> : mma_from_global_kernel<T>, 1, 32, 0, nullptr,
+                  a_device.data, b_device.data, c_device.data, d_device.data);
+    check_launch("mma kernel");
+    const std::vector<float> d = d_device.to_host();
+    double worst = 0;
+    for (size_t i = 0; i < d.size(); ++i) {
+      // Products of 8-bit (bf16) or 11-bit (fp16) significands are exact in fp32; only the fp32 sums round.
+      worst = std::fmax(worst, std::fabs(d[i] - expected[i]) / (1.0 + std::fabs(expected[i])));
+    }
+    expect(worst < 1e-5, via_ldmatrix ? "mma.m16n8k16 with ldmatrix-loaded fragments equals A B + C"
+                                      : "mma.m16n8k16 under the documented fragment layout equals A B + C");
+  }
+}
+
+// Four 8x8 matrices of 16-bit ids (matrix m, row r, column c -> 256 m + 16 r + c) in shared memory; lane l
+// points at row l % 8 of matrix l / 8 and keeps the raw registers.
+template <int kMatrices, bool kTranspose>
+__global__ void ldmatrix_kernel(uint32_t* out) {
+  alignas(16) __shared__ uint16_t tile[4 * 64];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 4 * 64; i += 32) tile[i] = static_cast<uint16_t>(256 * (i / 64) + 16 * ((i % 64) / 8) + i % 8);
+  __syncthreads();
+  uint32_t r[kMatrices];
+  ldmatrix<kMatrices, kTranspose>(r, &tile[(lane / 8) * 64 + (lane % 8) * 8]);
+  for (int m = 0; m < kMatrices; ++m) out[lane * kMatrices + m] = r[m];
+}
+
+template <int kMatrices, bool kTranspose>
+void test_ldmatrix(const char* what) {
+  DeviceBuffer<uint32_t> out_device(std::vector<uint32_t>(32 * kMatrices, 0));
+  launch_kernel(ldmatrix_kernel<kMatrices, kTranspose>, 1, 32, 0, nullptr, out_device.data);
+  check_launch(what);
+  const std::vector<uint32_t> out = out_device.to_host();
+  bool ok = true;
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int m = 0; m < kMatrices; ++m) {
+      const int row = lane / 4, column = 2 * (lane % 4);
+      auto id = [&](int r, int c) { return uint32_t(256 * m + 16 * (kTranspose ? c : r) + (kTranspose ? r : c)); };
+      ok = ok && out[lane * kMatrices + m] == (id(row, column) | (id(row, column + 1) << 16));
+    }
+  }
+  expect(ok, what);
+}
+
+// 128 threads copy 2 KB (16 bytes each) into shared memory with cp.async, the last quarter zero-filled, then
+// write it back reversed by thread, which reads what other threads copied (so the wait and the barrier count).
+__global__ void cp_async_kernel(const uint4* in, uint4* out, int copied) {
+  alignas(16) __shared__ uint4 staged[128];
+  const int t = threadIdx.x;
+  cp_async_16_or_zero(&staged[t], &in[t < copied ? t : 0], t < copied);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  out[t] = staged[127 - t];
+}
+
+void test_cp_async(std::mt19937& rng) {
+  std::vector<uint4> in(128);
+  for (uint4& v : in) v = uint4{uint32_t(rng()), uint32_t(rng()), uint32_t(rng()), uint32_t(rng())};
+  const DeviceBuffer<uint4> in_device(in);
+  DeviceBuffer<uint4> out_device(std::vector<uint4>(128, uint4{1, 1, 1, 1}));
+  const int copied = 96;
+  launch_kernel(cp_async_kernel, 1, 128, 0, nullptr, in_device.data, out_device.data, copied);
+  check_launch("cp.async kernel");
+  const std::vector<uint4> out = out_device.to_host();
+  bool ok = true;
+  for (int t = 0; t < 128; ++t) {
+    const int source = 127 - t;
+    const uint4 expected = source < copied ? in[source] : uint4{0, 0, 0, 0};
+    ok = ok && out[t].x == expected.x && out[t].y == expected.y && out[t].z == expected.z && out[t].w == expected.w;
+  }
+  expect(ok, "cp.async 16-byte copies and zero fills, after commit, wait and a barrier");
+}
+
+int run() {
+  std::mt19937 rng(0);
+  test_mma<__nv_bfloat16>(rng);
+  test_mma<__half>(rng);
+  test_ldmatrix<1, false>("ldmatrix.x1");
+  test_ldmatrix<2, false>("ldmatrix.x2");
+  test_ldmatrix<4, false>("ldmatrix.x4");
+  test_ldmatrix<1, true>("ldmatrix.x1.trans");
+  test_ldmatrix<2, true>("ldmatrix.x2.trans");
+  test_ldmatrix<4, true>("ldmatrix.x4.trans");
+  test_cp_async(rng);
+  std::printf("%s primitive self-tests: %s, %d failure(s)\n", ELECTRA_BACKEND_NAME,
+              failures == 0 ? "passed" : "FAILED", failures);
+  return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+
+}  // namespace electra_ext::ELECTRA_BACKEND::primitive_tests
+
+int main() { return electra_ext::ELECTRA_BACKEND::primitive_tests::run(); }
