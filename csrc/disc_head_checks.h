@@ -74,4 +74,37 @@ inline int64_t row_stride(const at::Tensor& x) { return x.size(0) > 1 ? x.stride
 // Per-row float32 vector (w, grad_logits) or flags, contiguous, for raw-pointer kernels.
 inline at::Tensor as_contiguous_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// The forward's inputs after the checks, laid out as every kernel reads them: x rows with unit column stride,
+// w and b as contiguous float32, the flags contiguous.
+struct DiscHeadInputs {
+  at::Tensor x, w, b, labels, valid;
+};
+
+inline DiscHeadInputs prepare_disc_head_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                               const at::Tensor& labels, const at::Tensor& valid) {
+  check_disc_head_inputs(x, w, labels, valid);
+  check_disc_head_bias(x, b);
+  return {rows_with_unit_stride(x), as_contiguous_float(w), as_contiguous_float(b), labels.contiguous(),
+          valid.contiguous()};
+}
+
+// The backward's inputs, likewise; grad_logits (when given) as contiguous float32.
+struct DiscHeadBackwardInputs {
+  c10::optional<at::Tensor> grad_logits;
+  at::Tensor x, w, logits, labels, valid;
+};
+
+inline DiscHeadBackwardInputs prepare_disc_head_backward_inputs(const c10::optional<at::Tensor>& grad_logits,
+                                                                const at::Tensor& grad_loss, const at::Tensor& x,
+                                                                const at::Tensor& w, const at::Tensor& logits,
+                                                                const at::Tensor& labels, const at::Tensor& valid) {
+  check_disc_head_backward_inputs(grad_logits, grad_loss, x, w, logits, labels, valid);
+  return {grad_logits.has_value() ? c10::optional<at::Tensor>(as_contiguous_float(*grad_logits)) : c10::nullopt,
+          rows_with_unit_stride(x),
+          as_contiguous_float(w),
+          logits.contiguous(),
+          labels.contiguous(),
+          valid.contiguous()};
+}
+
 }  // namespace electra_ext

@@ -28,13 +28,9 @@ template <typename Launchers>
 std::tuple<at::Tensor, at::Tensor> disc_head_on_device(const at::Tensor& x_in, const at::Tensor& w_in,
                                                        const at::Tensor& b_in, const at::Tensor& labels_in,
                                                        const at::Tensor& valid_in) {
-  check_disc_head_inputs(x_in, w_in, labels_in, valid_in);
-  check_disc_head_bias(x_in, b_in);
-  const at::Tensor x = rows_with_unit_stride(x_in);
-  const at::Tensor w = as_contiguous_float(w_in);
-  const at::Tensor b = as_contiguous_float(b_in);
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor valid = valid_in.contiguous();
+  // References, not structured bindings: C++17 lambdas cannot capture those (torch < 2.14 builds as C++17).
+  const DiscHeadInputs in = prepare_disc_head_inputs(x_in, w_in, b_in, labels_in, valid_in);
+  const at::Tensor &x = in.x, &w = in.w, &b = in.b, &labels = in.labels, &valid = in.valid;
   const int64_t rows = x.size(0);
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor logits = at::empty({rows}, float_options);
@@ -66,14 +62,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_on_device(
     const c10::optional<at::Tensor>& grad_logits_in, const at::Tensor& grad_loss, const at::Tensor& x_in,
     const at::Tensor& w_in, const at::Tensor& logits_in, const at::Tensor& labels_in,
     const at::Tensor& valid_in) {
-  check_disc_head_backward_inputs(grad_logits_in, grad_loss, x_in, w_in, logits_in, labels_in, valid_in);
-  const at::Tensor x = rows_with_unit_stride(x_in);
-  const at::Tensor w = as_contiguous_float(w_in);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor valid = valid_in.contiguous();
-  const c10::optional<at::Tensor> grad_logits =
-      grad_logits_in.has_value() ? c10::optional<at::Tensor>(as_contiguous_float(*grad_logits_in)) : c10::nullopt;
+  const DiscHeadBackwardInputs in =
+      prepare_disc_head_backward_inputs(grad_logits_in, grad_loss, x_in, w_in, logits_in, labels_in, valid_in);
+  const c10::optional<at::Tensor>& grad_logits = in.grad_logits;
+  const at::Tensor &x = in.x, &w = in.w, &logits = in.logits, &labels = in.labels, &valid = in.valid;
   const int64_t rows = x.size(0), hidden = x.size(1);
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor grad_x = at::empty({rows, hidden}, x.options());

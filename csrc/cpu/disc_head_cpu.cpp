@@ -50,14 +50,11 @@ void for_each_chunk(const Chunks& chunks, int64_t rows, const Body& body) {
 std::tuple<at::Tensor, at::Tensor> disc_head_aten(const at::Tensor& x_in, const at::Tensor& w_in,
                                                  const at::Tensor& b_in, const at::Tensor& labels_in,
                                                  const at::Tensor& valid_in) {
-  check_disc_head_inputs(x_in, w_in, labels_in, valid_in);
-  check_disc_head_bias(x_in, b_in);
-  const at::Tensor x = rows_with_unit_stride(x_in);
-  const at::Tensor w = as_contiguous_float(w_in);
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor valid = valid_in.contiguous();
+  // References, not structured bindings: C++17 lambdas cannot capture those (torch < 2.14 builds as C++17).
+  const DiscHeadInputs in = prepare_disc_head_inputs(x_in, w_in, b_in, labels_in, valid_in);
+  const at::Tensor &x = in.x, &w = in.w, &b = in.b, &labels = in.labels, &valid = in.valid;
   const int64_t rows = x.size(0), hidden = x.size(1);
-  const float bias = b_in.item<float>();
+  const float bias = b.item<float>();
   const Chunks chunks(rows, hidden);
 
   at::Tensor logits = at::empty({rows}, x.options().dtype(at::kFloat));
@@ -96,19 +93,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_aten(
     const c10::optional<at::Tensor>& grad_logits_in, const at::Tensor& grad_loss, const at::Tensor& x_in,
     const at::Tensor& w_in, const at::Tensor& logits_in, const at::Tensor& labels_in,
     const at::Tensor& valid_in) {
-  check_disc_head_backward_inputs(grad_logits_in, grad_loss, x_in, w_in, logits_in, labels_in, valid_in);
-  const at::Tensor x = rows_with_unit_stride(x_in);
-  const at::Tensor w = as_contiguous_float(w_in);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor valid = valid_in.contiguous();
+  const DiscHeadBackwardInputs in =
+      prepare_disc_head_backward_inputs(grad_logits_in, grad_loss, x_in, w_in, logits_in, labels_in, valid_in);
+  const c10::optional<at::Tensor>& grad_logits = in.grad_logits;
+  const at::Tensor &x = in.x, &w = in.w, &logits = in.logits, &labels = in.labels, &valid = in.valid;
   const int64_t rows = x.size(0), hidden = x.size(1);
   const int64_t valid_count = valid.sum().item<int64_t>();
   // d loss / d z_i = grad_loss * (sigmoid(z_i) - y_i) / valid_count on valid rows (the loss is their mean).
   const float loss_scale = valid_count > 0 ? grad_loss.item<float>() / static_cast<float>(valid_count) : 0.0f;
   // dz starts as grad_logits (or zero) and gains the loss term row by row below.
-  at::Tensor grad_z = grad_logits_in.has_value() ? grad_logits_in->to(at::kFloat).contiguous().clone()
-                                                 : at::zeros({rows}, logits.options());
+  at::Tensor grad_z = grad_logits.has_value() ? grad_logits->clone() : at::zeros({rows}, logits.options());
   const Chunks chunks(rows, hidden);
 
   at::Tensor grad_x = at::empty({rows, hidden}, x.options());
