@@ -64,8 +64,8 @@ class Barrier {
 
 struct Warp {
   Barrier barrier;
-  unsigned char slots[kWarpSize][kWarpSlotBytes];
-  bool votes[kWarpSize];
+  // Two banks of one slot per lane: see publish().
+  unsigned char slots[2][kWarpSize][kWarpSlotBytes];
 };
 
 struct Block {
@@ -76,6 +76,7 @@ struct Block {
 
 thread_local Block* current_block = nullptr;
 thread_local int current_thread = 0;  // linear thread index in the block
+thread_local unsigned collective_count = 0;  // warp collectives this thread has joined in the current block
 
 Warp& current_warp() { return current_block->warps[current_thread / kWarpSize]; }
 
@@ -102,33 +103,43 @@ void sync_warp() { current_warp().barrier.arrive_and_wait(); }
 int lane_id() { return current_thread % kWarpSize; }
 void* dynamic_shared_memory() { return current_block->dynamic_shared.data(); }
 
-void warp_exchange(const void* value, void* out, std::size_t bytes, int source_lane) {
-  if (bytes > kWarpSlotBytes) fail("warp_exchange of more than kWarpSlotBytes per lane");
+namespace {
+
+using Bank = unsigned char (*)[kWarpSlotBytes];
+
+// Writes this lane's bytes into its slot and waits until every lane of the warp has written: one barrier per
+// collective. The banks alternate, so a lane writes a bank again only two collectives later, after passing the
+// next collective's barrier, which no lane reaches before it has finished reading this one.
+Bank publish(const void* value, std::size_t bytes) {
+  if (bytes > kWarpSlotBytes) fail("a warp collective of more than kWarpSlotBytes per lane");
   Warp& warp = current_warp();
-  std::memcpy(warp.slots[lane_id()], value, bytes);
-  warp.barrier.arrive_and_wait();  // every lane has published
-  std::memcpy(out, warp.slots[source_lane], bytes);
-  warp.barrier.arrive_and_wait();  // every lane has read: slots may be overwritten again
+  Bank bank = warp.slots[collective_count++ % 2];
+  std::memcpy(bank[lane_id()], value, bytes);
+  warp.barrier.arrive_and_wait();
+  return bank;
+}
+
+}  // namespace
+
+void warp_exchange(const void* value, void* out, std::size_t bytes, int source_lane) {
+  std::memcpy(out, publish(value, bytes)[source_lane], bytes);
 }
 
 void warp_gather(const void* value, void* out, std::size_t bytes) {
-  if (bytes > kWarpSlotBytes) fail("warp_gather of more than kWarpSlotBytes per lane");
-  Warp& warp = current_warp();
-  std::memcpy(warp.slots[lane_id()], value, bytes);
-  warp.barrier.arrive_and_wait();
+  const Bank bank = publish(value, bytes);
   for (int lane = 0; lane < kWarpSize; ++lane) {
-    std::memcpy(static_cast<unsigned char*>(out) + lane * bytes, warp.slots[lane], bytes);
+    std::memcpy(static_cast<unsigned char*>(out) + lane * bytes, bank[lane], bytes);
   }
-  warp.barrier.arrive_and_wait();
 }
 
 unsigned warp_ballot(bool predicate) {
-  Warp& warp = current_warp();
-  warp.votes[lane_id()] = predicate;
-  warp.barrier.arrive_and_wait();
+  const Bank bank = publish(&predicate, sizeof(predicate));
   unsigned ballot = 0;
-  for (int lane = 0; lane < kWarpSize; ++lane) ballot |= static_cast<unsigned>(warp.votes[lane]) << lane;
-  warp.barrier.arrive_and_wait();
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    bool vote;
+    std::memcpy(&vote, bank[lane], sizeof(vote));
+    ballot |= static_cast<unsigned>(vote) << lane;
+  }
   return ballot;
 }
 
@@ -169,6 +180,7 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
         changed.wait(lock, [&] { return have_block && started_block == b; });
       }
       blockIdx = unlinear(b, grid);
+      collective_count = 0;
       body();
       current_warp().barrier.arrive_and_drop();
       block.barrier.arrive_and_drop();
