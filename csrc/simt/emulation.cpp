@@ -6,7 +6,6 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -28,10 +27,14 @@ class Barrier {
     waiting_ = 0;
   }
 
-  void arrive_and_wait() {
+  // The last thread to arrive runs `on_release` (with no other thread past or inside the barrier), then
+  // releases the others.
+  template <typename OnRelease>
+  void arrive_and_wait(OnRelease&& on_release) {
     std::unique_lock<std::mutex> lock(mutex_);
     const unsigned long generation = generation_;
     if (++waiting_ == participants_) {
+      on_release();
       release();
       return;
     }
@@ -40,6 +43,10 @@ class Barrier {
       fail("a barrier waited 120 s for threads that never arrived (a __syncthreads or warp collective that "
            "not every thread of the block or warp reaches?)");
     }
+  }
+
+  void arrive_and_wait() {
+    arrive_and_wait([] {});
   }
 
   void arrive_and_drop() {
@@ -162,12 +169,18 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
   Block block;
   block.warps = std::vector<Warp>(threads / kWarpSize);
   block.dynamic_shared.resize(dynamic_shared_bytes);
+  auto start_block = [&] {
+    block.barrier.reset(static_cast<int>(threads));
+    for (Warp& warp : block.warps) warp.barrier.reset(kWarpSize);
+    std::fill(block.dynamic_shared.begin(), block.dynamic_shared.end(), kPoison);
+  };
+  start_block();
+  // Between blocks every thread waits here; the last to arrive prepares the next block. Unlike the block's
+  // own barrier, threads never drop out of this one.
+  Barrier between_blocks;
+  between_blocks.reset(static_cast<int>(threads));
 
-  // One host thread per CUDA thread for the whole launch; the launching thread hands out blocks.
-  std::mutex mutex;
-  std::condition_variable changed;
-  unsigned started_block = 0, finished_threads = 0;
-  bool have_block = false;
+  // One host thread per CUDA thread for the whole launch, running the blocks in order.
   auto worker = [&](unsigned thread) {
     current_block = &block;
     current_thread = static_cast<int>(thread);
@@ -175,36 +188,17 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
     blockDim = block_shape;
     gridDim = grid;
     for (unsigned b = 0; b < blocks; ++b) {
-      {
-        std::unique_lock<std::mutex> lock(mutex);
-        changed.wait(lock, [&] { return have_block && started_block == b; });
-      }
       blockIdx = unlinear(b, grid);
       collective_count = 0;
       body();
       current_warp().barrier.arrive_and_drop();
       block.barrier.arrive_and_drop();
-      std::lock_guard<std::mutex> lock(mutex);
-      if (++finished_threads == threads) {
-        have_block = false;
-        changed.notify_all();
-      }
+      between_blocks.arrive_and_wait(start_block);
     }
   };
   std::vector<std::thread> workers;
   workers.reserve(threads);
   for (unsigned t = 0; t < threads; ++t) workers.emplace_back(worker, t);
-  for (unsigned b = 0; b < blocks; ++b) {
-    block.barrier.reset(static_cast<int>(threads));
-    for (Warp& warp : block.warps) warp.barrier.reset(kWarpSize);
-    std::fill(block.dynamic_shared.begin(), block.dynamic_shared.end(), kPoison);
-    std::unique_lock<std::mutex> lock(mutex);
-    started_block = b;
-    finished_threads = 0;
-    have_block = true;
-    changed.notify_all();
-    changed.wait(lock, [&] { return !have_block; });
-  }
   for (std::thread& w : workers) w.join();
 }
 
