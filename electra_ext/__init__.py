@@ -1,6 +1,7 @@
 """electra_ext: fused CPU/CUDA kernels and modules for fast ELECTRA pre-training."""
 from electra_ext._extension import BUILD_INFO
 from electra_ext import ops, modules
+from electra_ext.modules import PRESETS, ElectraConfig, ElectraPreset, preset
 
 __version__ = "0.1.0"
-__all__ = ["BUILD_INFO", "ops", "modules", "__version__"]
+__all__ = ["BUILD_INFO", "PRESETS", "ElectraConfig", "ElectraPreset", "modules", "ops", "preset", "__version__"]
