@@ -1,5 +1,5 @@
-// Argument checks and layout preparation shared by the CPU and CUDA entry points of disc_head, so that
-// both reject the same inputs with the same messages (ValueError/TypeError in Python).
+// Argument checks and layout preparation shared by every disc_head kernel (ATen CPU, CUDA, emulated CUDA), so
+// that all reject the same inputs with the same messages (ValueError/TypeError in Python).
 #pragma once
 
 #include <ATen/ATen.h>
