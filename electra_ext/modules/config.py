@@ -10,6 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from electra_ext._io import atomic_output
+
 CONFIG_NAME = "config.json"
 
 
@@ -92,12 +94,13 @@ class ElectraConfig:
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in values.items() if name in names})
 
-    def save(self, path: str) -> str:
-        """Writes config.json into directory `path` (created if needed); returns the file's path."""
-        os.makedirs(path, exist_ok=True)
+    def save(self, path: str, *, architectures=None) -> str:
+        """Writes config.json into directory `path` (created if needed); returns the file's path.
+        architectures: the HF model classes that load the directory, recorded for `AutoModel`."""
+        values = self.to_dict() if architectures is None else {**self.to_dict(), "architectures": list(architectures)}
         file = os.path.join(path, CONFIG_NAME)
-        with open(file, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        with atomic_output(file, "w") as f:
+            json.dump(values, f, indent=2, sort_keys=True)
             f.write("\n")
         return file
 

@@ -13,3 +13,67 @@ def disc_head_reference(x, w, b, labels, valid):
     # Mean over valid rows, 0 (with zero gradients) when there are none.
     loss = (per_row * mask).sum() / mask.sum().clamp_min(1)
     return logits, loss
+
+
+def generator_kwargs(generator):
+    """`generator=` for torch.rand & co. only when one is given: the overload that takes a generator rejects
+    the symbolic sizes of a dynamic-shape torch.compile graph, even with generator=None."""
+    return {} if generator is None else {"generator": generator}
+
+
+def _compute_dtype(tensor):
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def key_padding_mask(seqlens, seq_len):
+    """[B, T] bool, True at the first seqlens[b] positions of row b (padding sits at the end)."""
+    return torch.arange(seq_len, device=seqlens.device) < seqlens.to(torch.int64).unsqueeze(1)
+
+
+def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, generator):
+    """softmax(q kᵀ · scale, padded keys excluded) v per (batch, head), padded query rows zero.
+
+    q, k, v: [B, T, H, D]; seqlens: [B] or None (no padding). Dropout on the attention probabilities keeps
+    each with probability 1 - dropout_p (drawn from `generator`) and scales the kept ones by 1 / (1 - p).
+    Returns [B, T, H, D] in q's dtype."""
+    compute_dtype = _compute_dtype(q)
+    qh, kh, vh = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
+    if seqlens is not None:
+        valid = key_padding_mask(seqlens, q.shape[1])
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1)
+    if seqlens is not None:
+        # Rows with no valid key (seqlens 0) and padded query rows: zeros, not NaN.
+        probabilities = probabilities.masked_fill(~(valid[:, None, :, None] & valid[:, None, None, :]), 0.0)
+    if dropout_p > 0.0:
+        keep = torch.rand(probabilities.shape, device=q.device, **generator_kwargs(generator)) >= dropout_p
+        probabilities = probabilities * keep / (1.0 - dropout_p)
+    return torch.matmul(probabilities, vh).transpose(1, 2).to(q.dtype)
+
+
+def gen_head_reference(h, weight, bias, targets, temperature, generator, disallow_correct, ignore_index):
+    """Generator head on the rows of h: logits = h weightᵀ + bias, mean cross-entropy over rows whose target
+    is not ignore_index (0 when there are none), Gumbel-max samples of logits / temperature.
+
+    Returns (loss, samples [M] int64, lse [M] float32/64, num_correct int64 scalar); only the loss carries
+    gradient."""
+    compute_dtype = _compute_dtype(h)
+    logits = h.to(compute_dtype) @ weight.to(compute_dtype).t() + bias.to(compute_dtype)
+    lse = torch.logsumexp(logits, dim=-1)
+    counted = targets != ignore_index
+    safe_targets = torch.where(counted, targets, torch.zeros_like(targets))
+    target_logits = logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1)
+    per_row = (lse - target_logits) * counted
+    loss = per_row.sum() / counted.sum().clamp_min(1)
+    with torch.no_grad():
+        detached = logits.detach()
+        num_correct = ((detached.argmax(dim=-1) == targets) & counted).sum()
+        uniform = torch.rand(detached.shape, device=h.device, dtype=compute_dtype,
+                             **generator_kwargs(generator))
+        gumbel = -torch.log(-torch.log(uniform + 1e-9) + 1e-9)
+        perturbed = detached / temperature + gumbel
+        if disallow_correct:
+            perturbed = perturbed.scatter(1, safe_targets.unsqueeze(1), float("-inf"))
+        samples = perturbed.argmax(dim=-1)
+    return loss, samples, lse.detach(), num_correct
