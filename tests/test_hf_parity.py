@@ -51,17 +51,14 @@ def assert_gradients_match(ours, theirs):
                                                 and "generator_lm_head.weight" not in dict(ours.named_parameters()))
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
-@pytest.mark.parametrize("name", ["tiny", "small"])
-def test_discriminator_matches_transformers(name, padded):
-    config = CONFIGS[name]
+def assert_matches_transformers(ours_class, their_class, config, padded, labels_for):
+    """Same weights, same batch: logits at the valid positions, the loss and every gradient agree."""
     torch.manual_seed(1)
-    theirs = transformers.ElectraForPreTraining(hf_config(config)).eval()
-    ours = ElectraDiscriminator(config).eval()
+    theirs = their_class(hf_config(config)).eval()
+    ours = ours_class(config).eval()
     load_into(ours, theirs.state_dict(), "HF model")
     input_ids, attention_mask, token_type_ids = batch(config, padded)
-    labels = torch.randint(0, 2, input_ids.shape, generator=torch.Generator().manual_seed(2))
-
+    labels = labels_for(input_ids, attention_mask)
     their_out = theirs(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
     our_out = ours(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
     valid = attention_mask.bool()
@@ -74,26 +71,24 @@ def test_discriminator_matches_transformers(name, padded):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_discriminator_matches_transformers(name, padded):
+    def replaced_labels(input_ids, attention_mask):
+        return torch.randint(0, 2, input_ids.shape, generator=torch.Generator().manual_seed(2))
+
+    assert_matches_transformers(ElectraDiscriminator, transformers.ElectraForPreTraining, CONFIGS[name], padded,
+                                replaced_labels)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
 @pytest.mark.parametrize("name", ["tiny-generator", "small-generator"])
 def test_generator_matches_transformers(name, padded):
-    config = CONFIGS[name]
-    torch.manual_seed(1)
-    theirs = transformers.ElectraForMaskedLM(hf_config(config)).eval()
-    ours = ElectraGenerator(config).eval()
-    load_into(ours, theirs.state_dict(), "HF model")
-    input_ids, attention_mask, token_type_ids = batch(config, padded)
-    labels = torch.where(torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3,
-                         input_ids, torch.full_like(input_ids, -100))
-    labels[~attention_mask.bool()] = -100
+    def masked_lm_labels(input_ids, attention_mask):
+        chosen = torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+        return torch.where(chosen & attention_mask.bool(), input_ids, torch.full_like(input_ids, -100))
 
-    their_out = theirs(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
-    our_out = ours(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
-    valid = attention_mask.bool()
-    assert (our_out.logits - their_out.logits)[valid].abs().max().item() <= TOLERANCE
-    assert abs(our_out.loss.item() - their_out.loss.item()) <= TOLERANCE
-    their_out.loss.backward()
-    our_out.loss.backward()
-    assert_gradients_match(ours, theirs)
+    assert_matches_transformers(ElectraGenerator, transformers.ElectraForMaskedLM, CONFIGS[name], padded,
+                                masked_lm_labels)
 
 
 def test_generator_masked_lm_head_matches_full_logits():

@@ -173,6 +173,8 @@ def test_loss_composition_and_metrics_against_fp64():
         "disc_precision": (predicted & replaced & valid).sum() / max(1, (predicted & valid).sum().item()),
         "disc_recall": (predicted & replaced & valid).sum() / max(1, (replaced & valid).sum().item()),
         "replaced_fraction": replaced[valid].double().mean(),
+        "num_masked": counted.sum(),
+        "num_tokens": valid.sum(),
     }
     assert out.metrics.keys() == expected.keys()
     for name, value in expected.items():

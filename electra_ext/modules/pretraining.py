@@ -156,7 +156,7 @@ class ElectraPretrainingOutput(NamedTuple):
 
 def rtd_metrics(num_correct, samples, targets, disc_logits, replaced, valid) -> dict:
     """MLM accuracy (argmax), sampled-token accuracy, and the discriminator's accuracy, precision, recall
-    and the replaced fraction over non-pad tokens."""
+    and the replaced fraction over non-pad tokens; with the counts of masked and non-pad tokens."""
     counted = targets != -100
     num_masked = counted.sum().clamp_min(1)
     predicted = disc_logits > 0
@@ -169,6 +169,8 @@ def rtd_metrics(num_correct, samples, targets, disc_logits, replaced, valid) -> 
         "disc_precision": true_positive / (predicted & valid).sum().clamp_min(1),
         "disc_recall": true_positive / (replaced & valid).sum().clamp_min(1),
         "replaced_fraction": (replaced & valid).sum() / num_valid,
+        "num_masked": counted.sum().float(),  # counts, to weight averages over batches
+        "num_tokens": valid.sum().float(),
     }
 
 
