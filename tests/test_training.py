@@ -78,6 +78,32 @@ def test_stop_and_resume_repeats_the_uninterrupted_run(cache_dir, tmp_path):
         pretrain(small_run(cache_dir, tmp_path / "sliced", resume=True, batch_size=16))
 
 
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt], ids=["crash", "ctrl-c"])
+def test_a_failed_run_resumes_to_the_uninterrupted_result(cache_dir, tmp_path, monkeypatch, failure):
+    """A crash after the step-3 checkpoint (steps 4 and 5 logged, then lost) or a Ctrl-C at step 6 (which
+    checkpoints the 5 finished steps): resuming gives the uninterrupted run's losses, each logged once."""
+    from electra_ext.data.pretraining_data import BatchSchedule
+
+    whole = pretrain(small_run(cache_dir, tmp_path / "whole"))
+    original = BatchSchedule.micro_indices
+
+    def failing(self, step, *args):
+        if step == 5:
+            raise failure("stopped at step 6")
+        return original(self, step, *args)
+
+    monkeypatch.setattr(BatchSchedule, "micro_indices", failing)
+    with pytest.raises(failure):
+        pretrain(small_run(cache_dir, tmp_path / "failed", checkpoint_every=3))
+    expected_checkpoint = "step-0000003.pt" if failure is RuntimeError else "step-0000005.pt"
+    assert expected_checkpoint in os.listdir(tmp_path / "failed" / "checkpoints")
+    monkeypatch.setattr(BatchSchedule, "micro_indices", original)
+    resumed = pretrain(small_run(cache_dir, tmp_path / "failed", checkpoint_every=3, resume=True))
+    records = train_records(resumed)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["loss"] for r in records] == [r["loss"] for r in train_records(whole)]
+
+
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(cache_dir, tmp_path):
     single = pretrain(small_run(cache_dir, tmp_path / "single", steps=3, micro_batch_size=4))
     config = tmp_path / "ddp.json"
@@ -85,7 +111,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(cache_dir, 
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
          "-m", "electra_ext.cli", "pretrain", "--config", str(config)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path)  # outside the source tree, whose electra_ext has no compiled _C: the installed one
     assert result.returncode == 0, result.stderr[-4000:]
     # The run checks that both ranks hold the same weights at the end (it raises otherwise).
     expected = load_file(os.path.join(single, "model", "model.safetensors"))

@@ -106,14 +106,14 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
     if is_main and not checkpoint:
         with atomic_output(os.path.join(run_dir, TRAIN_CONFIG_NAME), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-    log = MetricsLog(run_dir, config.tensorboard) if is_main else None
+    log = MetricsLog(run_dir, config.tensorboard, after_step=start_step) if is_main else None
     tokens_per_step = config.batch_size * config.max_seq_length
     flops_per_step = training_flops_per_token(model, config.max_seq_length) * tokens_per_step
     peak = peak_flops(device)
     progress = make_progress(config, start_step, is_main)
 
     # --- The loop.
-    step = start_step
+    done = start_step  # optimizer steps completed
     window = {"start": time.perf_counter(), "steps": 0, "sums": {}}
     try:
         for step in range(start_step, config.steps):
@@ -163,11 +163,10 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
             if stopping:
                 break
     except KeyboardInterrupt:
-        # Keep the finished steps: the optimizer step of `step` is either complete or not started.
-        if is_main and step > start_step:
-            saved_step = step if window["steps"] == 0 else step + 1
-            save_checkpoint(checkpoint_dir, saved_step, model, optimizer, scheduler, scaler, config)
-            print(f"\ninterrupted: checkpoint of step {saved_step} in {checkpoint_dir}; continue with --resume")
+        # Keep the finished steps (a step interrupted before its optimizer update is redone on resume).
+        if is_main and done > start_step:
+            save_checkpoint(checkpoint_dir, done, model, optimizer, scheduler, scaler, config)
+            print(f"\ninterrupted: checkpoint of step {done} in {checkpoint_dir}; continue with --resume")
         raise
     finally:
         if progress is not None:
@@ -178,7 +177,7 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
     check_ranks_agree(model)
 
     # --- The results: HF-format exports, the joint model, the plots.
-    if is_main and step + 1 >= config.steps:
+    if is_main and done >= config.steps:
         model.save_pretrained(os.path.join(run_dir, "model"))
         for part, save in (("discriminator", model.save_discriminator), ("generator", model.save_generator)):
             save(os.path.join(run_dir, part))

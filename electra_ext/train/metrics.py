@@ -5,6 +5,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from electra_ext._io import atomic_output
+
 METRICS_NAME = "metrics.jsonl"
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheet) for MFU; other cards report no MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
@@ -52,10 +54,16 @@ def peak_flops(device: torch.device) -> Optional[float]:
 
 class MetricsLog:
     """Appends one JSON object per line to run_dir/metrics.jsonl (flushed, so a crash keeps what was logged);
-    mirrors scalars to TensorBoard when asked."""
+    mirrors scalars to TensorBoard when asked. Records past `after_step` (logged after the checkpoint a run
+    resumes from, or by an earlier attempt that left no checkpoint) are dropped first: they will be redone."""
 
-    def __init__(self, run_dir: str, tensorboard: bool = False):
-        self.file = open(os.path.join(run_dir, METRICS_NAME), "a")
+    def __init__(self, run_dir: str, tensorboard: bool = False, after_step: int = 0):
+        path = os.path.join(run_dir, METRICS_NAME)
+        if os.path.isfile(path):
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= after_step]
+            with atomic_output(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.file = open(path, "a")
         self.writer = None
         if tensorboard:
             try:
