@@ -104,23 +104,31 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(cache_dir, tmp_path, m
     assert [r["loss"] for r in records] == [r["loss"] for r in train_records(whole)]
 
 
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(cache_dir, tmp_path):
+def test_two_gloo_ranks_match_one_process_and_resume_at_another_world_size(cache_dir, tmp_path):
+    """torchrun with 2 gloo ranks (micro-batches of 4) for 2 of 3 steps, then one process resumes the run:
+    losses and final weights match one process that accumulated the same micro-batches all along."""
     single = pretrain(small_run(cache_dir, tmp_path / "single", steps=3, micro_batch_size=4))
     config = tmp_path / "ddp.json"
-    config.write_text(json.dumps({**small_run(cache_dir, tmp_path / "ddp", steps=3).to_dict()}))
+    # micro_batch_size 4: 2 ranks x 4 now, 1 process x 2 rounds x 4 after the resume (same micro-batches).
+    config.write_text(json.dumps(small_run(cache_dir, tmp_path / "ddp", steps=3, micro_batch_size=4).to_dict()))
+    script = tmp_path / "two_steps.py"
+    script.write_text("import sys\nfrom electra_ext.train import TrainConfig, pretrain\n"
+                      "pretrain(TrainConfig.from_file(sys.argv[1]), stop_after_step=2)\n")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-         "-m", "electra_ext.cli", "pretrain", "--config", str(config)],
+         str(script), str(config)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path)  # outside the source tree, whose electra_ext has no compiled _C: the installed one
+    # The run also checks that both ranks hold the same weights when it stops (it raises otherwise).
     assert result.returncode == 0, result.stderr[-4000:]
-    # The run checks that both ranks hold the same weights at the end (it raises otherwise).
+    assert os.listdir(tmp_path / "ddp" / "checkpoints") == ["step-0000002.pt"]
+    resumed = pretrain(TrainConfig.from_file(str(config), resume=True))
+    assert [r["loss"] for r in train_records(resumed)] == pytest.approx(
+        [r["loss"] for r in train_records(single)], rel=1e-5)
     expected = load_file(os.path.join(single, "model", "model.safetensors"))
-    actual = load_file(os.path.join(tmp_path / "ddp", "model", "model.safetensors"))
+    actual = load_file(os.path.join(resumed, "model", "model.safetensors"))
     for key in expected:
         assert torch.allclose(expected[key], actual[key], rtol=1e-5, atol=1e-6), key
-    assert [r["loss"] for r in train_records(single)] == pytest.approx(
-        [r["loss"] for r in train_records(str(tmp_path / "ddp"))], rel=1e-5)
 
 
 def test_cli_help_names_every_option(capsys):
