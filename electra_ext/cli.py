@@ -30,7 +30,8 @@ def add_config_options(parser: argparse.ArgumentParser):
         arguments = typing.get_args(hint)
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        help_text = f"{field.metadata['help']} (default: {default if default not in ((), None) else 'see above'})"
+        # None/empty defaults are resolved from the preset and the machine, as the help text itself says.
+        help_text = field.metadata["help"] + ("" if default in ((), None) else f" (default: {default})")
         if hint is bool:
             parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=None, help=help_text,
                                 metavar="BOOL")

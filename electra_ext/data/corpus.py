@@ -3,21 +3,14 @@ Bible and Jane Austen's six novels, xz-compressed, one line per verse or paragra
 documents (chapters). MANIFEST.json records each file's provenance and SHA-256, checked at load so a
 corrupted installation is reported instead of trained on. scripts/regenerate_corpus.py rebuilds the files
 from their Debian packages."""
-import hashlib
 import json
 import os
 from typing import List
 
+from electra_ext.data.sources import file_sha256
+
 CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "corpus")
 MANIFEST = os.path.join(CORPUS_DIR, "MANIFEST.json")
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def embedded_corpus_manifest() -> List[dict]:
@@ -32,7 +25,7 @@ def embedded_corpus_files() -> List[str]:
         path = os.path.join(CORPUS_DIR, entry["file"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"embedded corpus file {path} is missing: reinstall electra_ext")
-        actual = sha256_of(path)
+        actual = file_sha256(path)
         if actual != entry["sha256"]:
             raise ValueError(f"embedded corpus file {path} has SHA-256 {actual}, MANIFEST.json records "
                              f"{entry['sha256']}: the installation is corrupted, reinstall electra_ext")

@@ -181,7 +181,7 @@ def iter_lines(path: str | os.PathLike, text_field: str = "text") -> Iterator:
         yield from document
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(HASH_CHUNK_BYTES):
@@ -205,10 +205,10 @@ def describe_source(path: str | os.PathLike) -> dict:
             files = [file for file in _directory_files(root) if file.endswith(".arrow")]
         digest = hashlib.sha256()
         for file in files:
-            digest.update(f"{os.path.relpath(file, root)}\0{_file_sha256(file)}\n".encode("utf-8"))
+            digest.update(f"{os.path.relpath(file, root)}\0{file_sha256(file)}\n".encode("utf-8"))
         sha256 = digest.hexdigest()
     else:
         files = [path]
-        sha256 = _file_sha256(path)
+        sha256 = file_sha256(path)
     return {"path": os.path.abspath(path), "format": source_format, "files": len(files),
             "size": sum(os.path.getsize(file) for file in files), "sha256": sha256}
