@@ -154,21 +154,29 @@ class ElectraPretrainingOutput(NamedTuple):
     metrics: dict                 # name -> 0-dim float tensor, detached (no host sync)
 
 
-def rtd_metrics(num_correct, samples, targets, disc_logits, replaced, valid) -> dict:
-    """MLM accuracy (argmax), sampled-token accuracy, and the discriminator's accuracy, precision, recall
-    and the replaced fraction over non-pad tokens; with the counts of masked and non-pad tokens."""
-    counted = targets != -100
-    num_masked = counted.sum().clamp_min(1)
+def discriminator_metrics(disc_logits, replaced, valid) -> dict:
+    """The discriminator's accuracy, precision and recall ("replaced" is positive), and the replaced
+    fraction, over the tokens where `valid`."""
     predicted = disc_logits > 0
     true_positive = (predicted & replaced & valid).sum()
     num_valid = valid.sum().clamp_min(1)
     return {
-        "mlm_accuracy": num_correct / num_masked,
-        "sampled_accuracy": ((samples == targets) & counted).sum() / num_masked,
         "disc_accuracy": ((predicted == replaced) & valid).sum() / num_valid,
         "disc_precision": true_positive / (predicted & valid).sum().clamp_min(1),
         "disc_recall": true_positive / (replaced & valid).sum().clamp_min(1),
         "replaced_fraction": (replaced & valid).sum() / num_valid,
+    }
+
+
+def rtd_metrics(num_correct, samples, targets, disc_logits, replaced, valid) -> dict:
+    """MLM accuracy (argmax), sampled-token accuracy, the discriminator's metrics over non-pad tokens, and
+    the counts of masked and non-pad tokens."""
+    counted = targets != -100
+    num_masked = counted.sum().clamp_min(1)
+    return {
+        "mlm_accuracy": num_correct / num_masked,
+        "sampled_accuracy": ((samples == targets) & counted).sum() / num_masked,
+        **discriminator_metrics(disc_logits, replaced, valid),
         "num_masked": counted.sum().float(),  # counts, to weight averages over batches
         "num_tokens": valid.sum().float(),
     }

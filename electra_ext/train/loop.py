@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from electra_ext._io import atomic_output
 from electra_ext.data.pretraining_data import BatchSchedule, PretrainingData
 from electra_ext.modules.config import preset as model_preset
-from electra_ext.modules.pretraining import ElectraForPretraining, ElectraPretrainingConfig
+from electra_ext.modules.pretraining import ElectraForPretraining, ElectraPretrainingConfig, discriminator_metrics
 from electra_ext.train.config import TrainConfig
 from electra_ext.train.metrics import MetricsLog, peak_flops, plot_run, roc_auc, training_flops_per_token
 from electra_ext.train.optim import build_optimizer, linear_warmup_linear_decay
@@ -292,19 +292,16 @@ def evaluate(model, data, config: TrainConfig, device, autocast) -> dict:
     if not scores:
         return {}
     scores, labels = torch.cat(scores), torch.cat(labels)
-    predicted = scores > 0
-    true_positive = (predicted & labels).sum().item()
+    disc = discriminator_metrics(scores, labels, torch.ones_like(labels))
     return {
         "mlm_loss": sums["mlm_loss"] / max(sums["masked"], 1),
         "mlm_accuracy": sums["mlm_correct"] / max(sums["masked"], 1),
         "sampled_accuracy": sums["sampled_correct"] / max(sums["masked"], 1),
         "rtd_loss": sums["rtd_loss"] / max(sums["tokens"], 1),
-        "disc_accuracy": (predicted == labels).float().mean().item(),
-        "disc_precision": true_positive / max(predicted.sum().item(), 1),
-        "disc_recall": true_positive / max(labels.sum().item(), 1),
+        **{name: value.item() for name, value in disc.items() if name != "replaced_fraction"},
         "disc_auc": roc_auc(scores, labels),
         # Always answering "original": the accuracy the discriminator must beat.
-        "trivial_disc_accuracy": 1.0 - labels.float().mean().item(),
+        "trivial_disc_accuracy": 1.0 - disc["replaced_fraction"].item(),
     }
 
 
