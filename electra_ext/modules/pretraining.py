@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
