@@ -62,7 +62,7 @@ def extension():
     cxx_flags = ["-O3"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if emulation_include is None:
-        sources.remove("csrc/cpu/disc_head_emulated.cpp")
+        sources = [source for source in sources if not source.endswith("_emulated.cpp")]
     else:
         sources += sorted(glob.glob("csrc/simt/*.cpp") + glob.glob("csrc/emulated/*.cpp"))
         include_dirs.append(emulation_include)

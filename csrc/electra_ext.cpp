@@ -20,4 +20,14 @@ TORCH_LIBRARY(electra_ext, m) {
   m.def(
       "disc_head_backward(Tensor? grad_logits, Tensor grad_loss, Tensor x, Tensor w, Tensor logits, "
       "Tensor labels, Tensor valid, *, bool emulated=False) -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
+  // Non-causal multi-head attention over sequences packed in [tokens, heads, head_dim] (layout and dropout:
+  // csrc/cuda/attention_launch.h): out (zero outside the sequences) and the float32 row log-sum-exp
+  // [heads, tokens] the backward recomputes the probabilities from. seed: int64 [1], used when dropout_p > 0.
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor seqlens, int max_seqlen, float dropout_p, "
+      "float softmax_scale, Tensor? seed, *, bool emulated=False) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor starts, "
+      "Tensor seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? seed, *, "
+      "bool emulated=False) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

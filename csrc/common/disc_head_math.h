@@ -5,11 +5,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define ELECTRA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define ELECTRA_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace electra_ext::disc_head_math {
 

@@ -17,6 +17,7 @@
 
 #include "common/disc_head_math.h"
 #include "disc_head_checks.h"
+#include "cpu/emulated_call.h"
 #if defined(ELECTRA_EXT_WITH_EMULATION)
 #include "cpu/disc_head_emulated.h"
 #endif
@@ -144,19 +145,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_aten(
   return {grad_x, grad_w, at::full({1}, grad_b, grad_w.options())};
 }
 
-// emulated=True: the CUDA kernels' device code on CPU tensors, through the SIMT emulation.
-#if defined(ELECTRA_EXT_WITH_EMULATION)
-#define ELECTRA_EXT_EMULATED(call) return call
-#else
-#define ELECTRA_EXT_EMULATED(call)                                                                          \
-  TORCH_CHECK_VALUE(false, "disc_head: emulated=True needs electra_ext built with the SIMT emulation, which " \
-                           "needs the CUDA toolkit's headers (set CUDA_HOME) at build time")
-#endif
-
 std::tuple<at::Tensor, at::Tensor> disc_head_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                  const at::Tensor& labels, const at::Tensor& valid, bool emulated) {
   if (!emulated) return disc_head_aten(x, w, b, labels, valid);
-  ELECTRA_EXT_EMULATED(disc_head_emulated(x, w, b, labels, valid));
+  ELECTRA_EXT_EMULATED("disc_head", disc_head_emulated(x, w, b, labels, valid));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_cpu(
@@ -164,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_cpu(
     const at::Tensor& w, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& valid,
     bool emulated) {
   if (!emulated) return disc_head_backward_aten(grad_logits, grad_loss, x, w, logits, labels, valid);
-  ELECTRA_EXT_EMULATED(disc_head_backward_emulated(grad_logits, grad_loss, x, w, logits, labels, valid));
+  ELECTRA_EXT_EMULATED("disc_head_backward",
+                       disc_head_backward_emulated(grad_logits, grad_loss, x, w, logits, labels, valid));
 }
 
 }  // namespace

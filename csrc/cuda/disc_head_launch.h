@@ -8,9 +8,9 @@
 
 #include <cstdint>
 
-namespace electra_ext {
+#include "common/float_type.h"
 
-enum class FloatType { kFloat32, kFloat16, kBFloat16 };
+namespace electra_ext {
 
 struct DiscHeadForwardArgs {
   FloatType dtype;

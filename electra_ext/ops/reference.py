@@ -30,12 +30,47 @@ def key_padding_mask(seqlens, seq_len):
     return torch.arange(seq_len, device=seqlens.device) < seqlens.to(torch.int64).unsqueeze(1)
 
 
-def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, generator):
+_UINT32 = 0xFFFFFFFF
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Random123's constants) on int64 tensors holding uint32 values; returns the four output
+    words. The same function as csrc/common/philox.h, which the kernels use."""
+    for _ in range(10):
+        product0 = c0 * 0xD2511F53  # < 2^64: wraps in int64, but its bit pattern is the unsigned product
+        product1 = c2 * 0xCD9E8D57
+        high0, low0 = (product0 >> 32) & _UINT32, product0 & _UINT32
+        high1, low1 = (product1 >> 32) & _UINT32, product1 & _UINT32
+        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+        k0 = (k0 + 0x9E3779B9) & _UINT32
+        k1 = (k1 + 0xBB67AE85) & _UINT32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(dropout_p):
+    """floor(p * 2^32) of p rounded to float32, as the kernels compute it: entries below it are dropped."""
+    return int(float(torch.tensor(dropout_p, dtype=torch.float32)) * 4294967296.0)
+
+
+def attention_dropout_keep(seed, batch, heads, seq_len, dropout_p, device):
+    """[batch, heads, seq_len, seq_len] bool: which attention probabilities dropout keeps, keyed by
+    (seed, batch, head, row, column) as in csrc/common/philox.h. seed: int64 tensor with one element."""
+    seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    k0, k1 = seed & _UINT32, (seed >> 32) & _UINT32
+    groups = (seq_len + 3) // 4
+    b, h, row, group = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.int64)
+                                        for n in (batch, heads, seq_len, groups)), indexing="ij")
+    words = torch.stack(philox4x32_10(group, row, h, b, k0, k1), dim=-1)  # [B, H, T, groups, 4]
+    words = words.reshape(batch, heads, seq_len, groups * 4)[..., :seq_len]
+    return words >= dropout_threshold(dropout_p)
+
+
+def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed):
     """softmax(q kᵀ · scale, padded keys excluded) v per (batch, head), padded query rows zero.
 
     q, k, v: [B, T, H, D]; seqlens: [B] or None (no padding). Dropout on the attention probabilities keeps
-    each with probability 1 - dropout_p (drawn from `generator`) and scales the kept ones by 1 / (1 - p).
-    Returns [B, T, H, D] in q's dtype."""
+    entry (b, h, i, j) where attention_dropout_keep says so (seed: int64 tensor, the kernels' key) and scales
+    the kept ones by 1 / (1 - p). Returns [B, T, H, D] in q's dtype."""
     compute_dtype = _compute_dtype(q)
     qh, kh, vh = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
@@ -47,7 +82,7 @@ def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, generator):
         # Rows with no valid key (seqlens 0) and padded query rows: zeros, not NaN.
         probabilities = probabilities.masked_fill(~(valid[:, None, :, None] & valid[:, None, None, :]), 0.0)
     if dropout_p > 0.0:
-        keep = torch.rand(probabilities.shape, device=q.device, **generator_kwargs(generator)) >= dropout_p
+        keep = attention_dropout_keep(seed, q.shape[0], q.shape[2], q.shape[1], dropout_p, q.device)
         probabilities = probabilities * keep / (1.0 - dropout_p)
     return torch.matmul(probabilities, vh).transpose(1, 2).to(q.dtype)
 

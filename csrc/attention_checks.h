@@ -1,0 +1,95 @@
+// Argument checks and layout preparation shared by every attention kernel (CPU, CUDA, emulated CUDA), so that
+// all reject the same inputs with the same messages (ValueError/TypeError in Python), and the views every
+// kernel reads (see csrc/cuda/attention_launch.h for the layout).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/philox.h"
+
+namespace electra_ext {
+
+struct AttentionInputs {
+  at::Tensor q, k, v;         // [tokens, heads, head_dim], unit stride along head_dim
+  at::Tensor starts, seqlens;  // [batch] int32, contiguous
+  int64_t max_seqlen;
+  double softmax_scale;
+  uint32_t dropout_threshold;  // 0: no dropout
+  float dropout_scale;
+  uint64_t seed;               // read from a CPU seed tensor (0 otherwise or without dropout)
+  c10::optional<at::Tensor> seed_tensor;  // int64 [1] on q's device when dropout is on
+};
+
+inline at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline void check_attention_sequences(const char* op, const at::Tensor& q, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " must be on q's device (", q.device(), "), got ",
+                    t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be an int32 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D [batch], got shape ", t.sizes());
+}
+
+inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& starts,
+                                                const at::Tensor& seqlens, int64_t max_seqlen, double dropout_p,
+                                                double softmax_scale, const c10::optional<at::Tensor>& seed) {
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be 3-D [tokens, heads, head_dim], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ",
+                    q.sizes(), ", got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
+                    ": q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": q, k and v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(q.size(2) > 0 && q.size(1) > 0, op, ": q must have heads > 0 and head_dim > 0, got shape ",
+                    q.sizes());
+  check_attention_sequences(op, q, starts, "starts");
+  check_attention_sequences(op, q, seqlens, "seqlens");
+  TORCH_CHECK_VALUE(starts.size(0) == seqlens.size(0), op, ": starts and seqlens must have one entry per sequence,",
+                    " got ", starts.size(0), " and ", seqlens.size(0));
+  TORCH_CHECK_VALUE(max_seqlen >= 0 && max_seqlen <= INT32_MAX, op, ": max_seqlen must be in [0, 2^31), got ",
+                    max_seqlen);
+  TORCH_CHECK_VALUE(q.size(0) < INT32_MAX, op, ": at most 2^31 - 1 tokens, got ", q.size(0));
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0.0, op,
+                    ": softmax_scale must be a positive number, got ", softmax_scale);
+  AttentionInputs in{unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), starts.contiguous(),
+                     seqlens.contiguous(), max_seqlen, softmax_scale, philox::dropout_threshold(float(dropout_p)),
+                     float(1.0 / (1.0 - dropout_p)), 0, c10::nullopt};
+  if (in.dropout_threshold > 0) {
+    TORCH_CHECK_VALUE(seed.has_value(), op, ": dropout_p > 0 needs a seed tensor");
+    TORCH_CHECK_VALUE(seed->device() == q.device() && seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+                      ": seed must be an int64 tensor with one element on q's device (", q.device(), "), got ",
+                      seed->scalar_type(), " ", seed->sizes(), " on ", seed->device());
+    in.seed_tensor = seed->reshape({1}).contiguous();
+    if (q.device().is_cpu()) in.seed = static_cast<uint64_t>(in.seed_tensor->item<int64_t>());
+  }
+  return in;
+}
+
+inline void check_attention_backward_inputs(const char* op, const AttentionInputs& in, const at::Tensor& grad_out,
+                                            const at::Tensor& out, const at::Tensor& lse) {
+  const at::Tensor& q = in.q;
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+                    ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ",
+                    out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+                   ": grad_out and out must have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(),
+                   " and ", out.scalar_type());
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == q.size(1) &&
+                        lse.size(1) == q.size(0),
+                    op, ": lse must be float32 [heads, tokens] = [", q.size(1), ", ", q.size(0), "], got ",
+                    lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK_VALUE(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+                    op, ": grad_out, out and lse must be on q's device (", q.device(), ")");
+}
+
+// rowsum(grad_out * out) per (head, token) in float32: the backward's D term.
+inline at::Tensor attention_delta(const at::Tensor& grad_out, const at::Tensor& out) {
+  return (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
+}
+
+}  // namespace electra_ext

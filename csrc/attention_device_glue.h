@@ -1,0 +1,108 @@
+// Tensor-side entry of the attention device kernels, shared by the GPU (csrc/cuda/attention_cuda.cpp) and the
+// SIMT emulation on the CPU (csrc/cpu/attention_emulated.cpp): argument checks, layout, dtype mapping, then
+// the torch-free launchers of cuda/attention_launch.h.
+//
+// `Launchers` supplies attention_forward, attention_backward (the launcher namespace's functions), stream() and
+// check(cudaError_t).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "attention_checks.h"
+#include "cuda/attention_launch.h"
+
+namespace electra_ext {
+
+inline FloatType attention_float_type(const char* op, const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kHalf: return FloatType::kFloat16;
+    case at::kBFloat16: return FloatType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": the CUDA kernels take float16 or bfloat16 q, k, v, got ", q.scalar_type());
+  }
+}
+
+inline AttentionShape attention_shape(const AttentionInputs& in) {
+  return AttentionShape{in.starts.data_ptr<int32_t>(),
+                        in.seqlens.data_ptr<int32_t>(),
+                        static_cast<int>(in.starts.size(0)),
+                        static_cast<int>(in.q.size(1)),
+                        static_cast<int>(in.q.size(2)),
+                        static_cast<int>(in.max_seqlen),
+                        in.q.size(0),
+                        static_cast<float>(in.softmax_scale),
+                        in.dropout_threshold,
+                        in.dropout_scale,
+                        in.seed_tensor.has_value() ? in.seed_tensor->data_ptr<int64_t>() : nullptr};
+}
+
+inline AttentionTensor attention_tensor(const at::Tensor& t) {
+  return AttentionTensor{t.data_ptr(), t.stride(0), t.stride(1)};
+}
+
+inline void check_cuda_head_dim(const char* op, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(attention_cuda_supports_head_dim(static_cast<int>(q.size(2))), op,
+                    ": the CUDA kernels support head_dim 32, 64 or 128, got ", q.size(2));
+}
+
+template <typename Launchers>
+std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                               const at::Tensor& v_in, const at::Tensor& starts,
+                                                               const at::Tensor& seqlens, int64_t max_seqlen,
+                                                               double dropout_p, double softmax_scale,
+                                                               const c10::optional<at::Tensor>& seed) {
+  constexpr const char* op = "attention";
+  const AttentionInputs in =
+      prepare_attention_inputs(op, q_in, k_in, v_in, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
+  const FloatType dtype = attention_float_type(op, in.q);
+  check_cuda_head_dim(op, in.q);
+  at::Tensor out = at::zeros(in.q.sizes(), in.q.options());
+  at::Tensor lse = at::zeros({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
+  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {out, lse};
+  const AttentionForwardArgs args{dtype,
+                                  attention_shape(in),
+                                  attention_tensor(in.q),
+                                  attention_tensor(in.k),
+                                  attention_tensor(in.v),
+                                  out.data_ptr(),
+                                  lse.data_ptr<float>()};
+  Launchers::check(Launchers::attention_forward(args, Launchers::stream()));
+  return {out, lse};
+}
+
+template <typename Launchers>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_on_device(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
+    int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
+  constexpr const char* op = "attention_backward";
+  const AttentionInputs in =
+      prepare_attention_inputs(op, q_in, k_in, v_in, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
+  check_attention_backward_inputs(op, in, grad_out_in, out, lse_in);
+  const FloatType dtype = attention_float_type(op, in.q);
+  check_cuda_head_dim(op, in.q);
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor grad_q = at::zeros(in.q.sizes(), in.q.options());
+  at::Tensor grad_k = at::zeros(in.q.sizes(), in.q.options());
+  at::Tensor grad_v = at::zeros(in.q.sizes(), in.q.options());
+  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {grad_q, grad_k, grad_v};
+  const at::Tensor delta = attention_delta(grad_out, out);
+  const AttentionBackwardArgs args{dtype,
+                                   attention_shape(in),
+                                   attention_tensor(in.q),
+                                   attention_tensor(in.k),
+                                   attention_tensor(in.v),
+                                   grad_out.data_ptr(),
+                                   lse.data_ptr<float>(),
+                                   delta.data_ptr<float>(),
+                                   grad_q.data_ptr(),
+                                   grad_k.data_ptr(),
+                                   grad_v.data_ptr()};
+  Launchers::check(Launchers::attention_backward(args, Launchers::stream()));
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace electra_ext

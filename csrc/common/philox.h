@@ -1,0 +1,66 @@
+// Counter-based random numbers (Philox4x32-10, Salmon et al., SC'11) shared by the CPU kernels, the CUDA
+// kernels and their SIMT emulation, so that every path draws the same bits for the same key. Torch-free.
+//
+// Attention dropout keys one 32-bit word per (batch, head, query row, key column) of a sequence, all positions
+// counted inside that sequence (so the padded and the packed variable-length layouts drop the same entries):
+//   key     = (seed & 0xffffffff, seed >> 32)
+//   counter = (column / 4, row, head, batch)      -> four words; the entry takes word column % 4.
+// An entry is kept when its word >= dropout_threshold(p) = floor(p * 2^32); kept probabilities are scaled by
+// 1 / (1 - p). electra_ext/ops/reference.py implements the same function in PyTorch (the tests' oracle).
+#pragma once
+
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace electra_ext::philox {
+
+struct Words {
+  uint32_t x[4];
+};
+
+ELECTRA_HOST_DEVICE void multiply_high_low(uint32_t a, uint32_t b, uint32_t& high, uint32_t& low) {
+  const uint64_t product = uint64_t(a) * uint64_t(b);
+  high = static_cast<uint32_t>(product >> 32);
+  low = static_cast<uint32_t>(product);
+}
+
+// Philox4x32 with 10 rounds, the Random123 constants.
+ELECTRA_HOST_DEVICE Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                        uint32_t k1) {
+  constexpr uint32_t kMultiplier0 = 0xD2511F53u, kMultiplier1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    uint32_t high0, low0, high1, low1;
+    multiply_high_low(kMultiplier0, c0, high0, low0);
+    multiply_high_low(kMultiplier1, c2, high1, low1);
+    const uint32_t n0 = high1 ^ c1 ^ k0, n2 = high0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = low1;
+    c2 = n2;
+    c3 = low0;
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return Words{{c0, c1, c2, c3}};
+}
+
+// floor(p * 2^32) for p in [0, 1): an entry whose word is below it is dropped.
+ELECTRA_HOST_DEVICE uint32_t dropout_threshold(float p) {
+  return static_cast<uint32_t>(static_cast<double>(p) * 4294967296.0);
+}
+
+// The four words of attention-dropout columns 4 * column_group .. 4 * column_group + 3 of one row.
+ELECTRA_HOST_DEVICE Words attention_dropout_words(uint64_t seed, uint32_t batch, uint32_t head, uint32_t row,
+                                                  uint32_t column_group) {
+  return philox4x32_10(column_group, row, head, batch, static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32));
+}
+
+// Whether attention dropout keeps entry (batch, head, row, column).
+ELECTRA_HOST_DEVICE bool attention_dropout_keep(uint64_t seed, uint32_t batch, uint32_t head, uint32_t row,
+                                                uint32_t column, uint32_t threshold) {
+  return attention_dropout_words(seed, batch, head, row, column / 4).x[column % 4] >= threshold;
+}
+
+}  // namespace electra_ext::philox

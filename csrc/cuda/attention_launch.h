@@ -1,0 +1,84 @@
+// Torch-free launchers of the fused attention CUDA kernels: raw pointers, sizes, strides and a stream.
+// attention_forward.cu and attention_backward.cu implement them twice: for the GPU (namespace cuda, nvcc) and
+// for the SIMT emulation on the CPU (namespace emulated, host compiler, via csrc/emulated/attention_*.cpp).
+// The glue in csrc/attention_device_glue.h converts tensors.
+//
+// Layout shared by every attention kernel (CPU ones included, csrc/cpu/attention_cpu.cpp):
+// - q, k, v are [tokens, heads, head_dim] with unit stride along head_dim and arbitrary token and head strides
+//   (in elements; a [B, T, H, D] batch is viewed as tokens = B * T). Sequence b occupies tokens
+//   starts[b] .. starts[b] + seqlens[b] - 1; positions inside a sequence (0 .. seqlens[b] - 1) are the rows and
+//   columns of its attention matrix. Tokens outside every sequence (padding) are never read or written.
+// - Non-causal: row i attends to every column j < seqlens[b], with probabilities
+//   P = softmax(softmax_scale * q_i . k_j); out_i = sum_j P_ij * dropout_ij * v_j, dropout_ij = keep_ij / (1 - p)
+//   where keep_ij is common/philox.h's attention_dropout_keep(seed, b, h, i, j, threshold).
+// - lse is [heads, tokens] float32: the natural-log log-sum-exp of row i's scaled scores (before dropout),
+//   saved by the forward for the backward.
+// - Outputs (out, grad_q, grad_k, grad_v) are contiguous [tokens, heads, head_dim] in the inputs' dtype and
+//   arrive zero-filled: kernels write the rows of sequences only.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/float_type.h"
+
+namespace electra_ext {
+
+struct AttentionShape {
+  const int32_t* starts;   // [batch] first token of each sequence
+  const int32_t* seqlens;  // [batch] tokens of each sequence (0 allowed)
+  int batch, heads, head_dim;
+  int max_seqlen;          // >= every seqlens[b] (sizes the grid)
+  int64_t tokens;          // rows of out, lse's row stride
+  float softmax_scale;
+  uint32_t dropout_threshold;  // common/philox.h dropout_threshold(p); 0: no dropout
+  float dropout_scale;         // 1 / (1 - p)
+  const int64_t* seed;         // [1] on the kernels' device; read only when dropout_threshold > 0
+};
+
+struct AttentionTensor {  // [tokens, heads, head_dim], unit stride along head_dim
+  const void* data;
+  int64_t token_stride, head_stride;
+};
+
+struct AttentionForwardArgs {
+  FloatType dtype;  // kFloat16 or kBFloat16 (the CUDA kernels compute q k^T and P v on tensor cores)
+  AttentionShape shape;
+  AttentionTensor q, k, v;
+  void* out;   // [tokens, heads, head_dim] contiguous, zero-filled
+  float* lse;  // [heads, tokens]
+};
+
+struct AttentionBackwardArgs {
+  FloatType dtype;
+  AttentionShape shape;
+  AttentionTensor q, k, v;
+  const void* grad_out;  // [tokens, heads, head_dim] contiguous
+  const float* lse;      // [heads, tokens], from the forward
+  const float* delta;    // [heads, tokens]: rowsum(grad_out * out) in float32, computed by the glue
+  void* grad_q;          // [tokens, heads, head_dim] contiguous, zero-filled
+  void* grad_k;
+  void* grad_v;
+};
+
+// Head dims the CUDA kernels are instantiated for (the glue checks before launching).
+constexpr bool attention_cuda_supports_head_dim(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
+
+#define ELECTRA_ATTENTION_LAUNCHERS                                                            \
+  cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t stream);        \
+  cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t stream);
+
+namespace cuda {
+ELECTRA_ATTENTION_LAUNCHERS
+}  // namespace cuda
+
+namespace emulated {
+ELECTRA_ATTENTION_LAUNCHERS
+}  // namespace emulated
+
+#undef ELECTRA_ATTENTION_LAUNCHERS
+
+}  // namespace electra_ext

@@ -1,0 +1,3 @@
+// The attention backward CUDA kernels and launcher, built by the host compiler against the SIMT emulation: the same
+// source as the GPU build, running on the CPU (namespace electra_ext::emulated).
+#include "cuda/attention_backward.cu"
