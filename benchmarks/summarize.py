@@ -12,11 +12,38 @@ import os
 import subprocess
 from pathlib import Path
 
-BASELINE_PROVIDER = "reference"
 COPY_PROVIDER = "copy"
-COLUMNS = [
-    "device", "shape", "mode", "provider", "ms / call", "GB/s", "% of copy",
-    "speed-up vs reference", "peak MB above inputs",
+
+
+class Table:
+    """How one op's cases are tabulated: the throughput column and the provider the speed-ups are against."""
+
+    def __init__(self, op, baseline, throughput_column, throughput, note):
+        self.op, self.baseline, self.note = op, baseline, note
+        self.throughput_column, self.throughput = throughput_column, throughput
+
+    def columns(self):
+        return ["device", "shape", "mode", "provider", "ms / call", *self.throughput_column,
+                f"speed-up vs {self.baseline}", "peak MB above inputs"]
+
+
+def gbps(case, copy_gbps):
+    rate = case["bytes"] / case["seconds"] / 1e9
+    copy = copy_gbps.get(case["device"])
+    return [f"{rate:.1f}", f"{100 * rate / copy:.0f}%" if copy else "-"]
+
+
+def tflops(case, copy_gbps):
+    return [f"{case['flops'] / case['seconds'] / 1e12:.1f}"]
+
+
+TABLES = [
+    Table("disc_head", "reference", ["GB/s", "% of copy"], gbps,
+          "GB/s counts the bytes one call must move (x read once forward, twice plus dx written for fwd_bwd); "
+          "% of copy is against a device-to-device copy measured in the same run."),
+    Table("attention", "sdpa", ["TFLOP/s"], tflops,
+          "TFLOP/s counts 4 H D sum(len^2) per forward on valid tokens, 2.5x that per backward; sdpa is "
+          "torch.nn.functional.scaled_dot_product_attention (with a boolean key mask when padded)."),
 ]
 
 
@@ -31,17 +58,17 @@ def git_commit():
         return "unknown"
 
 
-def table_rows(benchmarks):
-    cases = []
+def cases_of(benchmarks):
     for benchmark in benchmarks:
         info = benchmark["extra_info"]
-        seconds = benchmark["stats"]["median"] / info["reps"]
-        cases.append(dict(info, seconds=seconds, gbps=info["bytes"] / seconds / 1e9))
-    copy_gbps = {case["device"]: case["gbps"] for case in cases if case["provider"] == COPY_PROVIDER}
+        yield dict(info, op=info.get("op", "disc_head"), seconds=benchmark["stats"]["median"] / info["reps"])
+
+
+def table_rows(table, cases, copy_gbps):
     baseline_seconds = {
         (case["device"], case["shape"], case["mode"]): case["seconds"]
         for case in cases
-        if case["provider"] == BASELINE_PROVIDER
+        if case["provider"] == table.baseline
     }
     for case in cases:
         baseline = baseline_seconds.get((case["device"], case["shape"], case["mode"]))
@@ -52,17 +79,31 @@ def table_rows(benchmarks):
             case["mode"],
             case["provider"],
             f"{case['seconds'] * 1e3:.3f}",
-            f"{case['gbps']:.1f}",
-            f"{100 * case['gbps'] / copy_gbps[case['device']]:.0f}%" if case["device"] in copy_gbps else "-",
+            *table.throughput(case, copy_gbps),
             f"{baseline / case['seconds']:.2f}x" if baseline else "-",
             f"{peak_bytes / 1e6:.1f}" if peak_bytes is not None else "-",
         ]
 
 
-def markdown_table(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def markdown_tables(benchmarks):
+    cases = list(cases_of(benchmarks))
+    copy_gbps = {
+        case["device"]: case["bytes"] / case["seconds"] / 1e9 for case in cases if case["provider"] == COPY_PROVIDER
+    }
+    sections = []
+    for table in TABLES:
+        rows = list(table_rows(table, [c for c in cases if c["op"] == table.op and c["provider"] != COPY_PROVIDER],
+                                copy_gbps))
+        if not rows:
+            continue
+        columns = table.columns()
+        lines = [f"## {table.op}", "", table.note, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        sections.append("\n".join(lines) + "\n")
+    if copy_gbps:
+        sections.append("Measured device-to-device copy: " +
+                        ", ".join(f"{device} {rate:.0f} GB/s" for device, rate in copy_gbps.items()) + "\n")
+    return "\n".join(sections)
 
 
 def header(results):
@@ -72,14 +113,12 @@ def header(results):
     else:
         card = f"CPU only: {machine['cpu'].get('brand_raw', machine['machine'])}, {machine['cpu']['count']} cores"
     return (
-        "# disc_head benchmarks\n\n"
+        "# Benchmarks\n\n"
         f"- card: {card}\n"
         f"- torch: {machine.get('torch', 'unknown')}\n"
         f"- commit: {git_commit()}\n"
         f"- date: {results['datetime']}\n\n"
-        "Times are medians per op call; GB/s counts the bytes one call must move "
-        "(x read once forward, twice plus dx written for fwd_bwd); % of copy is against a "
-        "device-to-device copy measured in the same run.\n\n"
+        "Times are medians per op call.\n\n"
     )
 
 
@@ -91,7 +130,7 @@ def main():
     results = json.loads(args.benchmark_json.read_text())
     if not results["benchmarks"]:
         raise SystemExit(f"{args.benchmark_json} holds no benchmarks (was the run --benchmark-disable?)")
-    table = markdown_table(table_rows(results["benchmarks"]))
+    table = markdown_tables(results["benchmarks"])
     print(table, end="")
     if args.markdown_out:
         args.markdown_out.write_text(header(results) + table)

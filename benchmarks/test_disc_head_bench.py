@@ -86,6 +86,7 @@ def test_disc_head(timed_benchmark, device, shape, mode, provider):
         call,
         device=device,
         bytes_per_call=bytes_per_call(rows, hidden, x.element_size(), mode),
+        op="disc_head",
         provider=provider,
         shape=shape,
         mode=mode,

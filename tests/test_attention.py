@@ -1,64 +1,315 @@
-"""ops.attention (reference-backed until the fused kernel of issue 6): its contract against PyTorch's SDPA,
-padding semantics, dropout rate and input checks."""
+"""electra_ext.ops.attention and attention_varlen against the float64 reference on every target (CPU kernel,
+emulated CUDA kernels, CUDA kernels): padding, lengths that straddle the kernels' tiles, strided inputs, the
+packed layout, Philox dropout (the same mask everywhere, forward and backward), opcheck, torch.compile and
+input checks."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from electra_ext.ops import attention
+from electra_ext.ops import attention, attention_varlen
+from electra_ext.ops.reference import attention_dropout_keep, attention_reference, philox4x32_10
+from op_testing import relative_error
+
+OP = torch.ops.electra_ext.attention.default
+BACKWARD_OP = torch.ops.electra_ext.attention_backward.default
+
+# Sequence lengths around the kernels' 64-row tiles and ELECTRA's 128 and 512; the emulation runs a host thread
+# per CUDA thread, so it gets the short ones (still partial, full and multi-tile).
+LENGTHS = {"cpu": [1, 17, 127, 128, 129, 511, 512, 513, 2048], "cuda": [1, 17, 127, 128, 129, 511, 512, 513, 2048],
+           "emulated": [1, 17, 64, 65, 130]}
+DTYPES = {"cpu": [torch.float32, torch.bfloat16], "emulated": [torch.bfloat16, torch.float16],
+          "cuda": [torch.bfloat16, torch.float16]}
 
 
-def sdpa_with_padding(q, k, v, seqlens):
-    """PyTorch's own attention per sequence on its valid prefix, zeros after it."""
-    out = torch.zeros_like(q)
+@pytest.fixture
+def op(backend):
+    """attention as the target runs it."""
+    return functools.partial(attention, backend=backend)
+
+
+def make_qkv(batch, seq_len, heads, head_dim, device, dtype, seed=0, fused=True):
+    """q, k, v [B, T, H, D]; fused: strided views of one [B, T, 3, H, D] projection, as the encoder passes."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+    if fused:
+        return qkv.unbind(2)
+    return tuple(t.contiguous() for t in qkv.unbind(2))
+
+
+def lengths_for(batch, seq_len):
+    """Full, about half, one token and, from four sequences on, an all-padding one."""
+    lengths = [seq_len, (seq_len + 1) // 2, 1, 0][:batch]
+    return torch.tensor(lengths, dtype=torch.int32)
+
+
+def forward_backward(fn, q, k, v, grad_out):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out.detach(),) + torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+def low_precision_attention(q, k, v, seqlens, softmax_scale):
+    """PyTorch's own attention math in q's dtype (the baseline of the FlashAttention error rule)."""
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    valid = torch.arange(q.shape[1], device=q.device) < seqlens.to(q.device).unsqueeze(1)
+    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    probabilities = probabilities.masked_fill(~valid[:, None, :, None], 0.0)
+    return (probabilities @ vh).transpose(1, 2)
+
+
+def check_against_float64(device, op, dtype, batch, seq_len, heads, head_dim, dropout_p=0.0):
+    q, k, v = make_qkv(batch, seq_len, heads, head_dim, device, dtype, seed=seq_len)
+    seqlens = lengths_for(batch, seq_len).to(device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    scale = head_dim**-0.5
+
+    def seeded(fn):
+        return lambda a, b, c: fn(a, b, c, seqlens=seqlens, dropout_p=dropout_p,
+                                  generator=torch.Generator(device).manual_seed(7))
+
+    expected = forward_backward(seeded(functools.partial(attention, backend="reference")),
+                                *(t.double() for t in (q, k, v, grad_out)))
+    actual = forward_backward(seeded(op), q, k, v, grad_out)
+    for name, a in zip(("out", "dq", "dk", "dv"), actual):
+        assert a.dtype == dtype and a.shape == q.shape, name
+    if dtype == torch.float32:
+        for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+            assert relative_error(a, e) <= 1e-5, name
+        return
+    # FlashAttention's rule: against the float64 reference on the same (rounded) inputs, the kernel's error is at
+    # most twice that of PyTorch's own attention in the same precision (dropout off: the baseline has none).
+    assert dropout_p == 0.0
+    pytorch = forward_backward(lambda a, b, c: low_precision_attention(a, b, c, seqlens, scale), q, k, v, grad_out)
+    for name, a, p, e in zip(("out", "dq", "dk", "dv"), actual, pytorch, expected):
+        kernel_error = (a.double().cpu() - e.cpu()).abs().max().item()
+        pytorch_error = (p.double().cpu() - e.cpu()).abs().max().item()
+        floor = 1e-6 * e.abs().max().item()
+        assert kernel_error <= 2 * pytorch_error + floor, f"{name}: {kernel_error} vs PyTorch {pytorch_error}"
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_matches_float64_reference_across_lengths(target, device, op, index):
+    lengths = LENGTHS[target]
+    if index >= len(lengths):
+        pytest.skip(f"the {target} target runs {len(lengths)} lengths")
+    seq_len = lengths[index]
+    batch, heads = (1, 2) if seq_len > 1024 else (4, 2)
+    for dtype in DTYPES[target]:
+        check_against_float64(device, op, dtype, batch, seq_len, heads, 64)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_head_dims(target, device, op, head_dim):
+    for dtype in DTYPES[target]:
+        check_against_float64(device, op, dtype, 3, 65, 2, head_dim)
+
+
+def test_float32_dropout_matches_reference_with_the_same_seed(device, op, target):
+    # The low-precision kernels are checked with dropout by the mask tests below and the gradient test here
+    # on float32 where the CPU kernel takes it; the CUDA kernels get the same check in their dtype.
+    if target == "cpu":
+        check_against_float64(device, op, torch.float32, 4, 130, 2, 64, dropout_p=0.1)
+        return
+    dtype = DTYPES[target][0]
+    q, k, v = make_qkv(3, 65, 2, 64, device, dtype, seed=3)
+    seqlens = lengths_for(3, 65).to(device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    seeded = lambda fn: (lambda a, b, c: fn(a, b, c, seqlens=seqlens, dropout_p=0.1,  # noqa: E731
+                                            generator=torch.Generator(device).manual_seed(7)))
+    expected = forward_backward(seeded(functools.partial(attention, backend="reference")),
+                                *(t.float() for t in (q, k, v, grad_out)))
+    actual = forward_backward(seeded(op), q, k, v, grad_out)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert relative_error(a, e) <= 2e-2, name
+
+
+def extracted_dropout_mask(op, device, dtype, batch, heads, seq_len, seqlens, dropout_p, seed):
+    """With q = k = 0 every kept probability is 1 / (len (1 - p)); with v_j = e_j, out[b, i, h, j] is non-zero
+    exactly where entry (b, h, i, j) was kept. Returns that mask [B, H, T, T] (head_dim = T)."""
+    q = torch.zeros(batch, seq_len, heads, seq_len, device=device, dtype=dtype)
+    v = torch.eye(seq_len, device=device, dtype=dtype).expand(batch, heads, seq_len, seq_len).transpose(1, 2)
+    out = op(q, q, v.contiguous(), seqlens=seqlens, dropout_p=dropout_p,
+             generator=torch.Generator(device).manual_seed(seed))
+    return (out != 0).transpose(1, 2).cpu()
+
+
+def philox_seed(device, seed):
+    """The seed attention draws from a generator seeded with `seed`."""
+    return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device,
+                         generator=torch.Generator(device).manual_seed(seed))
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p(target, device, op, dropout_p):
+    batch, heads, seq_len = 2, 2, 64  # head_dim = seq_len = 64, one the CUDA kernels take
+    seqlens = torch.tensor([64, 50], dtype=torch.int32, device=device)
+    dtype = DTYPES[target][-1]
+    kept = extracted_dropout_mask(op, device, dtype, batch, heads, seq_len, seqlens, dropout_p, seed=11)
+    contract = attention_dropout_keep(philox_seed(device, 11), batch, heads, seq_len, dropout_p, "cpu")
+    valid = torch.arange(seq_len) < seqlens.cpu().unsqueeze(1)
+    region = valid[:, None, :, None] & valid[:, None, None, :]
+    assert torch.equal(kept & region, contract & region)
+    assert abs(kept[region].float().mean().item() - (1 - dropout_p)) <= 0.01
+    again = extracted_dropout_mask(op, device, dtype, batch, heads, seq_len, seqlens, dropout_p, seed=11)
+    other = extracted_dropout_mask(op, device, dtype, batch, heads, seq_len, seqlens, dropout_p, seed=12)
+    assert torch.equal(kept, again) and not torch.equal(kept & region, other & region)
+
+
+def test_dropout_rate_over_many_draws():
+    # The contract itself: over 2^20 entries the kept fraction is within +-0.01 of 1 - p for several p.
+    seed = torch.tensor([123456789], dtype=torch.int64)
+    for dropout_p in (0.01, 0.1, 0.3, 0.9):
+        kept = attention_dropout_keep(seed, 4, 4, 256, dropout_p, "cpu")
+        assert abs(kept.float().mean().item() - (1 - dropout_p)) <= 0.01, dropout_p
+
+
+def test_philox_known_answers():
+    # Random123's known-answer vectors for Philox4x32-10 (kat_vectors): counter, key -> output.
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for counter, key, expected in cases:
+        words = philox4x32_10(*(torch.tensor(c, dtype=torch.int64) for c in counter + key))
+        assert tuple(int(w) for w in words) == expected
+
+
+def test_varlen_equals_padded(target, device, backend):
+    batch, seq_len, heads, head_dim = 3, 70, 2, 64
+    dtype = DTYPES[target][-1]
+    q, k, v = make_qkv(batch, seq_len, heads, head_dim, device, dtype, seed=5)
+    seqlens = torch.tensor([70, 33, 1], dtype=torch.int32, device=device)
+    valid = torch.arange(seq_len, device=device) < seqlens.unsqueeze(1)
+    cu_seqlens = F.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    grad_out = grad_out * valid[:, :, None, None]
+    for dropout_p in (0.0, 0.2):
+        def padded(a, b, c):
+            return attention(a, b, c, seqlens=seqlens, dropout_p=dropout_p, backend=backend,
+                             generator=torch.Generator(device).manual_seed(3))
+
+        def packed(a, b, c):
+            return attention_varlen(a, b, c, cu_seqlens, seq_len, dropout_p=dropout_p, backend=backend,
+                                    generator=torch.Generator(device).manual_seed(3))
+
+        expected = forward_backward(padded, q, k, v, grad_out)
+        actual = forward_backward(packed, q[valid], k[valid], v[valid], grad_out[valid])
+        for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+            assert torch.equal(a, e[valid]), (name, dropout_p)
+
+
+def test_varlen_reference_equals_padded_reference():
+    q, k, v = make_qkv(3, 20, 2, 16, "cpu", torch.float64, seed=9)
+    seqlens = torch.tensor([20, 7, 0], dtype=torch.int32)
+    valid = torch.arange(20) < seqlens.unsqueeze(1)
+    cu_seqlens = F.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
+    for dropout_p in (0.0, 0.3):
+        padded = attention(q, k, v, seqlens=seqlens, dropout_p=dropout_p, generator=torch.Generator().manual_seed(0))
+        packed = attention_varlen(q[valid], k[valid], v[valid], cu_seqlens, 20, dropout_p=dropout_p,
+                                  generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(packed, padded[valid], atol=1e-12)
+
+
+def test_padded_rows_are_zero_and_padding_is_ignored(target, device, op):
+    dtype = DTYPES[target][0]
+    q, k, v = make_qkv(4, 40, 2, 64, device, dtype, seed=4)
+    seqlens = lengths_for(4, 40).to(device)
+    out = op(q, k, v, seqlens=seqlens)
+    garbage = [t.clone() for t in (q, k, v)]
+    for t in garbage:
+        t[1, 20:] = 1e4  # padding of sequence 1 (length 20)
+    assert torch.equal(op(*garbage, seqlens=seqlens)[:, :20], out[:, :20])
     for row, length in enumerate(seqlens.tolist()):
-        if length:
-            qs, ks, vs = (t[row:row + 1, :length].transpose(1, 2) for t in (q, k, v))
-            out[row, :length] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)[0]
-    return out
+        assert out[row, length:].abs().sum().item() == 0
 
 
-@pytest.mark.parametrize("seq_len,head_dim", [(1, 64), (37, 64), (130, 32), (65, 128)])
-def test_matches_sdpa_on_valid_tokens_and_zeros_padding(seq_len, head_dim):
-    generator = torch.Generator().manual_seed(seq_len)
-    q, k, v = torch.randn(3, 4, seq_len, 2, head_dim, generator=generator, dtype=torch.float64).unbind(0)
-    # Full, about half, one token, and all padding (seqlens 0).
-    seqlens = torch.tensor([seq_len, (seq_len + 1) // 2, 1, 0], dtype=torch.int32)
-    out = attention(q, k, v, seqlens=seqlens)
-    expected = sdpa_with_padding(q, k, v, seqlens)
-    assert out.dtype == torch.float64
-    assert torch.allclose(out, expected, atol=1e-12)
+def test_no_seqlens_means_no_padding(target, device, op):
+    dtype = DTYPES[target][0]
+    q, k, v = make_qkv(2, 33, 2, 64, device, dtype, seed=6)
+    full = torch.full((2,), 33, dtype=torch.int32, device=device)
+    assert torch.equal(op(q, k, v), op(q, k, v, seqlens=full))
+    assert torch.equal(op(q, k, v, softmax_scale=0.5), op(q, k, v, seqlens=full, softmax_scale=0.5))
 
 
-def test_no_seqlens_means_no_padding_and_strided_views_work():
-    generator = torch.Generator().manual_seed(0)
-    qkv = torch.randn(2, 19, 3, 4, 16, generator=generator)
-    q, k, v = qkv.unbind(2)  # strided views of a fused projection
-    assert not q.is_contiguous()
+def test_bitwise_deterministic(target, device, op):
+    dtype = DTYPES[target][0]
+    q, k, v = make_qkv(2, 130 if target != "emulated" else 65, 2, 64, device, dtype, seed=8)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    run = lambda: forward_backward(lambda a, b, c: op(a, b, c, dropout_p=0.1,  # noqa: E731
+                                                      generator=torch.Generator(device).manual_seed(1)),
+                                   q, k, v, grad_out)
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_cpu_result_does_not_depend_on_thread_count():
+    q, k, v = make_qkv(3, 200, 4, 64, "cpu", torch.float32, seed=10)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    seqlens = torch.tensor([200, 150, 3], dtype=torch.int32)
+    run = lambda: forward_backward(lambda a, b, c: attention(a, b, c, seqlens=seqlens, dropout_p=0.1,  # noqa: E731
+                                                             generator=torch.Generator().manual_seed(1)),
+                                   q, k, v, grad_out)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(max(2, threads))
+        multi = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
+def packed_op_inputs(device, dtype, dropout_p):
+    q, k, v = (t.reshape(-1, 2, 64).requires_grad_() for t in make_qkv(3, 21, 2, 64, device, dtype, fused=False))
+    starts = torch.tensor([0, 21, 42], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([21, 9, 0], dtype=torch.int32, device=device)
+    seed = torch.tensor([42], dtype=torch.int64, device=device) if dropout_p else None
+    return (q, k, v, starts, seqlens, 21, dropout_p, 0.125, seed)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck(target, device, backend, dropout_p):
+    torch.library.opcheck(OP, packed_op_inputs(device, DTYPES[target][0], dropout_p),
+                          {"emulated": backend == "emulated"})
+
+
+def test_torch_compile_fullgraph_no_graph_breaks(target, device, op):
+    dtype = DTYPES[target][0]
+    q, k, v = make_qkv(2, 65, 2, 64, device, dtype, seed=12)
+    seqlens = torch.tensor([65, 30], dtype=torch.int32, device=device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+
+    def objective(a, b, c, dropout_p):
+        return op(a, b, c, seqlens=seqlens, dropout_p=dropout_p)
+
+    compiled = torch.compile(objective, fullgraph=True)
+    eager = forward_backward(lambda a, b, c: objective(a, b, c, 0.0), q, k, v, grad_out)
+    traced = forward_backward(lambda a, b, c: compiled(a, b, c, 0.0), q, k, v, grad_out)
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)
+    with_dropout = forward_backward(lambda a, b, c: compiled(a, b, c, 0.1), q, k, v, grad_out)
+    assert all(t.isfinite().all() for t in with_dropout)
+
+
+def test_float64_and_other_head_dims_run_the_reference():
+    q, k, v = make_qkv(2, 19, 2, 24, "cpu", torch.float64, seed=13)
     expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    assert torch.allclose(attention(q, k, v), expected, atol=1e-6)
-    assert torch.allclose(attention(q, k, v, softmax_scale=0.5),
-                          F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                                                         scale=0.5).transpose(1, 2), atol=1e-6)
+    assert torch.allclose(attention(q, k, v), expected, atol=1e-12)
 
 
-def test_dropout_rate_and_seeded_reproducibility():
-    # Equal scores and v = 1: each output element is the sum of the kept probabilities (1/256 each) / 0.7.
-    q = torch.zeros(1, 256, 1, 8)
-    k = torch.zeros(1, 256, 1, 8)
-    v = torch.ones(1, 256, 1, 8)
-    out = attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(1))
-    kept_fraction = out[0, :, 0, 0].mean().item() * 0.7
-    assert abs(kept_fraction - 0.7) < 0.01
-    again = attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(out, again)
-
-
-def test_gradients_flow_to_q_k_v():
-    generator = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 9, 2, 8, dtype=torch.float64, generator=generator, requires_grad=True)
-               for _ in range(3))
+def test_reference_gradcheck():
+    q, k, v = make_qkv(2, 9, 2, 8, "cpu", torch.float64, seed=14)
     seqlens = torch.tensor([9, 4])
-    assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, seqlens=seqlens), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, seqlens=seqlens),
+                                    tuple(t.detach().requires_grad_() for t in (q, k, v)))
 
 
 BAD = [
@@ -66,9 +317,14 @@ BAD = [
     (lambda q: (q, q[:, :3], q), {}, ValueError, "k and v must have q's shape"),
     (lambda q: (q, q.double(), q), {}, TypeError, "share one floating dtype"),
     (lambda q: (q, q, q), {"seqlens": torch.tensor([1.0, 2.0])}, ValueError, "seqlens must be an int32/int64"),
-    (lambda q: (q, q, q), {"seqlens": torch.tensor([1])}, ValueError, "seqlens must be an int32/int64 tensor of shape \\[2\\]"),
+    (lambda q: (q, q, q), {"seqlens": torch.tensor([1])}, ValueError,
+     "seqlens must be an int32/int64 tensor of shape \\[2\\]"),
+    (lambda q: (q, q, q), {"seqlens": torch.tensor([1, 6])}, ValueError, "seqlens must lie in \\[0, 5\\]"),
+    (lambda q: (q, q, q), {"seqlens": torch.tensor([-1, 2])}, ValueError, "seqlens must lie in \\[0, 5\\]"),
     (lambda q: (q, q, q), {"dropout_p": 1.0}, ValueError, "dropout_p must be in \\[0, 1\\)"),
     (lambda q: (q, q, q), {"softmax_scale": -1.0}, ValueError, "softmax_scale must be a positive number"),
+    (lambda q: (q, q, q), {"backend": "emulated"}, ValueError, "float16/bfloat16"),
+    (lambda q: (q, q, q), {"backend": "gpu"}, ValueError, "backend must be one of"),
 ]
 
 
@@ -77,3 +333,35 @@ def test_bad_inputs_name_the_argument(make, kwargs, error, message):
     q = torch.randn(2, 5, 2, 8)
     with pytest.raises(error, match=message):
         attention(*make(q), **kwargs)
+
+
+BAD_VARLEN = [
+    ({"cu_seqlens": torch.tensor([0.0, 5.0])}, "cu_seqlens must be a 1-D int32/int64"),
+    ({"cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)}, "cu_seqlens must run from 0 to tokens = 5"),
+    ({"cu_seqlens": torch.tensor([0, 4, 3, 5], dtype=torch.int32)}, "must lie in \\[0, 5\\]"),
+    ({"max_seqlen": 2}, "must lie in \\[0, 2\\]"),
+    ({"max_seqlen": -1}, "max_seqlen must be a non-negative int"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_VARLEN)
+def test_bad_varlen_inputs_name_the_argument(kwargs, message):
+    q = torch.randn(5, 2, 8)
+    arguments = {"cu_seqlens": torch.tensor([0, 5], dtype=torch.int32), "max_seqlen": 5} | kwargs
+    with pytest.raises(ValueError, match=message):
+        attention_varlen(q, q, q, arguments["cu_seqlens"], arguments["max_seqlen"])
+
+
+def test_op_checks_name_the_argument(target, device, backend):
+    q, k, v, starts, seqlens, max_seqlen, _, scale, _ = packed_op_inputs(device, DTYPES[target][0], 0.0)
+    emulated = {"emulated": backend == "emulated"}
+    with pytest.raises(TypeError, match="starts must be an int32 tensor"):
+        OP(q, k, v, starts.long(), seqlens, max_seqlen, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match="dropout_p > 0 needs a seed tensor"):
+        OP(q, k, v, starts, seqlens, max_seqlen, 0.1, scale, None, **emulated)
+    with pytest.raises(ValueError, match="seed must be an int64 tensor with one element"):
+        OP(q, k, v, starts, seqlens, max_seqlen, 0.1, scale, torch.zeros(2, dtype=torch.int64, device=device),
+           **emulated)
+    out, lse = OP(q, k, v, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match="lse must be float32 \\[heads, tokens\\]"):
+        BACKWARD_OP(out, q, k, v, out, lse.t(), starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)

@@ -1,23 +1,64 @@
-"""attention: non-causal multi-head attention with padding at the end of each sequence.
+"""attention: non-causal multi-head attention over sequences with padding, fused (FlashAttention-2 style).
 
-Until the fused kernel lands (issue 6) this runs the pure-PyTorch reference behind the final signature, so
-the encoder modules already call the op they will keep.
+Two layouts share one custom op, torch.ops.electra_ext.attention (schema and layout: csrc/electra_ext.cpp and
+csrc/cuda/attention_launch.h):
+- `attention(q, k, v, seqlens=...)`: a padded batch [B, T, H, D], valid tokens first in each sequence;
+- `attention_varlen(q, k, v, cu_seqlens, max_seqlen)`: sequences packed back to back in [tokens, H, D], so an
+  encoder can drop its padding tokens altogether.
+Both run the same kernels, which never hold a [T, T] matrix in memory: the forward saves each row's
+log-sum-exp and the backward recomputes the probabilities from it.
+
+Dropout on the attention probabilities is keyed by (seed, batch, head, row, column) with Philox
+(csrc/common/philox.h), the seed drawn from `generator`; the backward regenerates the same mask, and the CPU,
+emulated and CUDA kernels and the reference drop exactly the same entries for one seed.
+
+Kernels: CPU float32, bfloat16 and float16, any head dim; CUDA float16 and bfloat16 with head dim 32, 64 or 128.
+Other dtypes (float64) and head dims run the pure-PyTorch reference (electra_ext/ops/reference.py), which
+materialises the [B, H, T, T] scores.
 """
 import math
 
 import torch
 
-from electra_ext.ops.reference import attention_reference
+from electra_ext.ops import backend as backends
+from electra_ext.ops.reference import attention_reference, generator_kwargs
+
+_OP = torch.ops.electra_ext.attention
+_BACKWARD_OP = torch.ops.electra_ext.attention_backward
+
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_KERNEL_HEAD_DIMS = (32, 64, 128)
+
+# Resolved once per device: torch.compile then traces a dictionary lookup, not the dispatcher query.
+_DEFAULT_IMPLEMENTATION = {device: backends.resolve(_OP.default, None, device) for device in ("cpu", "cuda")}
 
 
-def attention(q, k, v, *, seqlens=None, dropout_p=0.0, softmax_scale=None, generator=None):
-    """q, k, v: [B, T, H, D] (strided views of a fused QKV projection are fine), one dtype and device.
-    seqlens: [B] int32/int64, the valid tokens of each sequence; the rest is padding at the end, ignored as
-    keys, and its query rows come back as zeros. None: no padding. dropout_p: dropout on the attention
-    probabilities, drawn from `generator` (torch's default generator when None). softmax_scale: default
-    1/sqrt(D). Returns [B, T, H, D] in q's dtype."""
-    if q.dim() != 4:
-        raise ValueError(f"attention: q must be [batch, seq, heads, head_dim], got shape {tuple(q.shape)}")
+def _cuda_kernel_takes(q):
+    return q.dtype in CUDA_KERNEL_DTYPES and q.shape[-1] in CUDA_KERNEL_HEAD_DIMS
+
+
+def _implementation(q, backend):
+    """"kernels", "emulated" or "reference" for these inputs (see electra_ext.ops.backend)."""
+    device = q.device.type
+    if backend is None and device in _DEFAULT_IMPLEMENTATION:
+        implementation = _DEFAULT_IMPLEMENTATION[device]
+    else:
+        implementation = backends.resolve(_OP.default, backend, device)
+    if implementation == "emulated" and not _cuda_kernel_takes(q):
+        raise ValueError(f"attention: backend='emulated' runs the CUDA kernels, which take float16/bfloat16 "
+                         f"q, k, v with head_dim in {CUDA_KERNEL_HEAD_DIMS}; got {q.dtype}, head_dim "
+                         f"{q.shape[-1]}")
+    if implementation == "kernels":
+        takes = q.dtype in CPU_KERNEL_DTYPES if device == "cpu" else _cuda_kernel_takes(q)
+        if not takes:
+            return "reference"
+    return implementation
+
+
+def _check_qkv(q, k, v, layout):
+    if q.dim() != len(layout):
+        raise ValueError(f"attention: q must be [{', '.join(layout)}], got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention: k and v must have q's shape {tuple(q.shape)}, "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -25,16 +66,133 @@ def attention(q, k, v, *, seqlens=None, dropout_p=0.0, softmax_scale=None, gener
         raise TypeError(f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] == 0 or q.shape[-2] == 0:
+        raise ValueError(f"attention: q must have heads > 0 and head_dim > 0, got shape {tuple(q.shape)}")
+
+
+def _check_options(q, dropout_p, softmax_scale):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"attention: softmax_scale must be a positive number, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _check_lengths(name, lengths, limit):
+    """Values in [0, limit], checked where that costs no device synchronisation (CPU tensors, eager)."""
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel():
+        if int(lengths.min()) < 0 or int(lengths.max()) > limit:
+            raise ValueError(f"attention: {name} must lie in [0, {limit}], got values from {int(lengths.min())} "
+                             f"to {int(lengths.max())}")
+
+
+def _dropout_seed(q, dropout_p, generator):
+    """int64 [1] on q's device: the Philox key of this call's dropout mask (None without dropout)."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=q.device,
+                         **generator_kwargs(generator))
+
+
+def attention(q, k, v, *, seqlens=None, dropout_p=0.0, softmax_scale=None, generator=None, backend=None):
+    """q, k, v: [B, T, H, D] (strided views of a fused QKV projection are fine), one dtype and device.
+    seqlens: [B] int32/int64, the valid tokens of each sequence; the rest is padding at the end, ignored as
+    keys, and its query rows come back as zeros. None: no padding. dropout_p: dropout on the attention
+    probabilities, keyed by a seed drawn from `generator` (torch's default generator for q's device when
+    None). softmax_scale: default 1/sqrt(D). backend: see electra_ext.ops.backend (None: the default).
+    Returns [B, T, H, D] in q's dtype."""
+    _check_qkv(q, k, v, ("batch", "seq", "heads", "head_dim"))
     if seqlens is not None:
         if seqlens.shape != q.shape[:1] or seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"attention: seqlens must be an int32/int64 tensor of shape [{q.shape[0]}], "
                              f"got {seqlens.dtype} {tuple(seqlens.shape)}")
         if seqlens.device != q.device:
             raise ValueError(f"attention: seqlens must be on q's device {q.device}, got {seqlens.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p!r}")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"attention: softmax_scale must be a positive number, got {softmax_scale!r}")
-    return attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, generator)
+        _check_lengths("seqlens", seqlens, q.shape[1])
+    softmax_scale = _check_options(q, dropout_p, softmax_scale)
+    implementation = _implementation(q, backend)
+    seed = _dropout_seed(q, dropout_p, generator)
+    if implementation == "reference":
+        return attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed)
+    batch, seq_len, heads, head_dim = q.shape
+    tokens = batch * seq_len
+    starts = torch.arange(batch, dtype=torch.int32, device=q.device) * seq_len
+    lengths = (torch.full((batch,), seq_len, dtype=torch.int32, device=q.device) if seqlens is None
+               else seqlens.to(torch.int32))
+    # A fused QKV projection's views keep token stride 3HD after flattening (B, T): no copy.
+    out, _ = _OP(*(t.reshape(tokens, heads, head_dim) for t in (q, k, v)), starts, lengths, seq_len,
+                 dropout_p, softmax_scale, seed, emulated=implementation == "emulated")
+    return out.view(batch, seq_len, heads, head_dim)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, softmax_scale=None, generator=None,
+                     backend=None):
+    """Attention over sequences packed back to back: q, k, v [tokens, H, D]; cu_seqlens [B + 1] int32/int64,
+    sequence b being tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (cu_seqlens[0] = 0, cu_seqlens[B] =
+    tokens); max_seqlen: an int >= every sequence's length. Dropout and positions count inside each
+    sequence, so this equals `attention` on the same sequences padded. Returns [tokens, H, D] in q's dtype."""
+    _check_qkv(q, k, v, ("tokens", "heads", "head_dim"))
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"attention_varlen: cu_seqlens must be a 1-D int32/int64 tensor [batch + 1], got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"attention_varlen: cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"attention_varlen: max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
+            raise ValueError(f"attention_varlen: cu_seqlens must run from 0 to tokens = {q.shape[0]}, got "
+                             f"{int(cu_seqlens[0])} to {int(cu_seqlens[-1])}")
+        _check_lengths("sequence lengths (differences of cu_seqlens)", lengths, max_seqlen)
+    softmax_scale = _check_options(q, dropout_p, softmax_scale)
+    implementation = _implementation(q, backend)
+    seed = _dropout_seed(q, dropout_p, generator)
+    starts = cu_seqlens[:-1].to(torch.int32)
+    if implementation == "reference":
+        return _varlen_reference(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_scale, seed)
+    out, _ = _OP(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_scale, seed,
+                 emulated=implementation == "emulated")
+    return out
+
+
+def _varlen_reference(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_scale, seed):
+    """The packed layout through the padded reference: gather into [B, max_seqlen], attend, scatter back."""
+    positions = torch.arange(max_seqlen, device=q.device)
+    valid = positions < lengths.unsqueeze(1)  # [B, max_seqlen]
+    tokens = (starts.unsqueeze(1) + positions).clamp(max=max(q.shape[0] - 1, 0))
+    padded = attention_reference(*(t[tokens] for t in (q, k, v)), lengths, dropout_p, softmax_scale, seed)
+    return torch.zeros_like(q).index_put((tokens[valid],), padded[valid])
+
+
+@torch.library.register_fake("electra_ext::attention")
+def _attention_fake(q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed, *, emulated=False):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@torch.library.register_fake("electra_ext::attention_backward")
+def _attention_backward_fake(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p, softmax_scale,
+                             seed, *, emulated=False):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, starts, seqlens, seed)
+    ctx.options = (max_seqlen, dropout_p, softmax_scale)
+    ctx.emulated = keyword_only_inputs["emulated"]
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, starts, seqlens, seed = ctx.saved_tensors
+    max_seqlen, dropout_p, softmax_scale = ctx.options
+    grad_q, grad_k, grad_v = _BACKWARD_OP(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p,
+                                          softmax_scale, seed, emulated=ctx.emulated)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+torch.library.register_autograd("electra_ext::attention", _backward, setup_context=_setup_context)
