@@ -1,7 +1,71 @@
-// STUB: replaced by the attention forward kernel.
+// Host launcher of the fused attention forward kernel (torch-free; design and napkin math in
+// attention_forward_device.cuh). Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the
+// SIMT emulation (namespace emulated, through csrc/emulated/attention_forward.cpp).
+#include <cstdint>
+
+#include "cuda/attention_forward_device.cuh"
 #include "cuda/attention_launch.h"
-#include "simt/simt.cuh"
 
 namespace electra_ext::ELECTRA_BACKEND {
-cudaError_t attention_forward(const AttentionForwardArgs&, cudaStream_t) { return cudaErrorNotSupported; }
+namespace {
+
+namespace dev = attention_forward_device;
+
+constexpr int kMaxGridY = 65535;
+
+// cp.async moves 16-byte chunks of head_dim rows: every row of q, k, v must start 16-byte aligned.
+bool rows_aligned(const AttentionTensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.token_stride % 8 == 0 && t.head_stride % 8 == 0;
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
+  auto kernel = dev::forward_kernel<T, kHeadDim>;
+  constexpr size_t shared = dev::Layout<kHeadDim>::kSharedBytes;
+  // Above 48 KB of dynamic shared memory a kernel must opt in (head_dim 128).
+  if constexpr (shared > 48 * 1024) {
+    if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+        err != cudaSuccess) {
+      return err;
+    }
+  }
+  const int64_t heads = int64_t(args.shape.batch) * args.shape.heads;
+  const unsigned query_blocks = static_cast<unsigned>((int64_t(args.shape.max_seqlen) + dev::kBlockM - 1) / dev::kBlockM);
+  const unsigned grid_y = static_cast<unsigned>(heads < kMaxGridY ? heads : kMaxGridY);
+  const unsigned grid_z = static_cast<unsigned>((heads + grid_y - 1) / grid_y);
+  launch_kernel(kernel, dim3(query_blocks, grid_y, grid_z), dim3(dev::kThreads), shared, stream, args);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_typed(const AttentionForwardArgs& args, cudaStream_t stream) {
+  switch (args.shape.head_dim) {
+    case 32: return launch<T, 32>(args, stream);
+    case 64: return launch<T, 64>(args, stream);
+    case 128: return launch<T, 128>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// cudaErrorInvalidValue for a head_dim other than 32, 64, 128, a dtype other than fp16/bf16, or q, k, v rows
+// (or out) that are not 16-byte aligned (the caller makes the tensors contiguous then).
+cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t stream) {
+  const AttentionShape& shape = args.shape;
+  if (shape.batch <= 0 || shape.heads <= 0 || shape.max_seqlen <= 0 || shape.tokens <= 0) return cudaSuccess;
+  if (!rows_aligned(args.q) || !rows_aligned(args.k) || !rows_aligned(args.v) ||
+      reinterpret_cast<uintptr_t>(args.out) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (shape.dropout_threshold > 0 && shape.seed == nullptr) return cudaErrorInvalidValue;
+  if (int64_t(shape.batch) * shape.heads > int64_t(kMaxGridY) * kMaxGridY) return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case FloatType::kFloat16: return launch_typed<__half>(args, stream);
+    case FloatType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace electra_ext::ELECTRA_BACKEND
