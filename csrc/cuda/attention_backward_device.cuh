@@ -27,9 +27,16 @@
 //     Q/dO (kernel 1) or K/V (kernel 2) are re-read T/64 = 8 times per (sequence, head), from L2 (a head's
 //     q, k, v, dO are 256 KB). Compute bound: the tensor pipe's efficiency is what counts.
 //   Shared memory (D=64): kernel 1 holds K, V (16 KB) and double-buffered Q, dO tiles of 64 rows (32 KB) plus
-//     lse/delta/dropout bits (1 KB) = 49 KB -> 4 blocks (16 warps) per SM within H100's 227 KB; kernel 2 the
-//     same with the roles of (Q, dO) and (K, V) swapped. D=128 uses 32-row inner tiles (65 KB, and half the S/dP
+//     lse/delta/dropout bits (1 KB) = 49 KB (4 blocks per SM would fit H100's 227 KB); kernel 2 the same with
+//     the roles of (Q, dO) and (K, V) swapped. D=128 uses 32-row inner tiles (65 KB, and half the S/dP
 //     registers: each thread already holds 128 fp32 dK/dV accumulators); D=32 needs 25 KB.
+//   Registers (ptxas, sm_90, no spills): dkdv 250 (D=64 and 128), 176 (D=32); dq 174 (D=64), 182 (D=128),
+//     133 (D=32): registers, not shared memory, cap residency at 2 blocks (8 warps) per SM at D=64.
+//   Shared-memory bandwidth is the next limit: per warp and 64 x 64 tile (D=64), kernel 1 issues 72
+//     ldmatrix.x4 (every warp re-reads the whole Q and dO tiles, plain and transposed: 36.9 KB) for 128
+//     mma.m16n8k16 (524 kFLOP): 14 FLOP per shared byte, where an H100 SM's 128 B/clock against its ~4096
+//     FLOP/clock tensor peak asks for 32. Wider warp tiles (32 rows per warp, or splitting the products' N
+//     across warps with P/dS staged in shared memory, as FlashAttention-2 does) are the next step.
 //   Why 64 x 64 tiles and 4 warps: the accumulators (dK and dV: 2 x 16 x D fp32 per warp) live in registers,
 //     and a warp's 16 rows match the mma's M=16, so no accumulator is ever shared between warps; 64-row blocks
 //     give 8 x 384 = 3072 blocks at Base (over 5 waves on 132 SMs) and keep the tail small at Small.
