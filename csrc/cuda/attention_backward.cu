@@ -1,7 +1,74 @@
-// STUB: replaced by the attention backward kernel.
+// Host launcher of the fused attention backward kernels (torch-free; design and napkin math in
+// attention_backward_device.cuh). Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the
+// SIMT emulation (namespace emulated, through csrc/emulated/attention_backward.cpp).
+#include <cstdint>
+
+#include "cuda/attention_backward_device.cuh"
 #include "cuda/attention_launch.h"
 #include "simt/simt.cuh"
 
 namespace electra_ext::ELECTRA_BACKEND {
-cudaError_t attention_backward(const AttentionBackwardArgs&, cudaStream_t) { return cudaErrorNotSupported; }
+namespace {
+
+namespace dev = attention_backward_device;
+
+template <typename Kernel>
+cudaError_t allow_shared(Kernel* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;  // above 48 KB of dynamic shared memory a kernel must opt in
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T, int D>
+cudaError_t backward_typed(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  constexpr size_t shared = dev::shared_bytes<D>();
+  auto dkdv = dev::dkdv_kernel<T, D>;
+  auto dq = dev::dq_kernel<T, D>;
+  if (cudaError_t err = allow_shared(dkdv, shared); err != cudaSuccess) return err;
+  if (cudaError_t err = allow_shared(dq, shared); err != cudaSuccess) return err;
+  const dim3 grid((args.shape.max_seqlen + dev::kBlockRows - 1) / dev::kBlockRows, args.shape.heads,
+                  args.shape.batch);
+  launch_kernel(dkdv, grid, dim3(dev::kThreads), shared, stream, args);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  launch_kernel(dq, grid, dim3(dev::kThreads), shared, stream, args);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_dim(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  switch (args.shape.head_dim) {
+    case 32: return backward_typed<T, 32>(args, stream);
+    case 64: return backward_typed<T, 64>(args, stream);
+    case 128: return backward_typed<T, 128>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+// Every row the kernels copy with 16-byte cp.async or store with 16-byte stores must start 16-byte aligned.
+bool rows_aligned(const AttentionTensor& t) {
+  return aligned16(t.data) && t.token_stride % 8 == 0 && t.head_stride % 8 == 0;
+}
+
+}  // namespace
+
+cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  const AttentionShape& s = args.shape;
+  if (s.batch < 0 || s.heads < 0 || s.max_seqlen < 0 || s.tokens < 0) return cudaErrorInvalidValue;
+  if (s.batch == 0 || s.heads == 0 || s.max_seqlen == 0 || s.tokens == 0) return cudaSuccess;
+  // The grid is (key or query blocks, heads, batch): gridDim.y and .z stop at 65535.
+  if (s.batch > 65535 || s.heads > 65535) return cudaErrorInvalidValue;
+  if (s.dropout_threshold > 0 && s.seed == nullptr) return cudaErrorInvalidValue;
+  if (!rows_aligned(args.q) || !rows_aligned(args.k) || !rows_aligned(args.v) || !aligned16(args.grad_out) ||
+      !aligned16(args.grad_q) || !aligned16(args.grad_k) || !aligned16(args.grad_v)) {
+    return cudaErrorInvalidValue;
+  }
+  switch (args.dtype) {
+    case FloatType::kFloat16: return backward_dim<__half>(args, stream);
+    case FloatType::kBFloat16: return backward_dim<__nv_bfloat16>(args, stream);
+    case FloatType::kFloat32: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace electra_ext::ELECTRA_BACKEND

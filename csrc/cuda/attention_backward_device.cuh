@@ -1,0 +1,425 @@
+// Device code of the fused attention backward (FlashAttention-2 recomputation on tensor cores): torch-free, built
+// by nvcc and, against the SIMT emulation, by the host compiler (simt/simt.cuh). Contract: cuda/attention_launch.h.
+//
+// Math, per (sequence, head), with Z~ = keep / (1 - p) the dropout factor and s = softmax_scale:
+//   P = exp(s Q K^T - lse)             recomputed from the forward's lse, never stored
+//   dV = (P o Z~)^T dO                 dP = (dO V^T) o Z~
+//   dS = P o (dP - delta)              delta = rowsum(dO o out), from the glue
+//   dK = s dS^T Q                      dQ = s dS K
+// Deterministic (no floating-point atomics) with two kernels, each owning its output rows:
+//   dkdv_kernel: a block owns 64 keys (16 per warp) and loops over query tiles: S^T = K Q^T, dP^T = V dO^T
+//                (the warp's keys are the rows of the mma), dV += P~^T dO, dK += dS^T Q; P~^T and dS^T go from
+//                the mma's accumulator fragments straight into A fragments (no shared-memory round trip);
+//                dO and Q as B operands come from ldmatrix.trans of their row-major tiles.
+//   dq_kernel:   a block owns 64 queries (16 per warp) and loops over key tiles: S = Q K^T, dP = dO V^T,
+//                dQ += dS K (K through ldmatrix.trans).
+// The dQ kernel recomputes S and dP: 7 tile products instead of FlashAttention-2's 5 (1.4x the useful FLOPs),
+// the price of determinism without a [key blocks, tokens, heads, D] fp32 scratch (400 MB at Base) or atomics.
+//
+// Napkin math (bf16, H100 SXM: ~990 TFLOP/s dense tensor peak, ~3.35 TB/s HBM, 50 MB L2):
+//   FLOPs: forward 4 T^2 D per (sequence, head); backward 2.5x that useful, 3.5x executed here.
+//   ELECTRA-Small (B=128, T=128, H=4, D=64): forward 2.15 GFLOP, backward 5.4 useful / 7.5 executed GFLOP
+//     (~8 us at peak). Bytes: one [tokens, H, D] tensor is 16384 x 256 x 2 = 8.4 MB; kernel 1 reads q, k, v, dO
+//     and writes dk, dv, kernel 2 reads q, k, v, dO and writes dq: ~11 tensor passes = 92 MB (~28 us at HBM rate,
+//     the second kernel's reads mostly hit L2). Memory and launch bound: 1024 blocks per kernel.
+//   ELECTRA-Base (B=32, T=512, H=12, D=64): forward 25.8 GFLOP, backward 64 useful / 90 executed GFLOP
+//     (~91 us at peak, ~200 us at a realistic 45% of it); bytes: 25 MB per tensor, ~280 MB (~85 us), and
+//     Q/dO (kernel 1) or K/V (kernel 2) are re-read T/64 = 8 times per (sequence, head), from L2 (a head's
+//     q, k, v, dO are 256 KB). Compute bound: the tensor pipe's efficiency is what counts.
+//   Shared memory (D=64): kernel 1 holds K, V (16 KB) and double-buffered Q, dO tiles of 64 rows (32 KB) plus
+//     lse/delta/dropout bits (1 KB) = 49 KB (4 blocks per SM would fit H100's 227 KB); kernel 2 the same with
+//     the roles of (Q, dO) and (K, V) swapped. D=128 uses 32-row inner tiles (65 KB, and half the S/dP
+//     registers: each thread already holds 128 fp32 dK/dV accumulators); D=32 needs 25 KB.
+//   Registers (ptxas, sm_90, no spills): dkdv 250 (D=64 and 128), 176 (D=32); dq 174 (D=64), 182 (D=128),
+//     133 (D=32): registers, not shared memory, cap residency at 2 blocks (8 warps) per SM at D=64.
+//   Shared-memory bandwidth is the next limit: per warp and 64 x 64 tile (D=64), kernel 1 issues 72
+//     ldmatrix.x4 (every warp re-reads the whole Q and dO tiles, plain and transposed: 36.9 KB) for 128
+//     mma.m16n8k16 (524 kFLOP): 14 FLOP per shared byte, where an H100 SM's 128 B/clock against its ~4096
+//     FLOP/clock tensor peak asks for 32. Wider warp tiles (32 rows per warp, or splitting the products' N
+//     across warps with P/dS staged in shared memory, as FlashAttention-2 does) are the next step.
+//   Why 64 x 64 tiles and 4 warps: the accumulators (dK and dV: 2 x 16 x D fp32 per warp) live in registers,
+//     and a warp's 16 rows match the mma's M=16, so no accumulator is ever shared between warps; 64-row blocks
+//     give 8 x 384 = 3072 blocks at Base (over 5 waves on 132 SMs) and keep the tail small at Small.
+//   Shared tiles are XOR-swizzled in 16-byte chunks so that ldmatrix's 8 row addresses hit 8 distinct bank
+//     groups (unswizzled 128-byte rows would be an 8-way conflict); cp.async fills them without registers,
+//     the next tile's copy overlapping the current tile's math.
+// Dropout: a tile's keep bits are drawn once per block into shared memory (Philox gives 4 columns per call;
+//   each thread draws 32 consecutive columns of one row, one 32-bit word), then read per element.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/philox.h"
+#include "cuda/attention_launch.h"
+#include "simt/primitives.cuh"
+
+namespace electra_ext::ELECTRA_BACKEND::attention_backward_device {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kBlockRows = 64;  // keys per dK/dV block, queries per dQ block: 16 per warp (the mma's M)
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Rows of the tiles a block loops over (queries in kernel 1, keys in kernel 2).
+template <int D>
+constexpr int inner_rows() {
+  return D >= 128 ? 32 : 64;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_floats(float low, float high) {
+  return pack_pair<T>(from_float<T>(low), from_float<T>(high));
+}
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][D] shared tile, XOR-swizzled so that the
+// 8 rows one ldmatrix matrix reads (same chunk, consecutive rows) fall in 8 different 16-byte bank groups.
+template <int D>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  constexpr int kChunks = D / 8;
+  const int swizzle = kChunks >= 8 ? (row & 7) : ((row >> 1) & (kChunks - 1));
+  return (row * kChunks + (chunk ^ swizzle)) * 8;
+}
+
+struct Sequence {
+  int64_t start;
+  int len;
+};
+
+// Sequence b with its length clamped to [0, min(max_seqlen, tokens - start)]; a start outside [0, tokens] is
+// an empty sequence.
+__device__ __forceinline__ Sequence sequence_of(const AttentionShape& s, int b) {
+  const int64_t start = s.starts[b];
+  if (start < 0 || start > s.tokens) return Sequence{0, 0};
+  int64_t len = s.seqlens[b];
+  const int64_t room = s.tokens - start;
+  if (len > room) len = room;
+  if (len > s.max_seqlen) len = s.max_seqlen;
+  if (len < 0) len = 0;
+  return Sequence{start, static_cast<int>(len)};
+}
+
+// Rows row0 .. row0 + kRows - 1 of a [rows, D] matrix (row stride `stride` elements, row 0 at `base`) into a
+// swizzled shared tile; rows >= len are zero-filled and not read. One cp.async group's worth (not committed).
+template <int D, int kRows, typename T>
+__device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, int row0, int len) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const bool valid = row0 + r < len;
+    const T* source = valid ? base + int64_t(row0 + r) * stride + c * 8 : base;
+    cp_async_16_or_zero(tile + tile_offset<D>(r, c), source, valid);
+  }
+}
+
+// A fragment (16 x 16) of a row-major [rows][D] tile: rows row0.., columns k0.. (k0 a multiple of 16).
+template <int D, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int k0) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int row = row0 + (lane % 8) + 8 * ((lane / 8) % 2);
+  ldmatrix<4, false>(a, tile + tile_offset<D>(row, k0 / 8 + lane / 16));
+}
+
+// B fragments (k x n = 16 x 8) of two n-tiles n0.., n0 + 8.. from a tile stored [n][k] (row n holds B's column
+// n): b[0..1] for the first n-tile, b[2..3] for the second.
+template <int D, typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const T* tile, int n0, int k0) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int row = n0 + (lane % 8) + 8 * (lane / 16);
+  ldmatrix<4, false>(b, tile + tile_offset<D>(row, k0 / 8 + (lane / 8) % 2));
+}
+
+// The same from a tile stored [k][n] (row-major B), through ldmatrix.trans.
+template <int D, typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k0, int n0) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int row = k0 + (lane % 8) + 8 * ((lane / 8) % 2);
+  ldmatrix<4, true>(b, tile + tile_offset<D>(row, n0 / 8 + lane / 16));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[4]) {
+  const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+  mma_m16n8k16<T>(d0, a, b0, d0);
+  mma_m16n8k16<T>(d1, a, b1, d1);
+}
+
+// acc[16 x kN] += A (16 x D, rows row0.. of tile_a) * B^T, B's rows n = 0 .. kN - 1 of tile_b (both [rows][D]).
+template <typename T, int D, int kN>
+__device__ __forceinline__ void product_abt(float (&acc)[kN / 8][4], const T* tile_a, int row0, const T* tile_b) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    load_a<D>(a, tile_a, row0, 16 * kk);
+#pragma unroll
+    for (int nn = 0; nn < kN / 16; ++nn) {
+      uint32_t b[4];
+      load_b_nk<D>(b, tile_b, 16 * nn, 16 * kk);
+      mma_pair<T>(acc[2 * nn], acc[2 * nn + 1], a, b);
+    }
+  }
+}
+
+// acc[16 x D] += X (16 x kK, held as mma accumulator fragments) * B, B = rows 0 .. kK - 1 of tile_b ([kK][D]).
+// Accumulator fragments of n-tiles 2j, 2j + 1 are exactly the A fragment of k-slice j.
+template <typename T, int D, int kK>
+__device__ __forceinline__ void product_xb(float (&acc)[D / 8][4], const float (&x)[kK / 8][4], const T* tile_b) {
+#pragma unroll
+  for (int j = 0; j < kK / 16; ++j) {
+    const uint32_t a[4] = {pack_floats<T>(x[2 * j][0], x[2 * j][1]), pack_floats<T>(x[2 * j][2], x[2 * j][3]),
+                           pack_floats<T>(x[2 * j + 1][0], x[2 * j + 1][1]),
+                           pack_floats<T>(x[2 * j + 1][2], x[2 * j + 1][3])};
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t b[4];
+      load_b_kn<D>(b, tile_b, 16 * j, 16 * dn);
+      mma_pair<T>(acc[2 * dn], acc[2 * dn + 1], a, b);
+    }
+  }
+}
+
+// Dropout keep bits of queries row0 .. row0 + kRows - 1 and keys col0 .. col0 + kCols - 1 (col0 a multiple of 4):
+// bit (key % 32) of bits[query * (kCols / 32) + key / 32]. Positions past the sequence draw harmless bits.
+template <int kRows, int kCols>
+__device__ __forceinline__ void dropout_bits(uint32_t* bits, uint64_t seed, int b, int h, int row0, int col0,
+                                             uint32_t threshold) {
+  constexpr int kWordsPerRow = kCols / 32;
+  for (int w = threadIdx.x; w < kRows * kWordsPerRow; w += kThreads) {
+    const int r = w / kWordsPerRow, group0 = (col0 + 32 * (w % kWordsPerRow)) / 4;
+    uint32_t word = 0;
+#pragma unroll
+    for (int g = 0; g < 8; ++g) {
+      const philox::Words x = philox::attention_dropout_words(seed, uint32_t(b), uint32_t(h), uint32_t(row0 + r),
+                                                              uint32_t(group0 + g));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) word |= uint32_t(x.x[j] >= threshold) << (4 * g + j);
+    }
+    bits[w] = word;
+  }
+}
+
+template <int kCols>
+__device__ __forceinline__ bool kept(const uint32_t* bits, int query, int key) {
+  return (bits[query * (kCols / 32) + key / 32] >> (key % 32)) & 1u;
+}
+
+// Writes rows 0 .. kBlockRows - 1 of the per-warp accumulators (warp w: rows 16w..16w+15), times `scale`, as T
+// into the swizzled tile `stage`, then (after a barrier) rows row0 + r < len to dst (row stride `stride`) with
+// 16-byte stores. The caller's last barrier must precede (stage may alias tiles still being read).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float scale, T* stage, T* dst,
+                                           int64_t stride, int row0, int len) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int group = lane / 4, pair = lane % 4;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = 16 * warp + group + 8 * half;
+      const uint32_t value = pack_floats<T>(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale);
+      *reinterpret_cast<uint32_t*>(stage + tile_offset<D>(row, n) + 2 * pair) = value;
+    }
+  }
+  __syncthreads();
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < kBlockRows * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    if (row0 + r < len) {
+      *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * stride + c * 8) =
+          *reinterpret_cast<const uint4*>(stage + tile_offset<D>(r, c));
+    }
+  }
+}
+
+template <int D>
+constexpr size_t shared_bytes() {
+  constexpr int kInner = inner_rows<D>();
+  return size_t(2) * kBlockRows * D * 2          // the block's own two tiles (K, V or Q, dO)
+         + size_t(4) * kInner * D * 2            // two double-buffered inner tiles
+         + size_t(2) * kInner * sizeof(float)    // lse, delta of the inner tile (kernel 1)
+         + size_t(kBlockRows) * kInner / 8;      // dropout bits
+}
+
+// Kernel 1: dK and dV of keys blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardArgs args) {
+  constexpr int kQ = inner_rows<D>();
+  const AttentionShape& s = args.shape;
+  const int b = blockIdx.z, h = blockIdx.y, key0 = blockIdx.x * kBlockRows;
+  const Sequence seq = sequence_of(s, b);
+  if (key0 >= seq.len) return;
+  const int len = seq.len;
+
+  ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
+  T* sK = reinterpret_cast<T*>(attention_shared);
+  T* sV = sK + kBlockRows * D;
+  T* sQ = sV + kBlockRows * D;  // [2][kQ][D]
+  T* sdO = sQ + 2 * kQ * D;     // [2][kQ][D]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kQ * D);
+  float* sDelta = sLse + kQ;
+  uint32_t* sBits = reinterpret_cast<uint32_t*>(sDelta + kQ);  // [kQ][64 / 32]
+
+  const int64_t row_stride = int64_t(s.heads) * D;  // grad_out, grad_q/k/v
+  const T* q = static_cast<const T*>(args.q.data) + seq.start * args.q.token_stride + h * args.q.head_stride;
+  const T* k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride + h * args.k.head_stride;
+  const T* v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
+  const T* dout = static_cast<const T*>(args.grad_out) + seq.start * row_stride + h * D;
+  const float* lse = args.lse + int64_t(h) * s.tokens + seq.start;
+  const float* delta = args.delta + int64_t(h) * s.tokens + seq.start;
+
+  load_tile<D, kBlockRows>(sK, k, args.k.token_stride, key0, len);
+  load_tile<D, kBlockRows>(sV, v, args.v.token_stride, key0, len);
+  load_tile<D, kQ>(sQ, q, args.q.token_stride, 0, len);
+  load_tile<D, kQ>(sdO, dout, row_stride, 0, len);
+  cp_async_commit();
+
+  const bool dropout = s.dropout_threshold > 0;
+  const uint64_t seed = dropout ? static_cast<uint64_t>(*s.seed) : 0;
+  const float dropout_scale = dropout ? s.dropout_scale : 1.0f;
+  const float scale_log2 = s.softmax_scale * kLog2e;
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int group = lane / 4, pair = lane % 4;
+  // The warp's keys (rows of its fragments): 16 warp + group and + 8; past the sequence their P is zeroed.
+  const bool key_valid[2] = {key0 + 16 * warp + group < len, key0 + 16 * warp + group + 8 < len};
+
+  float dv[D / 8][4] = {}, dk[D / 8][4] = {};
+  const int tiles = (len + kQ - 1) / kQ;
+  for (int t = 0; t < tiles; ++t) {
+    const int q0 = t * kQ;
+    if (t + 1 < tiles) {
+      load_tile<D, kQ>(sQ + ((t + 1) & 1) * kQ * D, q, args.q.token_stride, q0 + kQ, len);
+      load_tile<D, kQ>(sdO + ((t + 1) & 1) * kQ * D, dout, row_stride, q0 + kQ, len);
+    }
+    cp_async_commit();
+    for (int i = threadIdx.x; i < kQ; i += kThreads) {
+      const bool valid = q0 + i < len;  // queries past the sequence: lse = +inf makes their P zero
+      sLse[i] = valid ? lse[q0 + i] * kLog2e : INFINITY;
+      sDelta[i] = valid ? delta[q0 + i] : 0.0f;
+    }
+    if (dropout) dropout_bits<kQ, kBlockRows>(sBits, seed, b, h, q0, key0, s.dropout_threshold);
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* cQ = sQ + (t & 1) * kQ * D;
+    const T* cdO = sdO + (t & 1) * kQ * D;
+    float st[kQ / 8][4] = {}, dpt[kQ / 8][4] = {};  // S^T and dP^T: rows = the warp's 16 keys, columns = queries
+    product_abt<T, D, kQ>(st, sK, 16 * warp, cQ);
+    product_abt<T, D, kQ>(dpt, sV, 16 * warp, cdO);
+#pragma unroll
+    for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int query = 8 * n + 2 * pair + i % 2, key = 16 * warp + group + 8 * (i / 2);
+        const float p = key_valid[i / 2] ? exp2f(st[n][i] * scale_log2 - sLse[query]) : 0.0f;
+        const float z = (!dropout || kept<kBlockRows>(sBits, query, key)) ? dropout_scale : 0.0f;
+        st[n][i] = p * z;                                  // (P o Z~)^T
+        dpt[n][i] = p * (dpt[n][i] * z - sDelta[query]);   // dS^T
+      }
+    }
+    product_xb<T, D, kQ>(dv, st, cdO);
+    product_xb<T, D, kQ>(dk, dpt, cQ);
+    __syncthreads();
+  }
+
+  T* dk_out = static_cast<T*>(args.grad_k) + seq.start * row_stride + h * D;
+  T* dv_out = static_cast<T*>(args.grad_v) + seq.start * row_stride + h * D;
+  store_rows<T, D>(dk, s.softmax_scale, sK, dk_out, row_stride, key0, len);
+  store_rows<T, D>(dv, 1.0f, sV, dv_out, row_stride, key0, len);
+}
+
+// Kernel 2: dQ of queries blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const AttentionBackwardArgs args) {
+  constexpr int kK = inner_rows<D>();
+  const AttentionShape& s = args.shape;
+  const int b = blockIdx.z, h = blockIdx.y, query0 = blockIdx.x * kBlockRows;
+  const Sequence seq = sequence_of(s, b);
+  if (query0 >= seq.len) return;
+  const int len = seq.len;
+
+  ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
+  T* sQ = reinterpret_cast<T*>(attention_shared);
+  T* sdO = sQ + kBlockRows * D;
+  T* sK = sdO + kBlockRows * D;  // [2][kK][D]
+  T* sV = sK + 2 * kK * D;       // [2][kK][D]
+  uint32_t* sBits = reinterpret_cast<uint32_t*>(sV + 2 * kK * D);  // [64][kK / 32]
+
+  const int64_t row_stride = int64_t(s.heads) * D;
+  const T* q = static_cast<const T*>(args.q.data) + seq.start * args.q.token_stride + h * args.q.head_stride;
+  const T* k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride + h * args.k.head_stride;
+  const T* v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
+  const T* dout = static_cast<const T*>(args.grad_out) + seq.start * row_stride + h * D;
+
+  load_tile<D, kBlockRows>(sQ, q, args.q.token_stride, query0, len);
+  load_tile<D, kBlockRows>(sdO, dout, row_stride, query0, len);
+  load_tile<D, kK>(sK, k, args.k.token_stride, 0, len);
+  load_tile<D, kK>(sV, v, args.v.token_stride, 0, len);
+  cp_async_commit();
+
+  const bool dropout = s.dropout_threshold > 0;
+  const uint64_t seed = dropout ? static_cast<uint64_t>(*s.seed) : 0;
+  const float dropout_scale = dropout ? s.dropout_scale : 1.0f;
+  const float scale_log2 = s.softmax_scale * kLog2e;
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int group = lane / 4, pair = lane % 4;
+  // The thread's two query rows: 16 warp + group and + 8 (past the sequence: lse = +inf, P = 0).
+  float row_lse[2], row_delta[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = query0 + 16 * warp + group + 8 * half;
+    const bool valid = row < len;
+    row_lse[half] = valid ? args.lse[int64_t(h) * s.tokens + seq.start + row] * kLog2e : INFINITY;
+    row_delta[half] = valid ? args.delta[int64_t(h) * s.tokens + seq.start + row] : 0.0f;
+  }
+
+  float dq[D / 8][4] = {};
+  const int tiles = (len + kK - 1) / kK;
+  for (int t = 0; t < tiles; ++t) {
+    const int k0 = t * kK;
+    if (t + 1 < tiles) {
+      load_tile<D, kK>(sK + ((t + 1) & 1) * kK * D, k, args.k.token_stride, k0 + kK, len);
+      load_tile<D, kK>(sV + ((t + 1) & 1) * kK * D, v, args.v.token_stride, k0 + kK, len);
+    }
+    cp_async_commit();
+    if (dropout) dropout_bits<kBlockRows, kK>(sBits, seed, b, h, query0, k0, s.dropout_threshold);
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* cK = sK + (t & 1) * kK * D;
+    const T* cV = sV + (t & 1) * kK * D;
+    float st[kK / 8][4] = {}, dp[kK / 8][4] = {};  // S and dP: rows = the warp's 16 queries, columns = keys
+    product_abt<T, D, kK>(st, sQ, 16 * warp, cK);
+    product_abt<T, D, kK>(dp, sdO, 16 * warp, cV);
+    const bool last = k0 + kK > len;
+#pragma unroll
+    for (int n = 0; n < kK / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = 8 * n + 2 * pair + i % 2, query = 16 * warp + group + 8 * (i / 2);
+        // Keys past the sequence (zero rows of K) must not enter dS: exp(-lse) can overflow fp16.
+        const float p = (!last || k0 + key < len) ? exp2f(st[n][i] * scale_log2 - row_lse[i / 2]) : 0.0f;
+        const float z = (!dropout || kept<kK>(sBits, query, key)) ? dropout_scale : 0.0f;
+        dp[n][i] = p * (dp[n][i] * z - row_delta[i / 2]);  // dS
+      }
+    }
+    product_xb<T, D, kK>(dq, dp, cK);
+    __syncthreads();
+  }
+
+  T* dq_out = static_cast<T*>(args.grad_q) + seq.start * row_stride + h * D;
+  store_rows<T, D>(dq, s.softmax_scale, sQ, dq_out, row_stride, query0, len);
+}
+
+}  // namespace electra_ext::ELECTRA_BACKEND::attention_backward_device
