@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <tuple>
 
 #include "attention_checks.h"
@@ -42,6 +43,15 @@ inline AttentionTensor attention_tensor(const at::Tensor& t) {
   return AttentionTensor{t.data_ptr(), t.stride(0), t.stride(1)};
 }
 
+// The CUDA kernels copy 16-byte chunks of q, k, v rows (cp.async): every row must start 16-byte aligned, which a
+// fused QKV projection's views do (strides of 3HD and D elements). Anything else is copied once, contiguous.
+inline at::Tensor rows_16_byte_aligned(const at::Tensor& t) {
+  const int64_t chunk = 16 / t.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % chunk == 0 &&
+                       t.stride(1) % chunk == 0 && t.size(2) % chunk == 0;
+  return aligned ? t : t.contiguous();
+}
+
 inline void check_cuda_head_dim(const char* op, const at::Tensor& q) {
   TORCH_CHECK_VALUE(attention_cuda_supports_head_dim(static_cast<int>(q.size(2))), op,
                     ": the CUDA kernels support head_dim 32, 64 or 128, got ", q.size(2));
@@ -58,14 +68,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
       prepare_attention_inputs(op, q_in, k_in, v_in, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
   const FloatType dtype = attention_float_type(op, in.q);
   check_cuda_head_dim(op, in.q);
+  const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
   at::Tensor out = at::zeros(in.q.sizes(), in.q.options());
   at::Tensor lse = at::zeros({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {out, lse};
   const AttentionForwardArgs args{dtype,
                                   attention_shape(in),
-                                  attention_tensor(in.q),
-                                  attention_tensor(in.k),
-                                  attention_tensor(in.v),
+                                  attention_tensor(q),
+                                  attention_tensor(k),
+                                  attention_tensor(v),
                                   out.data_ptr(),
                                   lse.data_ptr<float>()};
   Launchers::check(Launchers::attention_forward(args, Launchers::stream()));
@@ -83,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_on_device(
   check_attention_backward_inputs(op, in, grad_out_in, out, lse_in);
   const FloatType dtype = attention_float_type(op, in.q);
   check_cuda_head_dim(op, in.q);
+  const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor grad_q = at::zeros(in.q.sizes(), in.q.options());
@@ -92,9 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_on_device(
   const at::Tensor delta = attention_delta(grad_out, out);
   const AttentionBackwardArgs args{dtype,
                                    attention_shape(in),
-                                   attention_tensor(in.q),
-                                   attention_tensor(in.k),
-                                   attention_tensor(in.v),
+                                   attention_tensor(q),
+                                   attention_tensor(k),
+                                   attention_tensor(v),
                                    grad_out.data_ptr(),
                                    lse.data_ptr<float>(),
                                    delta.data_ptr<float>(),

@@ -87,7 +87,9 @@ def check_against_float64(device, op, dtype, batch, seq_len, heads, head_dim, dr
     for name, a, p, e in zip(("out", "dq", "dk", "dv"), actual, pytorch, expected):
         kernel_error = (a.double().cpu() - e.cpu()).abs().max().item()
         pytorch_error = (p.double().cpu() - e.cpu()).abs().max().item()
-        floor = 1e-6 * e.abs().max().item()
+        # A floor far below the dtype's resolution: with one key (T = 1) PyTorch's dq and dk are exactly 0, while
+        # the kernels' delta (rowsum(dO * out), summed in another order than dO . v) leaves ~1e-6.
+        floor = 1e-5 * max(1.0, e.abs().max().item())
         assert kernel_error <= 2 * pytorch_error + floor, f"{name}: {kernel_error} vs PyTorch {pytorch_error}"
 
 
@@ -151,7 +153,7 @@ def test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p(target, devic
     kept = extracted_dropout_mask(op, device, dtype, batch, heads, seq_len, seqlens, dropout_p, seed=11)
     contract = attention_dropout_keep(philox_seed(device, 11), batch, heads, seq_len, dropout_p, "cpu")
     valid = torch.arange(seq_len) < seqlens.cpu().unsqueeze(1)
-    region = valid[:, None, :, None] & valid[:, None, None, :]
+    region = (valid[:, None, :, None] & valid[:, None, None, :]).expand_as(kept)
     assert torch.equal(kept & region, contract & region)
     assert abs(kept[region].float().mean().item() - (1 - dropout_p)) <= 0.01
     again = extracted_dropout_mask(op, device, dtype, batch, heads, seq_len, seqlens, dropout_p, seed=11)
