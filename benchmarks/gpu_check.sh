@@ -77,7 +77,8 @@ if [[ -z ${ELECTRA_EXT_GPU_CHECK_TESTS:-} ]] &&
                 "$REPO/tests/test_attention.py" "$REPO/tests/test_gen_head.py")
 fi
 run_step tests "$LOG_DIR/tests.log" "${PYTEST[@]}" "${test_paths[@]}" "${test_filter[@]}" -q
-run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" -q -k cuda \
+# ELECTRA_EXT_GPU_CHECK_BENCH_K narrows the benchmarks the same way (default: every CUDA case).
+run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" -q -k "${ELECTRA_EXT_GPU_CHECK_BENCH_K:-cuda}" \
     --benchmark-json "$LOG_DIR/bench.json" --benchmark-min-rounds 5
 
 echo "== summary ($LOG_DIR/summary.md)"
