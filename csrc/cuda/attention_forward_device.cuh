@@ -13,7 +13,7 @@
 //                                                 registers), each K fragment used by R row tiles: D/16 x 8R mma
 //   columns >= seqlen -> -inf (last tile only); online softmax per row in fp32: running max m, rescale
 //   factor exp2((m_old - m_new) * scale * log2 e) on the accumulator and the running sum, P = exp2(S * c - m * c)
-//   (scale and log2 e folded into one FFMA per score, then one exp2); the row sum takes P before dropout;
+//   (scale and log2 e folded into one FFMA per score, then one MUFU.EX2); the row sum takes P before dropout;
 //   Philox dropout zeroes entries of P (1 / (1 - p) is applied once at the end)
 //   O (16R x D) += P V                            P's C fragments become A fragments in registers (no shared
 //                                                 memory round trip), V by D/4 ldmatrix.x4.trans, each used by
@@ -41,8 +41,9 @@
 //   exp2: one MUFU op per score, 16/clk/SM, against 4 D = 256 mma FLOPs per score at D = 64, 4,096 FLOP/clk/SM
 //     of tensor cores: both 1/16 clk per score, so the softmax's exp2 co-limits at D = 64 (FA3 overlaps them
 //     with wgmma; with mma.sync the warps of the other resident block interleave them). Per score the FP32
-//     pipe does 1 FFMA (scale and max folded), 1/2 FMNMX, 1 FADD (row sum) and 1/2 F2F pack, plus exp2f's
-//     denormal fix-up (ex2.approx.f32 without .ftz).
+//     pipe does 1 FFMA (scale and max folded), 1/2 FMNMX, 1 FADD (row sum) and 1/2 F2F pack: ~3 instructions,
+//     1/43 clk at 128/clk/SM. The exp2 is exp2_ftz (MUFU.EX2 alone): exp2f's subnormal fix-up would add 3 FP32
+//     instructions per score, doubling that for P entries below 2^-126 that no bf16/fp16 sum can see.
 //   Dropout: the contract draws one 32-bit Philox word per entry, one Philox4x32-10 (~80 integer ops) per 4
 //     entries, shared by lane pairs (attention_tiles.cuh): ~20 ALU issue slots per score against 128/clk/SM,
 //     ~0.16 clk per score: with dropout the forward is bound by Philox integer math, ~2.5x the mma time.
@@ -51,7 +52,7 @@
 //   55,296 B (D=64, 128 rows), 87,040 B (D=128, 64 rows); above 48 KB the launcher opts in. 2 blocks per SM fit
 //   all three (228 KB per H100 SM).
 // Registers per lane: Q A fragments D R / 4 (when kept), O accumulators D R / 2 fp32, S/P 32 R fp32, m and l
-//   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 252 / 250
+//   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 252 / 252
 //   / 254 registers at D = 32 / 64 / 128 (with 16 rows per warp at all three: 128 / 168 / 252 under 4 / 3 / 2
 //   blocks per SM), 2 resident blocks per SM
 //   (__launch_bounds__ below).
@@ -82,7 +83,7 @@ constexpr int kThreads = kWarps * tiles::kWarpSize;
 constexpr int kBlockN = 64;   // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 // Resident blocks per SM that __launch_bounds__ asks registers for: 2, i.e. up to 255 per lane (65,536 /
-// (128 threads x 2)). ptxas (CUDA 13, sm_90) takes 252 / 250 / 254 at D = 32 / 64 / 128 as launched; at 3 blocks
+// (128 threads x 2)). ptxas (CUDA 13, sm_90) takes 252 / 252 / 254 at D = 32 / 64 / 128 as launched; at 3 blocks
 // (168 registers) D = 32 with 32 rows per warp spills 184 bytes.
 constexpr int kMinBlocks = 2;
 
@@ -105,7 +106,7 @@ struct Layout {
   // take kRowTiles x (3 D / 4 + 32) registers per lane: 112 at D = 32 (32 rows per warp) and 128 at D = 128
   // (16 rows) leave ptxas room for the hoisted K / V fragments and addresses; 160 at D = 64 with 32 rows spilled
   // (52 bytes at 255 registers), so there Q is re-read from shared memory per k-step (8 ldmatrix.x4 per tile and
-  // warp next to 32 of K and V; FlashAttention-2's default as well): 250 registers, no spills.
+  // warp next to 32 of K and V; FlashAttention-2's default as well): 252 registers, no spills.
   static constexpr bool kQInRegisters = kRowTiles * (3 * kHeadDim / 4 + 32) <= 128;
 };
 
@@ -270,14 +271,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float max_scaled = tile_max * scale_log2;
-        const float rescale = tiles::fast_exp2(row_max[rt][r] * scale_log2 - max_scaled);  // 0 on the first tile
+        // exp2f, not exp2_ftz: once per row and tile, and with exp2_ftz here ptxas spilled 28 bytes at D = 128 with
+        // dropout. 0 on the first tile.
+        const float rescale = tiles::fast_exp2(row_max[rt][r] * scale_log2 - max_scaled);
         row_max[rt][r] = tile_max;
         float sum = 0.0f;
 #pragma unroll
         for (int t = 0; t < kSTiles; ++t) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = tiles::fast_exp2(s[rt][t][2 * r + e] * scale_log2 - max_scaled);
+            const float p = exp2_ftz(s[rt][t][2 * r + e] * scale_log2 - max_scaled);
             s[rt][t][2 * r + e] = p;
             sum += p;
           }
