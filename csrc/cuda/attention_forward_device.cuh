@@ -53,9 +53,8 @@
 //   all three (228 KB per H100 SM).
 // Registers per lane: Q A fragments D R / 4 (when kept), O accumulators D R / 2 fp32, S/P 32 R fp32, m and l
 //   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 252 / 252
-//   / 254 registers at D = 32 / 64 / 128 (with 16 rows per warp at all three: 128 / 168 / 252 under 4 / 3 / 2
-//   blocks per SM), 2 resident blocks per SM
-//   (__launch_bounds__ below).
+//   / 254 registers at D = 32 / 64 / 128 under 2 resident blocks per SM (__launch_bounds__ below); with 16 rows
+//   per warp at all three it was 128 / 168 / 252 under 4 / 3 / 2 blocks per SM.
 // Why this tiling: 32 query rows per warp (FlashAttention-2's kBlockM = 128 with 4 warps) makes each K / V
 //   fragment loaded from shared memory feed two mma's, which moves the D = 32 and D = 64 inner loops from the
 //   shared-memory bound to the tensor-core bound (above); the price is ~250 registers, so 2 blocks (8 warps)
@@ -111,8 +110,7 @@ struct Layout {
 };
 
 template <typename T, int kHeadDim, int kRowTiles>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-    forward_kernel(AttentionForwardArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(AttentionForwardArgs args) {
   using L = Layout<kHeadDim, kRowTiles>;
   using QTile = typename L::QTile;
   using KVTile = typename L::KVTile;
