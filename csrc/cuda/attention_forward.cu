@@ -18,11 +18,17 @@ bool rows_aligned(const AttentionTensor& t) {
   return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.token_stride % 8 == 0 && t.head_stride % 8 == 0;
 }
 
+// m16 query-row tiles per warp: 2 (32 rows, 128 per block) where the registers allow it without spills, D = 32
+// and 64; D = 128 would need 64 Q + 128 O + 64 S/P registers per lane, past the 255 limit, and keeps 1.
+template <int kHeadDim>
+constexpr int kRowTiles = kHeadDim <= 64 ? 2 : 1;
+
 template <typename T, int kHeadDim>
 cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
-  auto kernel = dev::forward_kernel<T, kHeadDim>;
-  constexpr size_t shared = dev::Layout<kHeadDim>::kSharedBytes;
-  // Above 48 KB of dynamic shared memory a kernel must opt in (head_dim 128).
+  using L = dev::Layout<kHeadDim, kRowTiles<kHeadDim>>;
+  auto kernel = dev::forward_kernel<T, kHeadDim, kRowTiles<kHeadDim>>;
+  constexpr size_t shared = L::kSharedBytes;
+  // Above 48 KB of dynamic shared memory a kernel must opt in (head_dim 64 and 128).
   if constexpr (shared > 48 * 1024) {
     if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
         err != cudaSuccess) {
@@ -30,7 +36,7 @@ cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
     }
   }
   const int64_t heads = int64_t(args.shape.batch) * args.shape.heads;
-  const unsigned query_blocks = static_cast<unsigned>((int64_t(args.shape.max_seqlen) + dev::kBlockM - 1) / dev::kBlockM);
+  const unsigned query_blocks = static_cast<unsigned>((int64_t(args.shape.max_seqlen) + L::kBlockM - 1) / L::kBlockM);
   const unsigned grid_y = static_cast<unsigned>(heads < kMaxGridY ? heads : kMaxGridY);
   const unsigned grid_z = static_cast<unsigned>((heads + grid_y - 1) / grid_y);
   launch_kernel(kernel, dim3(query_blocks, grid_y, grid_z), dim3(dev::kThreads), shared, stream, args);

@@ -1,18 +1,23 @@
 // Fused multi-head attention forward (FlashAttention-2 style, tensor cores): torch-free device code built by nvcc
 // and, against the SIMT emulation, by the host compiler (simt/simt.cuh). Contract: cuda/attention_launch.h.
 //
-// Tiling. A block of 4 warps owns 64 query rows of one (sequence, head), 16 rows per warp (one mma M); grid
-// (ceil(max_seqlen / 64), batch * heads). The Q tile goes global -> shared (cp.async) -> registers (ldmatrix) once
-// and stays in A fragments. The block then walks the sequence's keys in tiles of 64: K and V tiles are
-// double-buffered in shared memory with cp.async (tile j + 1 is in flight while tile j is computed, one
-// __syncthreads per tile). Per warp and key tile:
-//   S (16x64, fp32 C fragments) = Q K^T          D/16 x 4 ldmatrix.x4 of K, D/16 x 8 mma
+// Tiling. A block of 4 warps owns kBlockM = 64 kRowTiles query rows of one (sequence, head), 16 kRowTiles rows
+// (kRowTiles m16 tiles) per warp; the launcher takes kRowTiles = 2 (32 rows per warp, 128 per block) at D = 32 and
+// 64, 1 (64 per block) at D = 128; grid (ceil(max_seqlen / kBlockM), batch * heads). The Q tile goes global ->
+// shared (cp.async); its A fragments are loaded once into registers by ldmatrix, except at D = 64 with 32 rows
+// per warp, where they are re-read from shared memory per k-step (register budget, Layout::kQInRegisters).
+// The block then walks the sequence's keys in tiles of 64: K and V tiles are double-buffered in shared memory
+// with cp.async (tile j + 1 is in flight while tile j is computed, one __syncthreads per tile). Per warp and key
+// tile (R = kRowTiles):
+//   S (16R x 64, fp32 C fragments) = Q K^T        D/16 x 4 ldmatrix.x4 of K (+ D/16 x R of Q when not in
+//                                                 registers), each K fragment used by R row tiles: D/16 x 8R mma
 //   columns >= seqlen -> -inf (last tile only); online softmax per row in fp32: running max m, rescale
 //   factor exp2((m_old - m_new) * scale * log2 e) on the accumulator and the running sum, P = exp2(S * c - m * c)
-//   (scale and log2 e folded into one FFMA); the row sum takes P before dropout; Philox dropout zeroes entries
-//   of P (1 / (1 - p) is applied once at the end)
-//   O (16xD) += P V                               P's C fragments become A fragments in registers (no shared
-//                                                 memory round trip), V by ldmatrix.x4.trans, D/8 x 4 mma
+//   (scale and log2 e folded into one FFMA per score, then one MUFU.EX2); the row sum takes P before dropout;
+//   Philox dropout zeroes entries of P (1 / (1 - p) is applied once at the end)
+//   O (16R x D) += P V                            P's C fragments become A fragments in registers (no shared
+//                                                 memory round trip), V by D/4 ldmatrix.x4.trans, each used by
+//                                                 R row tiles: D/2 x R mma
 // The end: the quad (4 lanes of a row) reduces the row sums, O *= dropout_scale / l, lse = m * scale + ln l;
 // each warp stages its O rows as T in its own (already consumed) rows of the Q tile and writes them with
 // 16-byte coalesced stores; rows >= seqlen are never written.
@@ -21,30 +26,44 @@
 // 4 T D x 2 B; lse 4 T B):
 //   ELECTRA-Small, B=128, T=128, H=4, D=64: 2.15 GFLOP, 33.6 MB. Arithmetic intensity T / 2 = 64 FLOP/B, far
 //     under an H100's ridge (~990 TFLOP/s / 3.35 TB/s ~ 300): memory/latency bound, ~10 us at the copy rate.
-//     1,024 blocks of 128 threads (2 per head): ~2.6 waves at 3 blocks/SM on 132 SMs.
-//   ELECTRA-Base, B=32, T=512, H=12, D=64: 25.8 GFLOP, 101 MB (K, V are re-read by the 8 query blocks of a
+//     512 blocks of 128 threads (1 per head): ~1.9 waves at 2 blocks/SM on 132 SMs.
+//   ELECTRA-Base, B=32, T=512, H=12, D=64: 25.8 GFLOP, 101 MB (K, V are re-read by the 4 query blocks of a
 //     head, 128 KB per head: L2 hits). Intensity 256 FLOP/B: compute bound. mma.sync peaks ~660 TFLOP/s dense
 //     bf16 on an H100 (wgmma's 990 is out of reach of m16n8k16): ~40 us; at 300-400 TFLOP/s, 65-85 us.
-//     3,072 blocks: ~8 waves at 3 blocks/SM.
+//     1,536 blocks: ~5.8 waves at 2 blocks/SM.
+//   Shared memory vs tensor cores in the inner loop (per warp and 64-key tile; ldmatrix.x4 = 512 B, ~4 clk of an
+//     SM's 128 B/clk; mma.sync m16n8k16 = 4,096 FLOP, ~1.5 clk at ~660 TFLOP/s over 132 SMs): with 16 rows per
+//     warp, D = 64 takes 32 ldmatrix.x4 (128 clk) per 64 mma (96 clk), shared-memory bound at ~75% of mma peak;
+//     with 32 rows per warp, 16 K + 8 Q + 16 V = 40 (160 clk) per 128 mma (192 clk), 0.31 instead of 0.5
+//     ldmatrix per mma, so the tensor cores bound it (with Q in registers it would be 32 per 128). D = 32:
+//     16 ldmatrix (64 clk) per 64 mma (96 clk). D = 128, 16 rows: 64 (256 clk) per 128 mma (192 clk), still
+//     shared-memory bound (32 rows per warp does not fit the registers, below).
 //   exp2: one MUFU op per score, 16/clk/SM, against 4 D = 256 mma FLOPs per score at D = 64, 4,096 FLOP/clk/SM
 //     of tensor cores: both 1/16 clk per score, so the softmax's exp2 co-limits at D = 64 (FA3 overlaps them
-//     with wgmma; with mma.sync the warps of other resident blocks interleave them).
+//     with wgmma; with mma.sync the warps of the other resident block interleave them). Per score the FP32
+//     pipe does 1 FFMA (scale and max folded), 1/2 FMNMX, 1 FADD (row sum) and 1/2 F2F pack: ~3 instructions,
+//     1/43 clk at 128/clk/SM. The exp2 is exp2_ftz (MUFU.EX2 alone): exp2f's subnormal fix-up would add 3 FP32
+//     instructions per score, doubling that for P entries below 2^-126 that no bf16/fp16 sum can see.
 //   Dropout: the contract draws one 32-bit Philox word per entry, one Philox4x32-10 (~80 integer ops) per 4
 //     entries, shared by lane pairs (attention_tiles.cuh): ~20 ALU issue slots per score against 128/clk/SM,
 //     ~0.16 clk per score: with dropout the forward is bound by Philox integer math, ~2.5x the mma time.
 //     (FlashAttention takes 8-bit draws, 16 per Philox call, for this reason.)
-// Shared memory per block: (64 Q + 2 x 64 K + 2 x 64 V) rows x (D + 8) x 2 B = 25,600 B (D=32), 46,080 B
-//   (D=64, under the 48 KB default: no opt-in), 87,040 B (D=128, opt-in; 2 blocks per H100 SM).
-// Registers per lane: Q A fragments D/4, O accumulators D/2 fp32, S/P 32 fp32, m and l 4 (84 at D=64) plus
-//   addresses and the loaded K/V fragments. ptxas (CUDA 13, sm_90, no spills): 128 / 168 / 252 registers at
-//   D = 32 / 64 / 128 under the __launch_bounds__ below: 4 / 3 / 2 resident blocks per SM.
-// Why this tiling: 16 query rows per warp with 64-key tiles keeps S and P (32 floats) in registers next to O;
-//   64 rows per block shares each K/V tile's shared-memory load among 4 warps while giving T/64 blocks per head
-//   (enough blocks for ELECTRA-Small's T=128). Its cost: each warp reads the whole K and V tile from shared
-//   memory per 16 rows (32 ldmatrix.x4 = 16 KB per 64 mma at D=64, ~4 clk per ldmatrix.x4 at 128 B/clk/SM
-//   against ~1.5 clk per mma.sync at H100 rates), so shared-memory bandwidth, not the tensor cores, bounds the
-//   inner loop near ~75% of mma.sync peak; 32 rows per warp (kBlockM = 128, FlashAttention-2's choice) would
-//   halve that at ~255 registers and half the blocks.
+// Shared memory per block: (kBlockM Q + 2 x 64 K + 2 x 64 V) rows x (D + 8) x 2 B = 30,720 B (D=32, 128 rows),
+//   55,296 B (D=64, 128 rows), 87,040 B (D=128, 64 rows); above 48 KB the launcher opts in. 2 blocks per SM fit
+//   all three (228 KB per H100 SM).
+// Registers per lane: Q A fragments D R / 4 (when kept), O accumulators D R / 2 fp32, S/P 32 R fp32, m and l
+//   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 252 / 252
+//   / 254 registers at D = 32 / 64 / 128 under 2 resident blocks per SM (__launch_bounds__ below); with 16 rows
+//   per warp at all three it was 128 / 168 / 252 under 4 / 3 / 2 blocks per SM.
+// Why this tiling: 32 query rows per warp (FlashAttention-2's kBlockM = 128 with 4 warps) makes each K / V
+//   fragment loaded from shared memory feed two mma's, which moves the D = 32 and D = 64 inner loops from the
+//   shared-memory bound to the tensor-core bound (above); the price is ~250 registers, so 2 blocks (8 warps)
+//   per SM instead of 3-4, which the other resident block's warps cover for the softmax and the barriers.
+//   64-key tiles keep S and P (64 floats at 32 rows) in registers next to O. At D = 128, 32 rows per warp needs
+//   32 Q + 128 O + 64 S/P registers before any K / V fragment: it would spill, so it keeps 16 rows per warp.
+//   ELECTRA-Small's T = 128 gets one query block per (sequence, head), 512 blocks: enough for 132 SMs. Padded
+//   batches waste more rows in a sequence's last block (up to 127 instead of 63); its warps whose rows all lie
+//   past the sequence skip the math and keep only the loads and barriers.
 #pragma once
 
 #include <cmath>
@@ -60,17 +79,20 @@ namespace tiles = attention_tiles;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * tiles::kWarpSize;
-constexpr int kBlockM = 64;   // query rows per block, 16 per warp
 constexpr int kBlockN = 64;   // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
-// Resident blocks per SM that __launch_bounds__ asks registers for (65,536 / (128 threads x blocks)): unbounded,
-// ptxas took 162 / 205 / 254 registers at D = 32 / 64 / 128 (sm_90, hoisting ldmatrix loads); bounded, D = 32 fits
-// 128 and D = 64 fits 168 without spills (at 128 it spills), D = 128 needs its ~254.
-template <int kHeadDim>
-constexpr int kMinBlocks = kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2;
+// Resident blocks per SM that __launch_bounds__ asks registers for: 2, i.e. up to 255 per lane (65,536 /
+// (128 threads x 2)). ptxas (CUDA 13, sm_90) takes 252 / 252 / 254 at D = 32 / 64 / 128 as launched; at 3 blocks
+// (168 registers) D = 32 with 32 rows per warp spills 184 bytes.
+constexpr int kMinBlocks = 2;
 
-template <int kHeadDim>
+// kRowTiles m16 tiles of query rows per warp (1 or 2): each K / V fragment a warp loads with ldmatrix feeds
+// kRowTiles mma's. The launcher picks it per head dim (attention_forward.cu).
+template <int kHeadDim, int kRowTiles>
 struct Layout {
+  static_assert(kRowTiles == 1 || kRowTiles == 2, "16 or 32 query rows per warp");
+  static constexpr int kWarpRows = 16 * kRowTiles;
+  static constexpr int kBlockM = kWarps * kWarpRows;  // query rows per block
   using QTile = tiles::PaddedTile<kBlockM, kHeadDim>;
   using KVTile = tiles::PaddedTile<kBlockN, kHeadDim>;
   // Q, then K buffers 0 and 1, then V buffers 0 and 1 (elements of T).
@@ -79,13 +101,20 @@ struct Layout {
   static constexpr int kVOffset = kKOffset + 2 * KVTile::kElements;
   static constexpr int kElements = kVOffset + 2 * KVTile::kElements;
   static constexpr size_t kSharedBytes = size_t(kElements) * 2;
+  // Q's A fragments stay in registers (loaded once) unless the register budget says no. Q, O and S/P fragments
+  // take kRowTiles x (3 D / 4 + 32) registers per lane: 112 at D = 32 (32 rows per warp) and 128 at D = 128
+  // (16 rows) leave ptxas room for the hoisted K / V fragments and addresses; 160 at D = 64 with 32 rows spilled
+  // (52 bytes at 255 registers), so there Q is re-read from shared memory per k-step (8 ldmatrix.x4 per tile and
+  // warp next to 32 of K and V; FlashAttention-2's default as well): 252 registers, no spills.
+  static constexpr bool kQInRegisters = kRowTiles * (3 * kHeadDim / 4 + 32) <= 128;
 };
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<kHeadDim>) forward_kernel(AttentionForwardArgs args) {
-  using L = Layout<kHeadDim>;
+template <typename T, int kHeadDim, int kRowTiles>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(AttentionForwardArgs args) {
+  using L = Layout<kHeadDim, kRowTiles>;
   using QTile = typename L::QTile;
   using KVTile = typename L::KVTile;
+  constexpr int kBlockM = L::kBlockM, kWarpRows = L::kWarpRows;
   constexpr int kKSteps = kHeadDim / 16;   // k-steps of S = Q K^T
   constexpr int kSTiles = kBlockN / 8;     // n-tiles of S
   constexpr int kOTiles = kHeadDim / 8;    // n-tiles of O
@@ -107,6 +136,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kHeadDim>) forward_kernel
 
   const int thread = threadIdx.x, warp = thread / tiles::kWarpSize, lane = thread % tiles::kWarpSize;
   const int group = lane / 4, pair = lane % 4;
+  const int warp_m0 = m0 + warp * kWarpRows;  // this warp's first query row (position in the sequence)
 
   const T* const q = static_cast<const T*>(args.q.data) + (seq.start + m0) * args.q.token_stride +
                      int64_t(h) * args.q.head_stride;
@@ -134,49 +164,81 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kHeadDim>) forward_kernel
   const uint64_t seed = dropout ? static_cast<uint64_t>(*shape.seed) : 0;
   const float scale_log2 = shape.softmax_scale * kLog2e;
 
-  float o[kOTiles][4];
+  float o[kRowTiles][kOTiles][4];
 #pragma unroll
-  for (int t = 0; t < kOTiles; ++t) {
+  for (int rt = 0; rt < kRowTiles; ++rt) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) o[t][i] = 0.0f;
+    for (int t = 0; t < kOTiles; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[rt][t][i] = 0.0f;
+    }
   }
-  // Rows group and group + 8 of the warp: running max of the raw scores and this lane's part of the row sum.
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};
-  uint32_t q_frag[kKSteps][4];
+  // Rows group and group + 8 of each of the warp's row tiles: running max of the raw scores and this lane's part
+  // of the row sum.
+  float row_max[kRowTiles][2], row_sum[kRowTiles][2];
+#pragma unroll
+  for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_max[rt][r] = -INFINITY;
+      row_sum[rt][r] = 0.0f;
+    }
+  }
+  uint32_t q_frag[kRowTiles][L::kQInRegisters ? kKSteps : 1][4];
 
   for (int j = 0; j < n_tiles; ++j) {
     cp_async_wait<0>();
     __syncthreads();  // tile j visible to all; every warp is done with tile j - 1's buffers
-    if (j == 0) {
+    if (L::kQInRegisters && j == 0) {
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        ldmatrix<4, false>(q_frag[ks], tiles::a_fragment_row<QTile>(q_tile, warp * 16, ks * 16, lane));
+      for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          ldmatrix<4, false>(q_frag[rt][ks],
+                             tiles::a_fragment_row<QTile>(q_tile, warp * kWarpRows + rt * 16, ks * 16, lane));
+        }
       }
     }
     if (j + 1 < n_tiles) {
       load_kv(j + 1);
       cp_async_commit();
     }
+    // A warp whose rows all lie past the sequence (the last query block of a sequence: up to 3 of 4 warps) only
+    // keeps the loads and barriers going; its issue slots go to the working warps.
+    if (warp_m0 >= seq.length) continue;
     const T* const k_tile = k_tiles + (j % 2) * KVTile::kElements;
     const T* const v_tile = v_tiles + (j % 2) * KVTile::kElements;
 
-    // S = Q K^T
-    float s[kSTiles][4];
+    // S = Q K^T: each K fragment serves the warp's kRowTiles row tiles.
+    float s[kRowTiles][kSTiles][4];
 #pragma unroll
-    for (int t = 0; t < kSTiles; ++t) {
+    for (int rt = 0; rt < kRowTiles; ++rt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[t][i] = 0.0f;
+      for (int t = 0; t < kSTiles; ++t) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[rt][t][i] = 0.0f;
+      }
     }
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
+      if constexpr (!L::kQInRegisters) {
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+          ldmatrix<4, false>(q_frag[rt][0],
+                             tiles::a_fragment_row<QTile>(q_tile, warp * kWarpRows + rt * 16, ks * 16, lane));
+        }
+      }
+      const int qs = L::kQInRegisters ? ks : 0;
 #pragma unroll
       for (int np = 0; np < kSTiles / 2; ++np) {
         uint32_t kb[4];
         ldmatrix<4, false>(kb, tiles::b_fragment_row_nk<KVTile>(k_tile, np * 16, ks * 16, lane));
         const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        mma_m16n8k16<T>(s[2 * np], q_frag[ks], b0, s[2 * np]);
-        mma_m16n8k16<T>(s[2 * np + 1], q_frag[ks], b1, s[2 * np + 1]);
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+          mma_m16n8k16<T>(s[rt][2 * np], q_frag[rt][qs], b0, s[rt][2 * np]);
+          mma_m16n8k16<T>(s[rt][2 * np + 1], q_frag[rt][qs], b1, s[rt][2 * np + 1]);
+        }
       }
     }
 
@@ -186,96 +248,120 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kHeadDim>) forward_kernel
       for (int t = 0; t < kSTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (n0 + 8 * t + 2 * pair + i % 2 >= seq.length) s[t][i] = -INFINITY;
+          if (n0 + 8 * t + 2 * pair + i % 2 >= seq.length) {
+#pragma unroll
+            for (int rt = 0; rt < kRowTiles; ++rt) s[rt][t][i] = -INFINITY;
+          }
         }
       }
     }
 
     // Online softmax. Every tile has a valid key, so the new maxima are finite.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = row_max[r];
+    for (int rt = 0; rt < kRowTiles; ++rt) {
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float max_scaled = tile_max * scale_log2;
-      const float rescale = tiles::fast_exp2(row_max[r] * scale_log2 - max_scaled);  // 0 on the first tile
-      row_max[r] = tile_max;
-      float sum = 0.0f;
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = row_max[rt][r];
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = tiles::fast_exp2(s[t][2 * r + e] * scale_log2 - max_scaled);
-          s[t][2 * r + e] = p;
-          sum += p;
+        for (int t = 0; t < kSTiles; ++t) {
+          tile_max = fmaxf(tile_max, fmaxf(s[rt][t][2 * r], s[rt][t][2 * r + 1]));
         }
-      }
-      row_sum[r] = row_sum[r] * rescale + sum;
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float max_scaled = tile_max * scale_log2;
+        // exp2f, not exp2_ftz: once per row and tile, and with exp2_ftz here ptxas spilled 28 bytes at D = 128 with
+        // dropout. 0 on the first tile.
+        const float rescale = tiles::fast_exp2(row_max[rt][r] * scale_log2 - max_scaled);
+        row_max[rt][r] = tile_max;
+        float sum = 0.0f;
 #pragma unroll
-      for (int t = 0; t < kOTiles; ++t) {
-        o[t][2 * r] *= rescale;
-        o[t][2 * r + 1] *= rescale;
+        for (int t = 0; t < kSTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2_ftz(s[rt][t][2 * r + e] * scale_log2 - max_scaled);
+            s[rt][t][2 * r + e] = p;
+            sum += p;
+          }
+        }
+        row_sum[rt][r] = row_sum[rt][r] * rescale + sum;
+#pragma unroll
+        for (int t = 0; t < kOTiles; ++t) {
+          o[rt][t][2 * r] *= rescale;
+          o[rt][t][2 * r + 1] *= rescale;
+        }
       }
     }
 
     if (dropout) {
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t) {
-        tiles::dropout_c_fragment(s[t], seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h), m0 + warp * 16,
-                                  n0 + 8 * t, shape.dropout_threshold, lane);
+      for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+        for (int t = 0; t < kSTiles; ++t) {
+          tiles::dropout_c_fragment(s[rt][t], seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+                                    warp_m0 + rt * 16, n0 + 8 * t, shape.dropout_threshold, lane);
+        }
       }
     }
 
-    // O += P V, P's C fragments reused as A fragments.
+    // O += P V, P's C fragments reused as A fragments; each V fragment serves the kRowTiles row tiles.
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      uint32_t p_frag[4];
-      tiles::c_fragments_to_a<T>(p_frag, s[2 * ks], s[2 * ks + 1]);
+      uint32_t p_frag[kRowTiles][4];
+#pragma unroll
+      for (int rt = 0; rt < kRowTiles; ++rt) tiles::c_fragments_to_a<T>(p_frag[rt], s[rt][2 * ks], s[rt][2 * ks + 1]);
 #pragma unroll
       for (int dp = 0; dp < kOTiles / 2; ++dp) {
         uint32_t vb[4];
         ldmatrix<4, true>(vb, tiles::b_fragment_row_kn<KVTile>(v_tile, ks * 16, dp * 16, lane));
         const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        mma_m16n8k16<T>(o[2 * dp], p_frag, b0, o[2 * dp]);
-        mma_m16n8k16<T>(o[2 * dp + 1], p_frag, b1, o[2 * dp + 1]);
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+          mma_m16n8k16<T>(o[rt][2 * dp], p_frag[rt], b0, o[rt][2 * dp]);
+          mma_m16n8k16<T>(o[rt][2 * dp + 1], p_frag[rt], b1, o[rt][2 * dp + 1]);
+        }
       }
     }
   }
 
   // Epilogue: normalise, lse, stage O in this warp's rows of the Q tile, write the sequence's rows.
-  T* const o_stage = q_tile + warp * 16 * QTile::kRowStride;
+  T* const o_stage = q_tile + warp * kWarpRows * QTile::kRowStride;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float factor = sum > 0.0f ? shape.dropout_scale / sum : 0.0f;
-    const int row = group + 8 * r;
-    if (pair == 0 && m0 + warp * 16 + row < seq.length) {
-      args.lse[int64_t(h) * shape.tokens + seq.start + m0 + warp * 16 + row] =
-          row_max[r] * shape.softmax_scale + logf(sum);
+  for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[rt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float factor = sum > 0.0f ? shape.dropout_scale / sum : 0.0f;
+      const int position = warp_m0 + rt * 16 + group + 8 * r;
+      if (pair == 0 && position < seq.length) {
+        args.lse[int64_t(h) * shape.tokens + seq.start + position] =
+            row_max[rt][r] * shape.softmax_scale + logf(sum);
+      }
+      row_sum[rt][r] = factor;
     }
-    row_sum[r] = factor;
   }
   __syncwarp();  // this warp's ldmatrix reads of its Q rows are long done; make it explicit
 #pragma unroll
-  for (int t = 0; t < kOTiles; ++t) {
+  for (int rt = 0; rt < kRowTiles; ++rt) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const uint32_t packed = tiles::float2_to_pair<T>(o[t][2 * r] * row_sum[r], o[t][2 * r + 1] * row_sum[r]);
-      *reinterpret_cast<uint32_t*>(QTile::at(o_stage, group + 8 * r, 8 * t + 2 * pair)) = packed;
+    for (int t = 0; t < kOTiles; ++t) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t packed = tiles::float2_to_pair<T>(o[rt][t][2 * r] * row_sum[rt][r],
+                                                         o[rt][t][2 * r + 1] * row_sum[rt][r]);
+        *reinterpret_cast<uint32_t*>(QTile::at(o_stage, rt * 16 + group + 8 * r, 8 * t + 2 * pair)) = packed;
+      }
     }
   }
   __syncwarp();
   constexpr int kChunksPerRow = kHeadDim / tiles::kChunkElements;
   T* const out = static_cast<T*>(args.out);
 #pragma unroll
-  for (int i = 0; i < 16 * kChunksPerRow / tiles::kWarpSize; ++i) {
+  for (int i = 0; i < kWarpRows * kChunksPerRow / tiles::kWarpSize; ++i) {
     const int chunk = lane + i * tiles::kWarpSize;
     const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * tiles::kChunkElements;
-    const int position = m0 + warp * 16 + row;
+    const int position = warp_m0 + row;
     if (position < seq.length) {
       const int64_t token = seq.start + position;
       *reinterpret_cast<uint4*>(out + (token * shape.heads + h) * kHeadDim + col) =

@@ -11,6 +11,7 @@
 // 8 * (i / 2), n = group. C and D (16x8 fp32) i = 0..3: row group + 8 * (i / 2), column 2 * pair + i % 2.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -119,6 +120,16 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// 2^x as the one MUFU.EX2 instruction: ex2.approx.ftz.f32 (2 ulp, like exp2f), subnormal inputs and results
+// flushed to zero, 2^-inf = +0. exp2f is ex2.approx.f32 without .ftz, for which ptxas brackets MUFU.EX2 with a
+// compare and two predicated multiplies to keep subnormal results: 3 FP32 instructions per call that a softmax,
+// whose subnormal probabilities round to nothing next to the row's largest (1), does not need.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 #else  // the SIMT emulation
 
 template <typename T>
@@ -196,6 +207,12 @@ inline void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
 inline void cp_async_commit() {}
 template <int kPending>
 void cp_async_wait() {}
+
+// Exact rounding instead of the hardware's 2 ulp; the flushes as on the GPU.
+inline float exp2_ftz(float x) {
+  const float y = std::exp2(std::fpclassify(x) == FP_SUBNORMAL ? 0.0f : x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
 
 #endif
 

@@ -178,6 +178,32 @@ void test_cp_async(std::mt19937& rng) {
   expect(ok, "cp.async 16-byte copies and zero fills, after commit, wait and a barrier");
 }
 
+__global__ void exp2_ftz_kernel(const float* in, float* out) { out[threadIdx.x] = exp2_ftz(in[threadIdx.x]); }
+
+// Normal results within 4 ulp of exp2 (the ISA's 2 ulp plus rounding, relative 2^-21); results below 2^-126
+// and 2^-inf flushed to +0.
+void test_exp2_ftz() {
+  const std::vector<float> in = {-INFINITY, -150.0f, -127.5f, -126.5f, -125.75f, -60.3f, -17.125f, -1.0f,
+                                 -0.3f,     -1e-3f,  0.0f,    0.7f,    1.0f,     5.5f,   20.25f,   100.0f};
+  std::vector<float> padded(in);
+  padded.resize(32, 0.0f);
+  const DeviceBuffer<float> in_device(padded);
+  DeviceBuffer<float> out_device(std::vector<float>(32, -1.0f));
+  launch_kernel(exp2_ftz_kernel, 1, 32, 0, nullptr, in_device.data, out_device.data);
+  check_launch("exp2_ftz kernel");
+  const std::vector<float> out = out_device.to_host();
+  bool ok = true;
+  for (size_t i = 0; i < in.size(); ++i) {
+    const double exact = std::exp2(double(in[i]));
+    if (exact < std::ldexp(1.0, -126)) {
+      ok = ok && out[i] == 0.0f && !std::signbit(out[i]);
+    } else {
+      ok = ok && std::fabs(out[i] - exact) <= exact * std::ldexp(1.0, -21);
+    }
+  }
+  expect(ok, "ex2.approx.ftz: within 4 ulp, subnormal results and 2^-inf flushed to +0");
+}
+
 int run() {
   std::mt19937 rng(0);
   test_mma<__nv_bfloat16>(rng);
@@ -189,6 +215,7 @@ int run() {
   test_ldmatrix<2, true>("ldmatrix.x2.trans");
   test_ldmatrix<4, true>("ldmatrix.x4.trans");
   test_cp_async(rng);
+  test_exp2_ftz();
   std::printf("%s primitive self-tests: %s, %d failure(s)\n", ELECTRA_BACKEND_NAME,
               failures == 0 ? "passed" : "FAILED", failures);
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
