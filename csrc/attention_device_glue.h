@@ -86,28 +86,30 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
 template <typename Launchers>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_on_device(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
     int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
   const AttentionInputs in =
       prepare_attention_inputs(op, q_in, k_in, v_in, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
-  check_attention_backward_inputs(op, in, grad_out_in, out, lse_in);
+  check_attention_backward_inputs(op, in, grad_out_in, out_in, lse_in);
   const FloatType dtype = attention_float_type(op, in.q);
   check_cuda_head_dim(op, in.q);
   const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
   const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor grad_q = at::zeros(in.q.sizes(), in.q.options());
   at::Tensor grad_k = at::zeros(in.q.sizes(), in.q.options());
   at::Tensor grad_v = at::zeros(in.q.sizes(), in.q.options());
   if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {grad_q, grad_k, grad_v};
-  const at::Tensor delta = attention_delta(grad_out, out);
+  at::Tensor delta = at::empty({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   const AttentionBackwardArgs args{dtype,
                                    attention_shape(in),
                                    attention_tensor(q),
                                    attention_tensor(k),
                                    attention_tensor(v),
                                    grad_out.data_ptr(),
+                                   out.data_ptr(),
                                    lse.data_ptr<float>(),
                                    delta.data_ptr<float>(),
                                    grad_q.data_ptr(),

@@ -4,15 +4,17 @@
 // Math, per (sequence, head), with Z~ = keep / (1 - p) the dropout factor and s = softmax_scale:
 //   P = exp(s Q K^T - lse)             recomputed from the forward's lse, never stored
 //   dV = (P o Z~)^T dO                 dP = (dO V^T) o Z~
-//   dS = P o (dP - delta)              delta = rowsum(dO o out), from the glue
+//   dS = P o (dP - delta)              delta = rowsum(dO o out), by delta_kernel
 //   dK = s dS^T Q                      dQ = s dS K
-// Deterministic (no floating-point atomics) with two kernels, each owning its output rows:
-//   dkdv_kernel: a block owns 64 keys (16 per warp) and loops over query tiles: S^T = K Q^T, dP^T = V dO^T
-//                (the warp's keys are the rows of the mma), dV += P~^T dO, dK += dS^T Q; P~^T and dS^T go from
-//                the mma's accumulator fragments straight into A fragments (no shared-memory round trip);
-//                dO and Q as B operands come from ldmatrix.trans of their row-major tiles.
-//   dq_kernel:   a block owns 64 queries (16 per warp) and loops over key tiles: S = Q K^T, dP = dO V^T,
-//                dQ += dS K (K through ldmatrix.trans).
+// Deterministic (no floating-point atomics) with three kernels, each owning its output rows:
+//   delta_kernel: delta = rowsum(dO o out) in fp32, [heads, tokens] (D / 8 lanes per row, shuffle sum).
+//   dkdv_kernel:  a block owns 64 keys (32 per warp at D <= 64, 16 at D=128; see Dkdv) and loops over query
+//                 tiles: S^T = K Q^T, dP^T = V dO^T (the warp's keys are the rows of the mma), dV += P~^T dO,
+//                 dK += dS^T Q; P~^T and dS^T go from the mma's accumulator fragments straight into A fragments
+//                 (no shared-memory round trip); dO and Q as B operands come from ldmatrix.trans of their
+//                 row-major tiles.
+//   dq_kernel:    a block owns 64 queries (16 per warp) and loops over key tiles: S = Q K^T, dP = dO V^T,
+//                 dQ += dS K (K through ldmatrix.trans).
 // The dQ kernel recomputes S and dP: 7 tile products instead of FlashAttention-2's 5 (1.4x the useful FLOPs),
 // the price of determinism without a [key blocks, tokens, heads, D] fp32 scratch (400 MB at Base) or atomics.
 //
@@ -26,20 +28,25 @@
 //     (~91 us at peak, ~200 us at a realistic 45% of it); bytes: 25 MB per tensor, ~280 MB (~85 us), and
 //     Q/dO (kernel 1) or K/V (kernel 2) are re-read T/64 = 8 times per (sequence, head), from L2 (a head's
 //     q, k, v, dO are 256 KB). Compute bound: the tensor pipe's efficiency is what counts.
-//   Shared memory (D=64): kernel 1 holds K, V (16 KB) and double-buffered Q, dO tiles of 64 rows (32 KB) plus
-//     lse/delta/dropout bits (1 KB) = 49 KB (4 blocks per SM would fit H100's 227 KB); kernel 2 the same with
-//     the roles of (Q, dO) and (K, V) swapped. D=128 uses 32-row inner tiles (65 KB, and half the S/dP
-//     registers: each thread already holds 128 fp32 dK/dV accumulators); D=32 needs 25 KB.
-//   Registers (ptxas, sm_90, no spills): dkdv 250 (D=64 and 128), 176 (D=32); dq 174 (D=64), 182 (D=128),
-//     133 (D=32): registers, not shared memory, cap residency at 2 blocks (8 warps) per SM at D=64.
-//   Shared-memory bandwidth is the next limit: per warp and 64 x 64 tile (D=64), kernel 1 issues 72
-//     ldmatrix.x4 (every warp re-reads the whole Q and dO tiles, plain and transposed: 36.9 KB) for 128
-//     mma.m16n8k16 (524 kFLOP): 14 FLOP per shared byte, where an H100 SM's 128 B/clock against its ~4096
-//     FLOP/clock tensor peak asks for 32. Wider warp tiles (32 rows per warp, or splitting the products' N
-//     across warps with P/dS staged in shared memory, as FlashAttention-2 does) are the next step.
-//   Why 64 x 64 tiles and 4 warps: the accumulators (dK and dV: 2 x 16 x D fp32 per warp) live in registers,
-//     and a warp's 16 rows match the mma's M=16, so no accumulator is ever shared between warps; 64-row blocks
-//     give 8 x 384 = 3072 blocks at Base (over 5 waves on 132 SMs) and keep the tail small at Small.
+//   delta_kernel reads dO and out once (50 MB at Base, ~15 us at HBM rate) and writes 0.8 MB; ATen's
+//     (dO.float() * out.float()).sum(-1).t().contiguous() took 4-5 kernels and ~150 MB of fp32 temporaries.
+//   Shared memory (D=64): kernel 1 (2 warps) holds K, V (16 KB) and double-buffered Q, dO tiles of 32 rows
+//     (16 KB) plus lse/delta/dropout bits (0.5 KB) = 33 KB, 4 blocks per SM = 130 KB; kernel 2 holds Q, dO
+//     (16 KB) and double-buffered 64-row K, V tiles (32 KB) + 0.5 KB = 49 KB. D=128: kernel 1 keeps 4 warps
+//     and 32-row tiles (65 KB), kernel 2 32-row tiles (65 KB); D=32: 25 KB each.
+//   Registers (ptxas, sm_90, no spills): dkdv 253 (D=64), 250 (D=128), 246 (D=32); dq 174 (D=64), 182
+//     (D=128), 133 (D=32); delta 21: registers, not shared memory, cap residency at 8 warps per SM.
+//   Shared-memory bandwidth is the next limit (an H100 SM reads 128 B/clock against a ~4096 FLOP/clock
+//     tensor peak: 32 FLOP per shared byte to keep up). Kernel 1, D=64, per warp and 16-query slice of its
+//     32 keys: 32 ldmatrix.x4 (K and V A fragments 8 + 8, Q and dO as B for S^T and dP^T 4 + 4, transposed
+//     for dV and dK 4 + 4) for 64 mma.m16n8k16: 16 FLOP per shared byte; with 16 keys per warp it was 72 per
+//     128 mma, 14 FLOP/byte. Each Q/dO fragment now feeds 2 mma's; K and V fragments are re-read per slice
+//     because the 128 dK/dV accumulators leave no registers to hold them (64 more). Next steps: split the
+//     products' N across warps with P/dS staged in shared memory (FlashAttention-2), or hold K/V in registers
+//     at 32-query slices once dK/dV move to shared memory.
+//   Why 64-key blocks: the accumulators (dK and dV: 2 x 16 kM x D fp32 per warp) live in registers and a warp
+//     owns whole mma rows, so no accumulator is ever shared between warps; 64-row blocks give 8 x 384 = 3072
+//     blocks at Base (over 5 waves on 132 SMs) and keep the tail small at Small and with padding.
 //   Shared tiles are XOR-swizzled in 16-byte chunks so that ldmatrix's 8 row addresses hit 8 distinct bank
 //     groups (unswizzled 128-byte rows would be an 8-way conflict); cp.async fills them without registers,
 //     the next tile's copy overlapping the current tile's math.
@@ -57,14 +64,30 @@
 namespace electra_ext::ELECTRA_BACKEND::attention_backward_device {
 
 constexpr int kWarpSize = 32;
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kBlockRows = 64;  // keys per dK/dV block, queries per dQ block: 16 per warp (the mma's M)
+constexpr int kBlockRows = 64;  // keys per dK/dV block, queries per dQ block
+constexpr int kDqWarps = 4;     // dq_kernel: 16 queries (the mma's M) per warp
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Rows of the tiles a block loops over (queries in kernel 1, keys in kernel 2).
+// dkdv_kernel's shape per head dim. Each warp owns kM * 16 keys, so every Q or dO fragment it loads from shared
+// memory feeds kM mma's; its dK and dV accumulators are 2 x kM x 16 x D fp32 (kM * D per thread: 128 at D=64
+// with kM = 2, as at D=128 with kM = 1, the most that fits). A block is still 64 keys (2 warps at kM = 2),
+// looping over tiles of kQ queries, processed kSlice queries at a time: S^T and dP^T of a slice take
+// 2 x kM x kSlice / 2 fp32 per thread next to the accumulators. kUnrollK: k-slices of S^T, dP^T unrolled; fully
+// unrolled, ptxas loads later k-slices' fragments ahead and spills (sm_90: 36 to 60 bytes at D=64 fully
+// unrolled, 116 at D=32 unrolled by 2).
 template <int D>
-constexpr int inner_rows() {
+struct Dkdv {
+  static constexpr int kM = D >= 128 ? 1 : 2;
+  static constexpr int kWarps = kBlockRows / (16 * kM);
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kQ = D >= 64 ? 32 : 64;
+  static constexpr int kSlice = kM == 1 ? kQ : kQ / 2;
+  static constexpr int kUnrollK = kM == 1 ? D / 16 : (D >= 64 ? 2 : 1);
+};
+
+// Rows of the key tiles dq_kernel loops over.
+template <int D>
+constexpr int dq_inner_rows() {
   return D >= 128 ? 32 : 64;
 }
 
@@ -109,7 +132,7 @@ __device__ __forceinline__ Sequence sequence_of(const AttentionShape& s, int b) 
 
 // Rows row0 .. row0 + kRows - 1 of a [rows, D] matrix (row stride `stride` elements, row 0 at `base`) into a
 // swizzled shared tile; rows >= len are zero-filled and not read. One cp.async group's worth (not committed).
-template <int D, int kRows, typename T>
+template <int D, int kRows, int kThreads, typename T>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, int row0, int len) {
   constexpr int kChunks = D / 8;
 #pragma unroll
@@ -154,43 +177,55 @@ __device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const u
   mma_m16n8k16<T>(d1, a, b1, d1);
 }
 
-// acc[16 x kN] += A (16 x D, rows row0.. of tile_a) * B^T, B's rows n = 0 .. kN - 1 of tile_b (both [rows][D]).
-template <typename T, int D, int kN>
-__device__ __forceinline__ void product_abt(float (&acc)[kN / 8][4], const T* tile_a, int row0, const T* tile_b) {
-#pragma unroll
+// acc[m][16 x kN] += A (16 x D, rows row0 + 16 m.. of tile_a) * B^T, B's rows n = 0 .. kN - 1 of tile_b (both
+// [rows][D]). Each B fragment is loaded once for the kM row slices. kUnroll: k-slices unrolled (see Dkdv).
+template <typename T, int D, int kM, int kN, int kUnroll = D / 16>
+__device__ __forceinline__ void product_abt(float (&acc)[kM][kN / 8][4], const T* tile_a, int row0,
+                                            const T* tile_b) {
+#pragma unroll(kUnroll)
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    load_a<D>(a, tile_a, row0, 16 * kk);
+    uint32_t a[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) load_a<D>(a[m], tile_a, row0 + 16 * m, 16 * kk);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       uint32_t b[4];
       load_b_nk<D>(b, tile_b, 16 * nn, 16 * kk);
-      mma_pair<T>(acc[2 * nn], acc[2 * nn + 1], a, b);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) mma_pair<T>(acc[m][2 * nn], acc[m][2 * nn + 1], a[m], b);
     }
   }
 }
 
-// acc[16 x D] += X (16 x kK, held as mma accumulator fragments) * B, B = rows 0 .. kK - 1 of tile_b ([kK][D]).
-// Accumulator fragments of n-tiles 2j, 2j + 1 are exactly the A fragment of k-slice j.
-template <typename T, int D, int kK>
-__device__ __forceinline__ void product_xb(float (&acc)[D / 8][4], const float (&x)[kK / 8][4], const T* tile_b) {
+// acc[m][16 x D] += X[m] (16 x kK, held as mma accumulator fragments) * B, B = rows 0 .. kK - 1 of tile_b
+// ([kK][D]). Accumulator fragments of n-tiles 2j, 2j + 1 are exactly the A fragment of k-slice j; each B
+// fragment is loaded once for the kM row slices.
+template <typename T, int D, int kM, int kK>
+__device__ __forceinline__ void product_xb(float (&acc)[kM][D / 8][4], const float (&x)[kM][kK / 8][4],
+                                           const T* tile_b) {
 #pragma unroll
   for (int j = 0; j < kK / 16; ++j) {
-    const uint32_t a[4] = {pack_floats<T>(x[2 * j][0], x[2 * j][1]), pack_floats<T>(x[2 * j][2], x[2 * j][3]),
-                           pack_floats<T>(x[2 * j + 1][0], x[2 * j + 1][1]),
-                           pack_floats<T>(x[2 * j + 1][2], x[2 * j + 1][3])};
+    uint32_t a[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      a[m][0] = pack_floats<T>(x[m][2 * j][0], x[m][2 * j][1]);
+      a[m][1] = pack_floats<T>(x[m][2 * j][2], x[m][2 * j][3]);
+      a[m][2] = pack_floats<T>(x[m][2 * j + 1][0], x[m][2 * j + 1][1]);
+      a[m][3] = pack_floats<T>(x[m][2 * j + 1][2], x[m][2 * j + 1][3]);
+    }
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t b[4];
       load_b_kn<D>(b, tile_b, 16 * j, 16 * dn);
-      mma_pair<T>(acc[2 * dn], acc[2 * dn + 1], a, b);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) mma_pair<T>(acc[m][2 * dn], acc[m][2 * dn + 1], a[m], b);
     }
   }
 }
 
 // Dropout keep bits of queries row0 .. row0 + kRows - 1 and keys col0 .. col0 + kCols - 1 (col0 a multiple of 4):
 // bit (key % 32) of bits[query * (kCols / 32) + key / 32]. Positions past the sequence draw harmless bits.
-template <int kRows, int kCols>
+template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void dropout_bits(uint32_t* bits, uint64_t seed, int b, int h, int row0, int col0,
                                              uint32_t threshold) {
   constexpr int kWordsPerRow = kCols / 32;
@@ -213,21 +248,25 @@ __device__ __forceinline__ bool kept(const uint32_t* bits, int query, int key) {
   return (bits[query * (kCols / 32) + key / 32] >> (key % 32)) & 1u;
 }
 
-// Writes rows 0 .. kBlockRows - 1 of the per-warp accumulators (warp w: rows 16w..16w+15), times `scale`, as T
-// into the swizzled tile `stage`, then (after a barrier) rows row0 + r < len to dst (row stride `stride`) with
-// 16-byte stores. The caller's last barrier must precede (stage may alias tiles still being read).
-template <typename T, int D>
-__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float scale, T* stage, T* dst,
+// Writes rows 0 .. kBlockRows - 1 of the per-warp accumulators (warp w: rows 16 kM w .. + 16 kM - 1, slice m
+// of them in acc[m]), times `scale`, as T into the swizzled tile `stage`, then (after a barrier) rows
+// row0 + r < len to dst (row stride `stride`) with 16-byte stores. The caller's last barrier must precede
+// (stage may alias tiles still being read).
+template <typename T, int D, int kM, int kThreads>
+__device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], float scale, T* stage, T* dst,
                                            int64_t stride, int row0, int len) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int group = lane / 4, pair = lane % 4;
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+  for (int m = 0; m < kM; ++m) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = 16 * warp + group + 8 * half;
-      const uint32_t value = pack_floats<T>(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale);
-      *reinterpret_cast<uint32_t*>(stage + tile_offset<D>(row, n) + 2 * pair) = value;
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = 16 * (kM * warp + m) + group + 8 * half;
+        const uint32_t value = pack_floats<T>(acc[m][n][2 * half] * scale, acc[m][n][2 * half + 1] * scale);
+        *reinterpret_cast<uint32_t*>(stage + tile_offset<D>(row, n) + 2 * pair) = value;
+      }
     }
   }
   __syncthreads();
@@ -241,19 +280,52 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float s
   }
 }
 
-template <int D>
+// Dynamic shared memory of either kernel with inner tiles of kInner rows.
+template <int D, int kInner>
 constexpr size_t shared_bytes() {
-  constexpr int kInner = inner_rows<D>();
   return size_t(2) * kBlockRows * D * 2          // the block's own two tiles (K, V or Q, dO)
          + size_t(4) * kInner * D * 2            // two double-buffered inner tiles
          + size_t(2) * kInner * sizeof(float)    // lse, delta of the inner tile (kernel 1)
          + size_t(kBlockRows) * kInner / 8;      // dropout bits
 }
 
+// Kernel 0: delta = rowsum(dO o out) in fp32 for the tokens blockIdx.x * kDeltaTokens<D> .. of sequence
+// blockIdx.z, head blockIdx.y. D / 8 lanes share a row, one 16-byte chunk of dO and of out each, and reduce
+// with shuffles; a block's writes are kDeltaTokens consecutive floats of delta's row h.
+constexpr int kDeltaThreads = 256;
+template <int D>
+constexpr int kDeltaTokens = kDeltaThreads / (D / 8);
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBackwardArgs args) {
+  constexpr int kChunks = D / 8;
+  const AttentionShape& s = args.shape;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const Sequence seq = sequence_of(s, b);
+  const int token0 = blockIdx.x * kDeltaTokens<D>;
+  if (token0 >= seq.len) return;
+  const int token = token0 + threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  float sum = 0.0f;
+  if (token < seq.len) {
+    const int64_t offset = (seq.start + token) * int64_t(s.heads) * D + h * D + chunk * 8;
+    const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.grad_out) + offset);
+    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.out) + offset);
+    const uint32_t dw[4] = {d.x, d.y, d.z, d.w}, ow[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      sum += element_to_float(pair_element<T>(dw[i / 2], i % 2)) *
+             element_to_float(pair_element<T>(ow[i / 2], i % 2));
+    }
+  }
+#pragma unroll
+  for (int lanes = kChunks / 2; lanes > 0; lanes /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
+  if (token < seq.len && chunk == 0) args.delta[int64_t(h) * s.tokens + seq.start + token] = sum;
+}
+
 // Kernel 1: dK and dV of keys blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardArgs args) {
-  constexpr int kQ = inner_rows<D>();
+__global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const AttentionBackwardArgs args) {
+  constexpr int kM = Dkdv<D>::kM, kQ = Dkdv<D>::kQ, kSlice = Dkdv<D>::kSlice, kThreads = Dkdv<D>::kThreads;
   const AttentionShape& s = args.shape;
   const int b = blockIdx.z, h = blockIdx.y, key0 = blockIdx.x * kBlockRows;
   const Sequence seq = sequence_of(s, b);
@@ -277,10 +349,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
   const float* lse = args.lse + int64_t(h) * s.tokens + seq.start;
   const float* delta = args.delta + int64_t(h) * s.tokens + seq.start;
 
-  load_tile<D, kBlockRows>(sK, k, args.k.token_stride, key0, len);
-  load_tile<D, kBlockRows>(sV, v, args.v.token_stride, key0, len);
-  load_tile<D, kQ>(sQ, q, args.q.token_stride, 0, len);
-  load_tile<D, kQ>(sdO, dout, row_stride, 0, len);
+  load_tile<D, kBlockRows, kThreads>(sK, k, args.k.token_stride, key0, len);
+  load_tile<D, kBlockRows, kThreads>(sV, v, args.v.token_stride, key0, len);
+  load_tile<D, kQ, kThreads>(sQ, q, args.q.token_stride, 0, len);
+  load_tile<D, kQ, kThreads>(sdO, dout, row_stride, 0, len);
   cp_async_commit();
 
   const bool dropout = s.dropout_threshold > 0;
@@ -290,16 +362,23 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int group = lane / 4, pair = lane % 4;
-  // The warp's keys (rows of its fragments): 16 warp + group and + 8; past the sequence their P is zeroed.
-  const bool key_valid[2] = {key0 + 16 * warp + group < len, key0 + 16 * warp + group + 8 < len};
+  // The warp's keys (rows of its fragments): slice m holds 16 (kM warp + m) + group and + 8; past the sequence
+  // their P is zeroed.
+  const int warp_key0 = 16 * kM * warp;
+  bool key_valid[kM][2];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    key_valid[m][0] = key0 + warp_key0 + 16 * m + group < len;
+    key_valid[m][1] = key0 + warp_key0 + 16 * m + group + 8 < len;
+  }
 
-  float dv[D / 8][4] = {}, dk[D / 8][4] = {};
+  float dv[kM][D / 8][4] = {}, dk[kM][D / 8][4] = {};
   const int tiles = (len + kQ - 1) / kQ;
   for (int t = 0; t < tiles; ++t) {
     const int q0 = t * kQ;
     if (t + 1 < tiles) {
-      load_tile<D, kQ>(sQ + ((t + 1) & 1) * kQ * D, q, args.q.token_stride, q0 + kQ, len);
-      load_tile<D, kQ>(sdO + ((t + 1) & 1) * kQ * D, dout, row_stride, q0 + kQ, len);
+      load_tile<D, kQ, kThreads>(sQ + ((t + 1) & 1) * kQ * D, q, args.q.token_stride, q0 + kQ, len);
+      load_tile<D, kQ, kThreads>(sdO + ((t + 1) & 1) * kQ * D, dout, row_stride, q0 + kQ, len);
     }
     cp_async_commit();
     for (int i = threadIdx.x; i < kQ; i += kThreads) {
@@ -307,41 +386,50 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
       sLse[i] = valid ? lse[q0 + i] * kLog2e : INFINITY;
       sDelta[i] = valid ? delta[q0 + i] : 0.0f;
     }
-    if (dropout) dropout_bits<kQ, kBlockRows>(sBits, seed, b, h, q0, key0, s.dropout_threshold);
+    if (dropout) dropout_bits<kQ, kBlockRows, kThreads>(sBits, seed, b, h, q0, key0, s.dropout_threshold);
     cp_async_wait<1>();
     __syncthreads();
 
     const T* cQ = sQ + (t & 1) * kQ * D;
     const T* cdO = sdO + (t & 1) * kQ * D;
-    float st[kQ / 8][4] = {}, dpt[kQ / 8][4] = {};  // S^T and dP^T: rows = the warp's 16 keys, columns = queries
-    product_abt<T, D, kQ>(st, sK, 16 * warp, cQ);
-    product_abt<T, D, kQ>(dpt, sV, 16 * warp, cdO);
+    // kSlice queries at a time (see Dkdv): S^T and dP^T (rows = the warp's keys, columns = queries), then
+    // dS^T = P^T o (dP^T o Z~ - delta), dV += (P^T o Z~) dO and dK += dS^T Q. Rows q1 + r of a tile keep their
+    // swizzle (q1 is a multiple of 16): a slice is a tile of its own.
 #pragma unroll
-    for (int n = 0; n < kQ / 8; ++n) {
+    for (int q1 = 0; q1 < kQ; q1 += kSlice) {
+      float st[kM][kSlice / 8][4] = {}, dpt[kM][kSlice / 8][4] = {};
+      product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(st, sK, warp_key0, cQ + q1 * D);
+      product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(dpt, sV, warp_key0, cdO + q1 * D);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int query = 8 * n + 2 * pair + i % 2, key = 16 * warp + group + 8 * (i / 2);
-        const float p = key_valid[i / 2] ? exp2f(st[n][i] * scale_log2 - sLse[query]) : 0.0f;
-        const float z = (!dropout || kept<kBlockRows>(sBits, query, key)) ? dropout_scale : 0.0f;
-        st[n][i] = p * z;                                  // (P o Z~)^T
-        dpt[n][i] = p * (dpt[n][i] * z - sDelta[query]);   // dS^T
+      for (int m = 0; m < kM; ++m) {
+#pragma unroll
+        for (int n = 0; n < kSlice / 8; ++n) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int query = q1 + 8 * n + 2 * pair + i % 2, key = warp_key0 + 16 * m + group + 8 * (i / 2);
+            const float p = key_valid[m][i / 2] ? exp2f(st[m][n][i] * scale_log2 - sLse[query]) : 0.0f;
+            const float z = (!dropout || kept<kBlockRows>(sBits, query, key)) ? dropout_scale : 0.0f;
+            st[m][n][i] = p * z;                                     // (P o Z~)^T
+            dpt[m][n][i] = p * (dpt[m][n][i] * z - sDelta[query]);   // dS^T
+          }
+        }
       }
+      product_xb<T, D, kM, kSlice>(dv, st, cdO + q1 * D);
+      product_xb<T, D, kM, kSlice>(dk, dpt, cQ + q1 * D);
     }
-    product_xb<T, D, kQ>(dv, st, cdO);
-    product_xb<T, D, kQ>(dk, dpt, cQ);
     __syncthreads();
   }
 
   T* dk_out = static_cast<T*>(args.grad_k) + seq.start * row_stride + h * D;
   T* dv_out = static_cast<T*>(args.grad_v) + seq.start * row_stride + h * D;
-  store_rows<T, D>(dk, s.softmax_scale, sK, dk_out, row_stride, key0, len);
-  store_rows<T, D>(dv, 1.0f, sV, dv_out, row_stride, key0, len);
+  store_rows<T, D, kM, kThreads>(dk, s.softmax_scale, sK, dk_out, row_stride, key0, len);
+  store_rows<T, D, kM, kThreads>(dv, 1.0f, sV, dv_out, row_stride, key0, len);
 }
 
 // Kernel 2: dQ of queries blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const AttentionBackwardArgs args) {
-  constexpr int kK = inner_rows<D>();
+__global__ void __launch_bounds__(kDqWarps * kWarpSize) dq_kernel(const AttentionBackwardArgs args) {
+  constexpr int kK = dq_inner_rows<D>(), kThreads = kDqWarps * kWarpSize;
   const AttentionShape& s = args.shape;
   const int b = blockIdx.z, h = blockIdx.y, query0 = blockIdx.x * kBlockRows;
   const Sequence seq = sequence_of(s, b);
@@ -361,10 +449,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const AttentionBackwardArg
   const T* v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
   const T* dout = static_cast<const T*>(args.grad_out) + seq.start * row_stride + h * D;
 
-  load_tile<D, kBlockRows>(sQ, q, args.q.token_stride, query0, len);
-  load_tile<D, kBlockRows>(sdO, dout, row_stride, query0, len);
-  load_tile<D, kK>(sK, k, args.k.token_stride, 0, len);
-  load_tile<D, kK>(sV, v, args.v.token_stride, 0, len);
+  load_tile<D, kBlockRows, kThreads>(sQ, q, args.q.token_stride, query0, len);
+  load_tile<D, kBlockRows, kThreads>(sdO, dout, row_stride, query0, len);
+  load_tile<D, kK, kThreads>(sK, k, args.k.token_stride, 0, len);
+  load_tile<D, kK, kThreads>(sV, v, args.v.token_stride, 0, len);
   cp_async_commit();
 
   const bool dropout = s.dropout_threshold > 0;
@@ -384,24 +472,24 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const AttentionBackwardArg
     row_delta[half] = valid ? args.delta[int64_t(h) * s.tokens + seq.start + row] : 0.0f;
   }
 
-  float dq[D / 8][4] = {};
+  float dq[1][D / 8][4] = {};
   const int tiles = (len + kK - 1) / kK;
   for (int t = 0; t < tiles; ++t) {
     const int k0 = t * kK;
     if (t + 1 < tiles) {
-      load_tile<D, kK>(sK + ((t + 1) & 1) * kK * D, k, args.k.token_stride, k0 + kK, len);
-      load_tile<D, kK>(sV + ((t + 1) & 1) * kK * D, v, args.v.token_stride, k0 + kK, len);
+      load_tile<D, kK, kThreads>(sK + ((t + 1) & 1) * kK * D, k, args.k.token_stride, k0 + kK, len);
+      load_tile<D, kK, kThreads>(sV + ((t + 1) & 1) * kK * D, v, args.v.token_stride, k0 + kK, len);
     }
     cp_async_commit();
-    if (dropout) dropout_bits<kBlockRows, kK>(sBits, seed, b, h, query0, k0, s.dropout_threshold);
+    if (dropout) dropout_bits<kBlockRows, kK, kThreads>(sBits, seed, b, h, query0, k0, s.dropout_threshold);
     cp_async_wait<1>();
     __syncthreads();
 
     const T* cK = sK + (t & 1) * kK * D;
     const T* cV = sV + (t & 1) * kK * D;
-    float st[kK / 8][4] = {}, dp[kK / 8][4] = {};  // S and dP: rows = the warp's 16 queries, columns = keys
-    product_abt<T, D, kK>(st, sQ, 16 * warp, cK);
-    product_abt<T, D, kK>(dp, sdO, 16 * warp, cV);
+    float st[1][kK / 8][4] = {}, dp[1][kK / 8][4] = {};  // S and dP: rows = the warp's 16 queries, columns = keys
+    product_abt<T, D, 1, kK>(st, sQ, 16 * warp, cK);
+    product_abt<T, D, 1, kK>(dp, sdO, 16 * warp, cV);
     const bool last = k0 + kK > len;
 #pragma unroll
     for (int n = 0; n < kK / 8; ++n) {
@@ -409,17 +497,17 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const AttentionBackwardArg
       for (int i = 0; i < 4; ++i) {
         const int key = 8 * n + 2 * pair + i % 2, query = 16 * warp + group + 8 * (i / 2);
         // Keys past the sequence (zero rows of K) must not enter dS: exp(-lse) can overflow fp16.
-        const float p = (!last || k0 + key < len) ? exp2f(st[n][i] * scale_log2 - row_lse[i / 2]) : 0.0f;
+        const float p = (!last || k0 + key < len) ? exp2f(st[0][n][i] * scale_log2 - row_lse[i / 2]) : 0.0f;
         const float z = (!dropout || kept<kK>(sBits, query, key)) ? dropout_scale : 0.0f;
-        dp[n][i] = p * (dp[n][i] * z - row_delta[i / 2]);  // dS
+        dp[0][n][i] = p * (dp[0][n][i] * z - row_delta[i / 2]);  // dS
       }
     }
-    product_xb<T, D, kK>(dq, dp, cK);
+    product_xb<T, D, 1, kK>(dq, dp, cK);
     __syncthreads();
   }
 
   T* dq_out = static_cast<T*>(args.grad_q) + seq.start * row_stride + h * D;
-  store_rows<T, D>(dq, s.softmax_scale, sQ, dq_out, row_stride, query0, len);
+  store_rows<T, D, 1, kThreads>(dq, s.softmax_scale, sQ, dq_out, row_stride, query0, len);
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_backward_device

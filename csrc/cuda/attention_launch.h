@@ -55,8 +55,10 @@ struct AttentionBackwardArgs {
   AttentionShape shape;
   AttentionTensor q, k, v;
   const void* grad_out;  // [tokens, heads, head_dim] contiguous
+  const void* out;       // [tokens, heads, head_dim] contiguous, the forward's output
   const float* lse;      // [heads, tokens], from the forward
-  const float* delta;    // [heads, tokens]: rowsum(grad_out * out) in float32, computed by the glue
+  float* delta;          // [heads, tokens] float32 workspace: the launcher writes rowsum(grad_out * out) of the
+                         // sequences' rows there (padding tokens' entries are left as they are)
   void* grad_q;          // [tokens, heads, head_dim] contiguous, zero-filled
   void* grad_k;
   void* grad_v;
