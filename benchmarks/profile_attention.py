@@ -1,0 +1,46 @@
+"""Where the time of one attention forward + backward goes on a GPU: the top CUDA kernels by total time.
+
+usage: python benchmarks/profile_attention.py [--shape base|small] [--padding 0.15] [--dropout 0.1]
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from electra_ext import ops
+
+SHAPES = {"small": (128, 128, 4, 64), "base": (32, 512, 12, 64)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=SHAPES, default="base")
+    parser.add_argument("--padding", type=float, default=0.0, help="mean padded fraction of each sequence")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_attention.py needs a CUDA device")
+    batch, seq_len, heads, head_dim = SHAPES[args.shape]
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    fraction = torch.linspace(1.0 - 2 * args.padding, 1.0, batch, device="cuda")
+    seqlens = (fraction * seq_len).round().to(torch.int32)
+    grad_out = torch.randn_like(q)
+
+    def step():
+        return torch.autograd.grad(ops.attention(q, k, v, seqlens=seqlens, dropout_p=args.dropout), qkv, grad_out)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"{args.shape}, padding {args.padding}, dropout {args.dropout}: {args.steps} forward + backward steps")
+    print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
