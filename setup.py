@@ -6,6 +6,7 @@ Unset, CUDA is built whenever torch is a CUDA build and nvcc is found.
 import glob
 import os
 import shutil
+import sys
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported. The `nvcc` on PATH here can be a wrapper
 # script, from which torch would guess /usr/local and fail to link, so point at the toolkit first.
@@ -60,6 +61,13 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std= flag: torch's own flags pick C++17 or C++20 and the sources compile as both.
     cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is header code: compiled without -fopenmp, its `#pragma omp parallel` vanishes, every
+        # CPU kernel runs on the calling thread, and the ATen ops a kernel calls from its "parallel" body each
+        # fork and join torch's pool on their own (gen_head: ~20 ms per op on a loaded 2-core machine).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if emulation_include is None:
         sources = [source for source in sources if not source.endswith("_emulated.cpp")]
@@ -69,11 +77,12 @@ def extension():
         cxx_flags.append("-DELECTRA_EXT_WITH_EMULATION")
     if not with_cuda:
         return CppExtension("electra_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags}), with_cuda
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags), with_cuda
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension("electra_ext._C", sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}), with_cuda
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                         extra_link_args=link_flags), with_cuda
 
 
 ext, WITH_CUDA = extension()

@@ -6,7 +6,16 @@
 //   key     = (seed & 0xffffffff, seed >> 32)
 //   counter = (column / 4, row, head, batch)      -> four words; the entry takes word column % 4.
 // An entry is kept when its word >= dropout_threshold(p) = floor(p * 2^32); kept probabilities are scaled by
-// 1 / (1 - p). electra_ext/ops/reference.py implements the same function in PyTorch (the tests' oracle).
+// 1 / (1 - p).
+//
+// The generator head's Gumbel noise keys one word per (row, vocabulary column) of the logits, so a sample depends
+// only on (seed, row, column), never on tiling or threads:
+//   key     = (seed & 0xffffffff, seed >> 32)
+//   counter = (column / 4, row, 0xFFFFFFFF, 0x67656E68 "genh") -> four words; the column takes word column % 4.
+// c2 = 0xFFFFFFFF is no attention head (heads < 2^16 in practice) and c3 no batch index, so for one seed the
+// two streams never share a counter. uniform u = ((word >> 9) + 0.5) * 2^-23 and gumbel = -log(-log(u)), both
+// in float32 (gen_head_uniform below says why 23 bits).
+// electra_ext/ops/reference.py implements the same functions in PyTorch (the tests' oracle).
 #pragma once
 
 #include <cstdint>
@@ -61,6 +70,23 @@ ELECTRA_HOST_DEVICE Words attention_dropout_words(uint64_t seed, uint32_t batch,
 ELECTRA_HOST_DEVICE bool attention_dropout_keep(uint64_t seed, uint32_t batch, uint32_t head, uint32_t row,
                                                 uint32_t column, uint32_t threshold) {
   return attention_dropout_words(seed, batch, head, row, column / 4).x[column % 4] >= threshold;
+}
+
+// The generator head's counter words c2 and c3 (see the top of this file).
+constexpr uint32_t kGenHeadStream2 = 0xFFFFFFFFu, kGenHeadStream3 = 0x67656E68u;
+
+// The four Gumbel-noise words of vocabulary columns 4 * column_group .. 4 * column_group + 3 of one row.
+ELECTRA_HOST_DEVICE Words gen_head_gumbel_words(uint64_t seed, uint32_t row, uint32_t column_group) {
+  return philox4x32_10(column_group, row, kGenHeadStream2, kGenHeadStream3, static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32));
+}
+
+// A word as a uniform number in (0, 1), exact in float32: (k + 0.5) * 2^-23 with k the word's top 23 bits,
+// from 2^-24 to 1 - 2^-24. (word + 0.5) * 2^-32 would round to 1.0f for the top 128 words (float32 keeps 24
+// bits), and -log(-log(1)) is +inf; 23 bits plus the half keep every value exact, so the CPU, the GPU and
+// PyTorch get the same u. The Gumbel noise -log(-log(u)) then lies in [-2.81, 16.6].
+ELECTRA_HOST_DEVICE float gen_head_uniform(uint32_t word) {
+  return (static_cast<float>(word >> 9) + 0.5f) * 0x1p-23f;
 }
 
 }  // namespace electra_ext::philox

@@ -11,6 +11,7 @@
 // and dw, and the partials are added in chunk order, so results do not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -41,7 +42,11 @@ struct Chunks {
 // Runs body(chunk, first_row, row_count) over all chunks, in parallel, each chunk on one thread.
 template <typename Body>
 void for_each_chunk(const Chunks& chunks, int64_t rows, const Body& body) {
+  // Worker threads take the caller's thread-local state (the dispatcher's "below autograd" keys, grad mode): without
+  // it the ATen calls of a chunk would go through autograd and refuse mv(out=) on tensors that require grad.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       body(chunk, chunks.begin(chunk), chunks.length(chunk, rows));
     }

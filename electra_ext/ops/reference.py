@@ -87,9 +87,38 @@ def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed):
     return torch.matmul(probabilities, vh).transpose(1, 2).to(q.dtype)
 
 
-def gen_head_reference(h, weight, bias, targets, temperature, generator, disallow_correct, ignore_index):
+GEN_HEAD_STREAM = (0xFFFFFFFF, 0x67656E68)  # Philox counter words c2, c3 of the generator head's noise
+_GUMBEL_ROW_BLOCK = 1024  # rows of Philox words at a time: ~16 bytes of int64 temporaries per logit, not per row
+
+
+def gen_head_gumbel(seed, rows, vocab, device):
+    """[rows, vocab] float32 Gumbel noise -log(-log(u)) keyed by (seed, row, column) as in csrc/common/philox.h:
+    u = ((word >> 9) + 0.5) * 2^-23 from Philox word column % 4 of counter (column / 4, row, GEN_HEAD_STREAM)."""
+    seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    k0, k1 = seed & _UINT32, (seed >> 32) & _UINT32
+    groups = (vocab + 3) // 4
+    noise = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    group = torch.arange(groups, device=device, dtype=torch.int64)
+    for first in range(0, rows, _GUMBEL_ROW_BLOCK):
+        row = torch.arange(first, min(rows, first + _GUMBEL_ROW_BLOCK), device=device, dtype=torch.int64)
+        c0, c1 = torch.broadcast_tensors(group.unsqueeze(0), row.unsqueeze(1))
+        c2, c3 = (torch.full_like(c0, word) for word in GEN_HEAD_STREAM)
+        words = torch.stack(philox4x32_10(c0, c1, c2, c3, k0, k1), dim=-1).reshape(row.numel(), groups * 4)
+        # Every step exact in float32 but the logs, which are the kernels' own (ATen's on the CPU).
+        uniform = ((words[:, :vocab] >> 9).to(torch.float32) + 0.5) * 2.0**-23
+        noise[first:first + row.numel()] = -torch.log(-torch.log(uniform))
+    return noise
+
+
+def gen_head_reference(h, weight, bias, targets, temperature, seed, disallow_correct, ignore_index):
     """Generator head on the rows of h: logits = h weightᵀ + bias, mean cross-entropy over rows whose target
-    is not ignore_index (0 when there are none), Gumbel-max samples of logits / temperature.
+    is not ignore_index (0 when there are none), Gumbel-max samples argmax(logits / temperature + gumbel) with
+    the noise of gen_head_gumbel (seed: int64 tensor with one element), the target column excluded on counted
+    rows when disallow_correct, ties to the lowest column.
+
+    The sampling scores are float32 on every path, logits rounded to float32 first (float64 inputs too), then
+    times float32(1 / temperature), then plus the noise, two roundings, as the kernels compute them: with float32
+    inputs the CPU kernel draws the same tokens.
 
     Returns (loss, samples [M] int64, lse [M] float32/64, num_correct int64 scalar); only the loss carries
     gradient."""
@@ -104,11 +133,10 @@ def gen_head_reference(h, weight, bias, targets, temperature, generator, disallo
     with torch.no_grad():
         detached = logits.detach()
         num_correct = ((detached.argmax(dim=-1) == targets) & counted).sum()
-        uniform = torch.rand(detached.shape, device=h.device, dtype=compute_dtype,
-                             **generator_kwargs(generator))
-        gumbel = -torch.log(-torch.log(uniform + 1e-9) + 1e-9)
-        perturbed = detached / temperature + gumbel
+        gumbel = gen_head_gumbel(seed, h.shape[0], weight.shape[0], h.device)
+        scores = detached.to(torch.float32) * (1.0 / temperature) + gumbel
         if disallow_correct:
-            perturbed = perturbed.scatter(1, safe_targets.unsqueeze(1), float("-inf"))
-        samples = perturbed.argmax(dim=-1)
+            columns = torch.arange(weight.shape[0], device=h.device)
+            scores = scores.masked_fill((columns == targets.unsqueeze(1)) & counted.unsqueeze(1), float("-inf"))
+        samples = scores.argmax(dim=-1)
     return loss, samples, lse.detach(), num_correct

@@ -1,0 +1,76 @@
+"""ops.gen_head (the fused generator head) against its PyTorch reference, which materialises the [M, V] logits.
+
+TFLOP/s counts 2 M V E per GEMM pass: one for the forward, three for forward + backward (logits, dh, dW); the
+CPU kernel's backward recomputes the logits, a fourth pass that is not counted. Until the CUDA kernel of issue 7
+lands, ops.gen_head runs the reference on CUDA tensors, so there the two providers time the same code.
+
+Run all:   pytest benchmarks/test_gen_head_bench.py --benchmark-json bench.json
+CI (CPU):  pytest benchmarks/ --benchmark-disable   (each case runs once, as a smoke test)
+"""
+
+import pytest
+import torch
+
+from electra_ext import ops
+
+MASK_RATE = 0.15
+VOCAB = 30522  # BERT's uncased WordPiece vocabulary, ELECTRA's
+# (masked rows M, embedding size E). CUDA: ELECTRA-Small (128 sequences of 128 tokens, E = 128) and Base (256
+# sequences of 512 tokens, E = 768), M = 15% of the tokens. The CPU keeps E and V and takes fewer rows, so that
+# CI's single round stays in seconds (the reference holds M x V logits and Philox words).
+SHAPES = {
+    "cuda": {"small": (int(MASK_RATE * 128 * 128), 128), "base": (int(MASK_RATE * 256 * 512), 768)},
+    "cpu": {"small": (256, 128), "base": (64, 768)},
+}
+GEMM_PASSES = {"fwd": 1, "fwd_bwd": 3}
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+PROVIDERS = {"electra_ext": None, "reference": "reference"}
+
+
+def make_inputs(device, shape):
+    rows, hidden = SHAPES[device][shape]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator(device).manual_seed(0)
+    h = torch.randn(rows, hidden, generator=generator, device=device, dtype=dtype)
+    weight = torch.randn(VOCAB, hidden, generator=generator, device=device, dtype=dtype) / hidden**0.5
+    bias = torch.zeros(VOCAB, device=device, dtype=dtype)
+    targets = torch.randint(0, VOCAB, (rows,), generator=generator, device=device)
+    return h, weight, bias, targets
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape", ["small", "base"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gen_head(timed_benchmark, device, shape, mode, provider):
+    h, weight, bias, targets = make_inputs(device, shape)
+    backend = PROVIDERS[provider]
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return ops.gen_head(h, weight, bias, targets, backend=backend)
+    else:
+        leaves = tuple(t.requires_grad_() for t in (h, weight, bias))
+
+        def call():
+            return torch.autograd.grad(ops.gen_head(*leaves, targets, backend=backend).loss, leaves)
+
+    rows, hidden = h.shape
+    timed_benchmark(
+        call,
+        device=device,
+        # h and weight read once per GEMM pass, plus the three gradients written for fwd_bwd.
+        bytes_per_call=(GEMM_PASSES[mode] + (mode == "fwd_bwd")) * (rows + VOCAB) * hidden * h.element_size(),
+        flops=2 * rows * VOCAB * hidden * GEMM_PASSES[mode],
+        op="gen_head",
+        provider=provider,
+        shape=shape,
+        mode=mode,
+        dtype=str(h.dtype),
+        M=rows, V=VOCAB, E=hidden,
+    )
