@@ -21,7 +21,7 @@ import math
 import torch
 
 from electra_ext.ops import backend as backends
-from electra_ext.ops.reference import attention_reference, generator_kwargs
+from electra_ext.ops.reference import attention_reference, philox_seed
 
 _OP = torch.ops.electra_ext.attention
 _BACKWARD_OP = torch.ops.electra_ext.attention_backward
@@ -90,10 +90,7 @@ def _check_lengths(name, lengths, limit):
 
 def _dropout_seed(q, dropout_p, generator):
     """int64 [1] on q's device: the Philox key of this call's dropout mask (None without dropout)."""
-    if dropout_p == 0.0:
-        return None
-    return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=q.device,
-                         **generator_kwargs(generator))
+    return None if dropout_p == 0.0 else philox_seed(q.device, generator)
 
 
 def attention(q, k, v, *, seqlens=None, dropout_p=0.0, softmax_scale=None, generator=None, backend=None):

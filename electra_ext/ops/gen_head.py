@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from electra_ext.ops import backend as backends
-from electra_ext.ops.reference import gen_head_reference, generator_kwargs
+from electra_ext.ops.reference import gen_head_reference, philox_seed
 
 _OP = torch.ops.electra_ext.gen_head
 _BACKWARD_OP = torch.ops.electra_ext.gen_head_backward
@@ -96,8 +96,7 @@ def gen_head(h, weight, bias, targets, *, temperature=1.0, generator=None, disal
         raise ValueError("gen_head: disallow_correct needs a vocabulary of at least 2 tokens")
     _check_targets(targets, weight.shape[0], ignore_index)
     implementation = _implementation(h, weight, bias, backend)
-    seed = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=h.device,
-                         **generator_kwargs(generator))
+    seed = philox_seed(h.device, generator)
     if implementation == "reference":
         return GenHeadOutput(*gen_head_reference(h, weight, bias, targets, temperature, seed, disallow_correct,
                                                  ignore_index))

@@ -21,6 +21,12 @@ def generator_kwargs(generator):
     return {} if generator is None else {"generator": generator}
 
 
+def philox_seed(device, generator):
+    """int64 [1] on `device`: the Philox key of one call's random draws (attention dropout, gen_head's Gumbel
+    noise), drawn from `generator` (torch's default generator for the device when None)."""
+    return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device, **generator_kwargs(generator))
+
+
 def _compute_dtype(tensor):
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
