@@ -45,8 +45,9 @@ TABLES = [
           "TFLOP/s counts 4 H D sum(len^2) per forward on valid tokens, 2.5x that per backward; sdpa is "
           "torch.nn.functional.scaled_dot_product_attention (with a boolean key mask when padded)."),
     Table("gen_head", "reference", ["TFLOP/s"], tflops,
-          "TFLOP/s counts 2 M V E per GEMM pass, one forward, three for fwd_bwd; reference is the PyTorch "
-          "reference, which holds the [M, V] logits (on CUDA both providers run it until the CUDA kernel lands)."),
+          "TFLOP/s counts 2 M V E per GEMM pass, one forward, three for fwd_bwd; reference is the eager PyTorch "
+          "head (F.linear, cross_entropy, Gumbel argmax on the [M, V] logits); liger is Liger-Kernel's fused "
+          "linear cross-entropy (loss only, no sample)."),
 ]
 
 

@@ -1,12 +1,16 @@
-"""ops.gen_head (the fused generator head) against its PyTorch reference, which materialises the [M, V] logits.
+"""ops.gen_head (the fused generator head: loss, gradients and the Gumbel sample) against the eager reference users
+would otherwise write (F.linear -> cross_entropy -> Gumbel argmax on the materialised [M, V] logits) and, on CUDA
+where it installs, Liger-Kernel's fused linear cross-entropy (the loss and its gradients only, no sample).
 
-TFLOP/s counts 2 M V E per GEMM pass: one for the forward, three for forward + backward (logits, dh, dW); the
-CPU kernel's backward recomputes the logits, a fourth pass that is not counted. Until the CUDA kernel of issue 7
-lands, ops.gen_head runs the reference on CUDA tensors, so there the two providers time the same code.
+TFLOP/s counts 2 M V E per GEMM pass: one for the forward, three for forward + backward (logits, dh, dW); both
+kernels' backward recompute the logits, a fourth pass that is not counted. On CUDA each case also records the
+peak memory above its inputs (conftest.py): the target is <= 5% of the reference's.
 
 Run all:   pytest benchmarks/test_gen_head_bench.py --benchmark-json bench.json
 CI (CPU):  pytest benchmarks/ --benchmark-disable   (each case runs once, as a smoke test)
 """
+
+import importlib.util
 
 import pytest
 import torch
@@ -29,7 +33,20 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
 
-PROVIDERS = {"electra_ext": None, "reference": "reference"}
+PROVIDERS = ["electra_ext", "reference", "liger"]
+LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_loss(h, weight, bias, targets):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss()(weight, h, targets, bias)
+
+
+def head_call(provider, h, weight, bias, targets):
+    """The loss of one call, plus the sample for the two providers that draw one."""
+    if provider == "liger":
+        return liger_loss(h, weight, bias, targets)
+    return ops.gen_head(h, weight, bias, targets, backend=None if provider == "electra_ext" else "reference").loss
 
 
 def make_inputs(device, shape):
@@ -48,17 +65,18 @@ def make_inputs(device, shape):
 @pytest.mark.parametrize("shape", ["small", "base"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_gen_head(timed_benchmark, device, shape, mode, provider):
+    if provider == "liger" and (device != "cuda" or not LIGER_INSTALLED):
+        pytest.skip("Liger-Kernel runs on CUDA only, where it is installed (pip install liger-kernel)")
     h, weight, bias, targets = make_inputs(device, shape)
-    backend = PROVIDERS[provider]
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return ops.gen_head(h, weight, bias, targets, backend=backend)
+                return head_call(provider, h, weight, bias, targets)
     else:
         leaves = tuple(t.requires_grad_() for t in (h, weight, bias))
 
         def call():
-            return torch.autograd.grad(ops.gen_head(*leaves, targets, backend=backend).loss, leaves)
+            return torch.autograd.grad(head_call(provider, *leaves, targets), leaves)
 
     rows, hidden = h.shape
     timed_benchmark(

@@ -30,12 +30,13 @@ TORCH_LIBRARY(electra_ext, m) {
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor starts, "
       "Tensor seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? seed, *, "
       "bool emulated=False) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // ELECTRA's generator head on the masked rows (csrc/cpu/gen_head_cpu.cpp): logits = h weightᵀ + bias [M, V],
+  // ELECTRA's generator head on the masked rows (csrc/cpu/gen_head_cpu.cpp, csrc/cuda/gen_head_launch.h):
+  // logits = h weightᵀ + bias [M, V],
   // never stored; loss = mean cross-entropy over rows whose target != ignore_index (0 when none), the rows'
   // float32 log-sum-exp (the backward recomputes the softmax from it), Gumbel-max samples of
   // softmax(logits / temperature) keyed by seed (int64 [1], csrc/common/philox.h), the target excluded when
-  // disallow_correct, and the number of counted rows whose argmax is the target. emulated=True is refused until
-  // the CUDA kernel exists.
+  // disallow_correct, and the number of counted rows whose argmax is the target. emulated=True runs the CUDA
+  // kernels on CPU tensors (float16/bfloat16 h).
   m.def(
       "gen_head(Tensor h, Tensor weight, Tensor bias, Tensor targets, Tensor seed, float temperature, "
       "bool disallow_correct, int ignore_index, *, bool emulated=False) "

@@ -1,5 +1,5 @@
-// Argument checks shared by the gen_head kernels (CPU now, CUDA later), so that all reject the same inputs with
-// the same messages (ValueError/TypeError in Python).
+// Argument checks shared by the gen_head kernels (CPU, CUDA and its emulation), so that all reject the same inputs
+// with the same messages (ValueError/TypeError in Python).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -60,11 +60,26 @@ inline int64_t check_gen_head_targets(const char* op, const at::Tensor& targets,
   return counted;
 }
 
-inline uint64_t read_gen_head_seed(const char* op, const at::Tensor& h, const at::Tensor& seed) {
+inline void check_gen_head_seed(const char* op, const at::Tensor& h, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(seed.device() == h.device() && seed.scalar_type() == at::kLong && seed.numel() == 1, op,
                     ": seed must be an int64 tensor with one element on h's device (", h.device(), "), got ",
                     seed.scalar_type(), " ", seed.sizes(), " on ", seed.device());
+}
+
+// The seed of a CPU tensor (the device kernels read it on the device).
+inline uint64_t read_gen_head_seed(const char* op, const at::Tensor& h, const at::Tensor& seed) {
+  check_gen_head_seed(op, h, seed);
   return static_cast<uint64_t>(seed.reshape({}).item<int64_t>());
+}
+
+// The backward's grad_loss (a scalar) and lse (float32 [M]) on h's device.
+inline void check_gen_head_backward_extras(const char* op, const at::Tensor& h, const at::Tensor& grad_loss,
+                                           const at::Tensor& lse) {
+  check_gen_head_device(op, h, grad_loss, "grad_loss");
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must be a scalar, got shape ", grad_loss.sizes());
+  check_gen_head_device(op, h, lse, "lse");
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == h.size(0) && lse.scalar_type() == at::kFloat, op,
+                    ": lse must be float32 [M] = [", h.size(0), "], got ", lse.scalar_type(), " ", lse.sizes());
 }
 
 inline void check_gen_head_options(const char* op, int64_t vocab, double temperature, bool disallow_correct) {

@@ -3,13 +3,14 @@ import pytest
 import torch
 
 CUDA_AVAILABLE = torch.cuda.is_available()
+REQUIRES_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")
 
 # Every op test runs on each target: the CPU kernel, the CUDA kernel's device code under the SIMT emulation
 # (CPU tensors, never skipped: CI must run it), and the CUDA kernel, which skips (with a reason) without a GPU.
 TARGETS = [
     "cpu",
     "emulated",
-    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")),
+    pytest.param("cuda", marks=REQUIRES_CUDA),
 ]
 
 

@@ -1,7 +1,7 @@
-"""ops.gen_head on the CPU kernel and on the reference: loss, log-sum-exp and gradients against float64 PyTorch
-(F.linear + cross-entropy), ignored rows, M = 0, the Gumbel-max sampler against the softmax (chi-square), the
-Philox noise contract, temperature, disallow_correct, kernel/reference/thread-count agreement, opcheck,
-torch.compile and input checks."""
+"""ops.gen_head on the CPU kernel, the reference and the CUDA kernels (on a GPU, and emulated on the CPU): loss,
+log-sum-exp and gradients against float64 PyTorch (F.linear + cross-entropy), ignored rows, M = 0, the Gumbel-max
+sampler against the softmax (chi-square), the Philox noise contract, temperature, disallow_correct,
+kernel/reference/thread-count agreement, chunked backward, opcheck, torch.compile and input checks."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from electra_ext.ops import gen_head, has_kernel
 from electra_ext.ops.reference import GEN_HEAD_STREAM, philox4x32_10
 
-from op_testing import relative_error
+from op_testing import REQUIRES_CUDA, TARGETS, relative_error
 
 OP = torch.ops.electra_ext.gen_head.default
 V, E = 1000, 32  # V is no multiple of a power-of-two tile
@@ -344,7 +344,194 @@ def test_op_checks_name_the_argument(changes, error, message):
         OP(*arguments.values())
 
 
-def test_emulated_is_refused_until_the_cuda_kernel_exists():
-    with pytest.raises(ValueError, match="gen_head: the CUDA kernel is not written yet, so there is nothing to "
-                                         "emulate"):
-        OP(*(t.detach() if isinstance(t, torch.Tensor) else t for t in op_inputs()), emulated=True)
+# --- The CUDA kernels: on the GPU ("cuda") and their device code on the CPU ("emulated", slow: small shapes). ---
+# (M, V, E) per target: one row; a ragged row block and vocabulary tile; hidden that is no multiple of 8 (padded);
+# on the GPU the full BERT vocabulary, 4101 rows (33 row blocks, 5 backward chunks) and E = 768.
+DEVICE_SHAPES = {
+    "emulated": [(1, 50, 64), (77, 600, 96), (130, 200, 24)],
+    "cuda": [(1, 50, 64), (77, 1000, 128), (130, 200, 24), (77, 30522, 256), (4101, 30522, 768), (4101, 1000, 64)],
+}
+
+
+def device_inputs(rows, vocab, hidden, dtype, device, seed=0):
+    h, weight, bias, targets = inputs(rows, seed=seed, vocab=vocab, hidden=hidden)
+    return [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (h, weight, bias)] + \
+        [targets.to(device)]
+
+
+DEVICE_TARGETS = [target for target in TARGETS if target != "cpu"]
+DEVICE_CASES = [pytest.param(target, *shape, marks=REQUIRES_CUDA if target == "cuda" else (),
+                             id=f"{target}-{'x'.join(map(str, shape))}")
+                for target, shapes in DEVICE_SHAPES.items() for shape in shapes]
+
+
+@pytest.fixture(params=DEVICE_TARGETS)
+def device_target(request):
+    return request.param
+
+
+@pytest.fixture
+def device(device_target):
+    return "cuda" if device_target == "cuda" else "cpu"
+
+
+@pytest.fixture
+def backend(device_target):
+    return "emulated" if device_target == "emulated" else None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device_target,rows,vocab,hidden", DEVICE_CASES)
+def test_device_kernels_within_twice_pytorchs_own_error(device_target, device, backend, dtype, rows, vocab, hidden):
+    h, weight, bias, targets = device_inputs(rows, vocab, hidden, dtype, device, seed=rows + vocab)
+    targets[1::3] = -100
+    loss, lse, num_correct, expected_grads = float64_expected(h, weight, bias, targets)
+    logits = F.linear(h, weight, bias)
+    torch_loss = F.cross_entropy(logits, targets, ignore_index=-100)
+    torch_grads = torch.autograd.grad(torch_loss, (h, weight, bias))
+    torch_lse = torch.logsumexp(logits, -1)
+    out = gen_head(h, weight, bias, targets, backend=backend)
+    grads = torch.autograd.grad(out.loss, (h, weight, bias))
+    assert out.loss.dtype == out.lse.dtype == torch.float32 and out.samples.dtype == torch.int64
+    assert relative_error(out.loss, loss) <= 2 * relative_error(torch_loss, loss) + 1e-6
+    assert relative_error(out.lse, lse) <= 2 * relative_error(torch_lse, lse) + 1e-6
+    # The logits are float32 sums of exact products: an argmax flips only between logits ~1e-6 apart.
+    assert abs(out.num_correct.item() - num_correct) <= 1
+    for grad, torch_grad, expected, name in zip(grads, torch_grads, expected_grads, ("h", "weight", "bias")):
+        assert grad.dtype == dtype, name
+        assert relative_error(grad, expected) <= 2 * relative_error(torch_grad, expected), name
+    assert ((out.samples >= 0) & (out.samples < vocab)).all()
+
+
+def test_device_kernels_draw_the_cpu_kernels_tokens(device_target, device, backend):
+    # Same Philox noise and the same float32 logits up to summation order: the same tokens, row for row.
+    h, weight, bias, targets = device_inputs(100, 700, 40, torch.bfloat16, device, seed=21)
+    targets[::5] = -100
+    for temperature, disallow_correct in [(1.0, True), (0.6, False)]:
+        runs = [gen_head(h.cpu(), weight.cpu(), bias.cpu(), targets.cpu(), temperature=temperature,
+                         disallow_correct=disallow_correct, generator=torch.Generator().manual_seed(8), backend=b)
+                for b in (None, "reference")]
+        seed_generator = torch.Generator(device).manual_seed(8)
+        out = gen_head(h, weight, bias, targets, temperature=temperature, disallow_correct=disallow_correct,
+                       generator=seed_generator if device == "cuda" else torch.Generator().manual_seed(8),
+                       backend=backend)
+        assert torch.equal(runs[0].samples, runs[1].samples)
+        if device == "cpu":  # a CUDA generator draws another seed than a CPU one
+            assert torch.equal(out.samples.cpu(), runs[0].samples)
+        assert out.num_correct.item() == runs[0].num_correct.item()
+        assert relative_error(out.lse, runs[0].lse) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_device_samples_follow_the_softmax(device_target, device, backend, temperature):
+    vocab, draws = 8, 3000 if device_target == "emulated" else 40_000
+    generator = torch.Generator().manual_seed(1)
+    h = torch.randn(1, 16, generator=generator).expand(draws, 16).bfloat16()
+    weight = torch.randn(vocab, 16, generator=generator).bfloat16()
+    bias = torch.zeros(vocab)
+    out = gen_head(h.to(device), weight.to(device), bias.to(device), torch.zeros(draws, dtype=torch.long, device=device),
+                   temperature=temperature, generator=torch.Generator(device).manual_seed(2), backend=backend)
+    probabilities = torch.softmax((h[0].double() @ weight.t().double()) / temperature, -1)
+    counts = torch.bincount(out.samples.cpu(), minlength=vocab).double()
+    assert chi_square(counts, probabilities) < 24.3  # 7 degrees of freedom: the 0.1% tail
+
+
+def test_device_noise_is_the_philox_contract(device_target, device, backend):
+    # Zero logits: the sample is the column with the largest 23-bit uniform (see test_noise_is_the_philox_contract).
+    rows, vocab = 20, 1100
+    zeros = [torch.zeros(rows, 8, dtype=torch.bfloat16), torch.zeros(vocab, 8, dtype=torch.bfloat16),
+             torch.zeros(vocab)]
+    expected = gen_head(*zeros, torch.zeros(rows, dtype=torch.long), generator=torch.Generator().manual_seed(9),
+                        backend="reference").samples
+    out = gen_head(*(t.to(device) for t in zeros), torch.zeros(rows, dtype=torch.long, device=device),
+                   generator=torch.Generator().manual_seed(9), backend=backend) if device == "cpu" else None
+    if out is not None:
+        assert torch.equal(out.samples, expected)
+    # Seeded from a tensor, so the CUDA op is checked against the same key too.
+    seed = torch.tensor([1234], dtype=torch.int64)
+    op_out = OP(*(t.to(device) for t in zeros), torch.zeros(rows, dtype=torch.long, device=device), seed.to(device),
+                1.0, False, -100, emulated=backend == "emulated")
+    reference_out = OP(*(t.float() for t in zeros), torch.zeros(rows, dtype=torch.long), seed, 1.0, False, -100)
+    assert torch.equal(op_out[1].cpu(), reference_out[1])
+
+
+def test_device_disallow_correct_and_seed(device_target, device, backend):
+    h, weight, bias, targets = device_inputs(150, 300, 32, torch.bfloat16, device, seed=3)
+    targets[:] = 7
+    with torch.no_grad():
+        bias[7] += 30.0
+    run = lambda seed, **kwargs: gen_head(h, weight, bias, targets, backend=backend,  # noqa: E731
+                                          generator=torch.Generator(device).manual_seed(seed), **kwargs)
+    out = run(3, disallow_correct=True)
+    assert not (out.samples == targets).any()
+    assert torch.equal(out.samples, run(3, disallow_correct=True).samples)
+    assert (run(3).samples == targets).float().mean() > 0.9
+    assert (run(4, disallow_correct=True).samples != out.samples).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("rows", [0, 5])
+def test_device_no_counted_row(device_target, device, backend, rows):
+    h, weight, bias, targets = device_inputs(rows, 100, 16, torch.bfloat16, device)
+    targets[:] = -100
+    out = gen_head(h, weight, bias, targets, backend=backend)
+    assert out.loss.item() == 0.0 and out.num_correct.item() == 0 and out.samples.shape == (rows,)
+    out.loss.backward()
+    assert not h.grad.any() and not weight.grad.any() and not bias.grad.any()
+
+
+def test_device_strided_h_mixed_dtypes_and_chunked_backward(device_target, device, backend, monkeypatch):
+    # h a strided view (copied to aligned rows), float32 weight and bias (autocast's mix: cast to h's dtype),
+    # and a backward in chunks of 128 rows (no workspace budget): 300 rows = 3 chunks, the last ragged.
+    generator = torch.Generator().manual_seed(17)
+    wide = torch.randn(48, 600, generator=generator).bfloat16().to(device).requires_grad_()
+    h = wide.t()[::2]  # [300, 48], strides (2, 600)
+    weight = (0.4 * torch.randn(200, 48, generator=generator)).to(device).requires_grad_()
+    bias = (0.1 * torch.randn(200, generator=generator)).to(device).requires_grad_()
+    targets = torch.randint(0, 200, (300,), generator=generator).to(device)
+    targets[::4] = -100
+    # The kernels compute with the weight rounded to bfloat16, as F.linear under autocast would.
+    loss, _, _, expected_grads = float64_expected(h, weight.bfloat16(), bias, targets)
+
+    def run():
+        out = gen_head(h, weight, bias, targets, backend=backend, generator=torch.Generator(device).manual_seed(1))
+        return (out.loss, out.samples, *torch.autograd.grad(out.loss, (wide, weight, bias)))
+
+    whole = run()
+    monkeypatch.setenv("ELECTRA_EXT_GEN_HEAD_WORKSPACE_MIB", "0")
+    chunked, again = run(), run()
+    for a, b in zip(chunked, again):
+        assert torch.equal(a, b)  # deterministic
+    for out in (whole, chunked):
+        assert relative_error(out[0], loss) < 1e-5
+        grad_wide, grad_weight, grad_bias = out[2:]
+        assert grad_wide.dtype == torch.bfloat16 and grad_weight.dtype == grad_bias.dtype == torch.float32
+        assert relative_error(grad_wide.t()[::2], expected_grads[0]) < 1e-2
+        assert not grad_wide.t()[1::2].any()
+        # G is rounded to bfloat16 before the products (2^-9 relative per entry, averaged over many).
+        assert relative_error(grad_weight, expected_grads[1]) < 5e-3
+        assert relative_error(grad_bias, expected_grads[2]) < 1e-5
+    assert torch.equal(whole[1], chunked[1])
+
+
+def test_device_op_checks(device_target, device, backend):
+    h, weight, bias, targets = device_inputs(21, 230, 16, torch.bfloat16, device, seed=13)
+    seed = torch.tensor([42], dtype=torch.int64, device=device)
+    emulated = backend == "emulated"
+    torch.library.opcheck(OP, (h, weight, bias, targets, seed, 0.8, True, -100), {"emulated": emulated})
+    with pytest.raises(TypeError, match="gen_head: the CUDA kernels take float16 or bfloat16 h"):
+        OP(h.detach().float(), weight, bias, targets, seed, 1.0, False, -100, emulated=emulated)
+    with pytest.raises(ValueError, match="gen_head: seed must be an int64 tensor with one element"):
+        OP(h, weight, bias, targets, seed.float(), 1.0, False, -100, emulated=emulated)
+    bad_targets = targets.clone()
+    bad_targets[3] = 230
+    if device == "cpu":
+        with pytest.raises(ValueError, match="got 230 at row 3"):
+            OP(h, weight, bias, bad_targets, seed, 1.0, False, -100, emulated=emulated)
+    else:  # reading the targets would synchronise the device: the loss says it instead
+        assert OP(h, weight, bias, bad_targets, seed, 1.0, False, -100)[0].isnan().item()
+
+
+def test_emulated_needs_16_bit_h():
+    h, weight, bias, targets = inputs(3)
+    with pytest.raises(ValueError, match="backend='emulated' runs the CUDA kernels, which take float16/bfloat16 h"):
+        gen_head(h, weight, bias, targets, backend="emulated")

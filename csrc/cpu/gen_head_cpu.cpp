@@ -41,7 +41,11 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "cpu/emulated_call.h"
 #include "gen_head_checks.h"
+#if defined(ELECTRA_EXT_WITH_EMULATION)
+#include "cpu/gen_head_emulated.h"
+#endif
 
 namespace electra_ext {
 namespace {
@@ -51,7 +55,6 @@ constexpr int64_t kTileColumns = 1024;
 static_assert(kTileColumns % 4 == 0, "a vocabulary tile must start at a Philox word group of 4 columns");
 
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
-constexpr const char* kNotEmulated = "the CUDA kernel is not written yet, so there is nothing to emulate";
 
 // One axis (rows or vocabulary columns) cut into tiles of `size`.
 struct Axis {
@@ -144,7 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gen_head_cpu(
     const at::Tensor& h_in, const at::Tensor& weight_in, const at::Tensor& bias_in, const at::Tensor& targets_in,
     const at::Tensor& seed_in, double temperature, bool disallow_correct, int64_t ignore_index, bool emulated) {
   constexpr const char* op = "gen_head";
-  TORCH_CHECK_VALUE(!emulated, op, ": ", kNotEmulated);
+  if (emulated) {
+    ELECTRA_EXT_EMULATED(op, gen_head_emulated(h_in, weight_in, bias_in, targets_in, seed_in, temperature,
+                                               disallow_correct, ignore_index));
+  }
   const int64_t vocab = check_gen_head_tensors(op, h_in, weight_in, bias_in, targets_in);
   check_gen_head_options(op, vocab, temperature, disallow_correct);
   check_gen_head_targets(op, targets_in, vocab, ignore_index);
@@ -256,14 +262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_head_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& h_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
     const at::Tensor& targets_in, const at::Tensor& lse_in, int64_t ignore_index, bool emulated) {
   constexpr const char* op = "gen_head_backward";
-  TORCH_CHECK_VALUE(!emulated, op, ": ", kNotEmulated);
+  if (emulated) {
+    ELECTRA_EXT_EMULATED(op, gen_head_backward_emulated(grad_loss, h_in, weight_in, bias_in, targets_in, lse_in,
+                                                        ignore_index));
+  }
   const int64_t vocab = check_gen_head_tensors(op, h_in, weight_in, bias_in, targets_in);
-  check_gen_head_device(op, h_in, grad_loss, "grad_loss");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must be a scalar, got shape ", grad_loss.sizes());
-  check_gen_head_device(op, h_in, lse_in, "lse");
-  TORCH_CHECK_VALUE(lse_in.dim() == 1 && lse_in.size(0) == h_in.size(0) && lse_in.scalar_type() == at::kFloat, op,
-                    ": lse must be float32 [M] = [", h_in.size(0), "], got ", lse_in.scalar_type(), " ",
-                    lse_in.sizes());
+  check_gen_head_backward_extras(op, h_in, grad_loss, lse_in);
   const int64_t counted = check_gen_head_targets(op, targets_in, vocab, ignore_index);
   const at::Tensor targets = targets_in.contiguous();
   const at::Tensor bias = bias_in.to(at::kFloat).contiguous();

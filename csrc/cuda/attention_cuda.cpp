@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "attention_device_glue.h"
+#include "cuda/check_not_emulated.h"
 
 namespace electra_ext {
 namespace {
@@ -19,11 +20,6 @@ struct CudaLaunchers {
   static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
   static void check(cudaError_t error) { C10_CUDA_CHECK(error); }
 };
-
-void check_not_emulated(const char* op, bool emulated) {
-  TORCH_CHECK_VALUE(!emulated, op, ": emulated=True runs the CUDA kernels on the CPU and needs CPU tensors, got "
-                                   "CUDA tensors");
-}
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const at::Tensor& starts, const at::Tensor& seqlens,

@@ -302,6 +302,11 @@ class ElectraGenerator(HFCheckpointMixin, nn.Module):
         hidden_states, _ = self.electra(input_ids, attention_mask, token_type_ids)
         rows = hidden_states.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
         transformed = self.generator_predictions(rows).flatten(0, 1)
+        device = transformed.device.type
+        if torch.is_autocast_enabled(device):
+            # What F.linear does under autocast (the LayerNorm before it returns float32): the head's products in
+            # the autocast dtype, which is what the CUDA kernels take.
+            transformed = transformed.to(torch.get_autocast_dtype(device))
         return gen_head(transformed, self.generator_lm_head.weight, self.generator_lm_head.bias,
                         targets.flatten(), temperature=temperature, generator=generator,
                         disallow_correct=disallow_correct)

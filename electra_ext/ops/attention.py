@@ -30,8 +30,7 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_KERNEL_HEAD_DIMS = (32, 64, 128)
 
-# Resolved once per device: torch.compile then traces a dictionary lookup, not the dispatcher query.
-_DEFAULT_IMPLEMENTATION = {device: backends.resolve(_OP.default, None, device) for device in ("cpu", "cuda")}
+_SELECT = backends.Selector(_OP.default)
 
 
 def _cuda_kernel_takes(q):
@@ -41,10 +40,7 @@ def _cuda_kernel_takes(q):
 def _implementation(q, backend):
     """"kernels", "emulated" or "reference" for these inputs (see electra_ext.ops.backend)."""
     device = q.device.type
-    if backend is None and device in _DEFAULT_IMPLEMENTATION:
-        implementation = _DEFAULT_IMPLEMENTATION[device]
-    else:
-        implementation = backends.resolve(_OP.default, backend, device)
+    implementation = _SELECT(backend, device)
     if implementation == "emulated" and not _cuda_kernel_takes(q):
         raise ValueError(f"attention: backend='emulated' runs the CUDA kernels, which take float16/bfloat16 "
                          f"q, k, v with head_dim in {CUDA_KERNEL_HEAD_DIMS}; got {q.dtype}, head_dim "

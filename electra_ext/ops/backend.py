@@ -52,3 +52,17 @@ def resolve(op, backend, device_type: str) -> str:
     if backend == "kernels" and not has_kernel(op, device_type):
         return "reference"
     return backend
+
+
+class Selector:
+    """Resolves `op`'s implementation per call. The defaults (backend=None) are resolved once per device type at
+    import, so that torch.compile traces a dictionary lookup, not the dispatcher query."""
+
+    def __init__(self, op):
+        self.op = op
+        self.defaults = {device: resolve(op, None, device) for device in ("cpu", "cuda")}
+
+    def __call__(self, backend, device_type: str) -> str:
+        if backend is None and device_type in self.defaults:
+            return self.defaults[device_type]
+        return resolve(self.op, backend, device_type)

@@ -16,8 +16,7 @@ from electra_ext.ops.reference import disc_head_reference
 _OP = torch.ops.electra_ext.disc_head
 _BACKWARD_OP = torch.ops.electra_ext.disc_head_backward
 
-# Resolved once per device: torch.compile then traces a dictionary lookup, not the dispatcher query.
-_DEFAULT_IMPLEMENTATION = {device: backends.resolve(_OP.default, None, device) for device in ("cpu", "cuda")}
+_SELECT = backends.Selector(_OP.default)
 
 
 def disc_head(x, w, b, labels, valid, *, backend=None):
@@ -27,10 +26,7 @@ def disc_head(x, w, b, labels, valid, *, backend=None):
     valid: [N] bool (token is not padding). backend: see electra_ext.ops.backend (None: the default).
     """
     device = x.device.type
-    if backend is None and device in _DEFAULT_IMPLEMENTATION:
-        implementation = _DEFAULT_IMPLEMENTATION[device]
-    else:
-        implementation = backends.resolve(_OP.default, backend, device)
+    implementation = _SELECT(backend, device)
     if implementation == "reference":
         return disc_head_reference(x, w, b, labels, valid)
     return _OP(x, w, b, labels, valid, emulated=implementation == "emulated")

@@ -9,8 +9,12 @@ The Gumbel noise of (row, column) is keyed by Philox with a seed drawn from `gen
 same tokens from float32 inputs, whatever the tiling or the thread count.
 
 Kernels: CPU float32, bfloat16 and float16 (csrc/cpu/gen_head_cpu.cpp: tiles of 128 rows x 1024 columns, float32
-accumulation, ~1 MiB of scratch per thread). Everything else (float64, CUDA tensors until the CUDA kernel of
-issue 7 lands) runs the pure-PyTorch reference (electra_ext/ops/reference.py), which materialises [M, V].
+accumulation, ~1 MiB of scratch per thread); CUDA float16 and bfloat16 h, the weight cast to h's dtype as autocast
+would (csrc/cuda/gen_head_device.cuh: tensor-core logit tiles with fused epilogues, float32 accumulation; the
+backward holds a 64 MiB workspace, ELECTRA_EXT_GEN_HEAD_WORKSPACE_MIB). On CUDA a target outside [0, V) that is
+not ignore_index makes the loss NaN (checking it would synchronise the device); elsewhere it is a ValueError.
+Everything else (float64, float32 h on CUDA) runs the pure-PyTorch reference (electra_ext/ops/reference.py),
+which materialises [M, V].
 Rows with target == ignore_index let callers pass a fixed number of rows (e.g. max predictions per sequence),
 which keeps shapes static under torch.compile.
 """
@@ -28,15 +32,9 @@ _BACKWARD_OP = torch.ops.electra_ext.gen_head_backward
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _default_implementation(device):
-    # gen_head has no CUDA kernel yet, hence nothing to emulate: ELECTRA_EXT_BACKEND=emulated, which asks every op
-    # to run its CUDA kernel's device code on the CPU, leaves this one on its CPU kernel.
-    backend = "kernels" if backends.DEFAULT_BACKEND == "emulated" else None
-    return backends.resolve(_OP.default, backend, device)
+CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
-
-# Resolved once per device: torch.compile then traces a dictionary lookup, not the dispatcher query.
-_DEFAULT_IMPLEMENTATION = {device: _default_implementation(device) for device in ("cpu", "cuda")}
+_SELECT = backends.Selector(_OP.default)
 
 
 class GenHeadOutput(NamedTuple):
@@ -49,12 +47,14 @@ class GenHeadOutput(NamedTuple):
 def _implementation(h, weight, bias, backend):
     """"kernels", "emulated" or "reference" for these inputs (see electra_ext.ops.backend)."""
     device = h.device.type
-    if backend is None and device in _DEFAULT_IMPLEMENTATION:
-        implementation = _DEFAULT_IMPLEMENTATION[device]
-    else:
-        implementation = backends.resolve(_OP.default, backend, device)
-    if implementation == "kernels" and not all(t.dtype in CPU_KERNEL_DTYPES for t in (h, weight, bias)):
-        return "reference"
+    implementation = _SELECT(backend, device)
+    if implementation == "emulated" and h.dtype not in CUDA_KERNEL_DTYPES:
+        raise ValueError(f"gen_head: backend='emulated' runs the CUDA kernels, which take float16/bfloat16 h; "
+                         f"got {h.dtype}")
+    if implementation == "kernels":
+        dtypes = CPU_KERNEL_DTYPES if device == "cpu" else CUDA_KERNEL_DTYPES
+        if h.dtype not in dtypes or not all(t.dtype in CPU_KERNEL_DTYPES for t in (weight, bias)):
+            return "reference"
     return implementation
 
 

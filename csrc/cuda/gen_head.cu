@@ -1,0 +1,122 @@
+// Host launchers of the generator-head kernels (torch-free; design and napkin math in gen_head_device.cuh).
+// Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the SIMT emulation (namespace
+// emulated, through csrc/emulated/gen_head.cpp).
+#include <cstdint>
+
+#include "cuda/gen_head_device.cuh"
+#include "cuda/gen_head_launch.h"
+
+namespace electra_ext::ELECTRA_BACKEND {
+namespace {
+
+namespace dev = gen_head_device;
+
+constexpr int64_t kMaxGridY = 65535;
+
+bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+// What every launch needs of the inputs: 16-byte aligned rows of h and weight (cp.async), hidden a multiple
+// of 8, a grid that fits.
+bool inputs_launchable(const GenHeadInputs& in, GenHeadSplits splits, int64_t row_blocks) {
+  return in.hidden > 0 && in.hidden % 8 == 0 && in.h_row_stride % 8 == 0 && aligned_16(in.h) &&
+         aligned_16(in.weight) && in.vocab > 0 && in.vocab <= INT32_MAX && splits.splits > 0 &&
+         splits.tiles_per_split > 0 && row_blocks <= kMaxGridY;
+}
+
+template <typename T>
+cudaError_t launch_forward(const GenHeadForwardArgs& args, cudaStream_t stream) {
+  const int64_t row_blocks = (args.in.rows + dev::kBlockRows - 1) / dev::kBlockRows;
+  launch_kernel(dev::forward_kernel<T>, dim3(args.splits.splits, static_cast<unsigned>(row_blocks)),
+                dim3(dev::kThreads), dev::kLogitTileSharedBytes, stream, args);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  const int64_t merge_blocks = (args.in.rows + dev::kMergeThreads - 1) / dev::kMergeThreads;
+  launch_kernel(dev::merge_kernel, dim3(static_cast<unsigned>(merge_blocks)), dim3(dev::kMergeThreads), 0, stream,
+                args);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kATransposed, typename Out>
+cudaError_t launch_gemm(const dev::GemmArgs<Out>& args, cudaStream_t stream) {
+  const int64_t blocks_n = (args.n + dev::kGemmTile - 1) / dev::kGemmTile;
+  const int64_t blocks_m = (args.m + dev::kGemmTile - 1) / dev::kGemmTile;
+  if (blocks_m > kMaxGridY) return cudaErrorInvalidValue;
+  launch_kernel(dev::gemm_kernel<T, kATransposed, Out>, dim3(static_cast<unsigned>(blocks_n),
+                                                           static_cast<unsigned>(blocks_m)),
+                dim3(dev::kThreads), dev::kGemmSharedBytes<kATransposed>, stream, args);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream) {
+  const GenHeadInputs& in = args.in;
+  const int64_t vocab_padded = gen_head_vocab_padded(in.vocab);
+  for (int64_t first_row = 0; first_row < in.rows; first_row += args.chunk_rows) {
+    const int64_t rows = in.rows - first_row < args.chunk_rows ? in.rows - first_row : args.chunk_rows;
+    const int64_t row_blocks = (rows + dev::kBlockRows - 1) / dev::kBlockRows;
+    launch_kernel(dev::grad_logits_kernel<T>, dim3(args.splits.splits, static_cast<unsigned>(row_blocks)),
+                  dim3(dev::kThreads), dev::kLogitTileSharedBytes, stream, args, first_row);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    const dev::GemmOperand grad_logits{args.grad_logits, vocab_padded, rows, vocab_padded};
+    const T* const h = static_cast<const T*>(in.h) + first_row * in.h_row_stride;
+    // grad_h[chunk] = s G weight: [rows x V] [V x hidden].
+    const dev::GemmArgs<T> grad_h{rows,
+                                  in.hidden,
+                                  vocab_padded,
+                                  grad_logits,
+                                  dev::GemmOperand{in.weight, in.hidden, in.vocab, in.hidden},
+                                  static_cast<T*>(args.grad_h) + first_row * in.hidden,
+                                  args.grad_scale,
+                                  false};
+    if (cudaError_t err = launch_gemm<T, false>(grad_h, stream); err != cudaSuccess) return err;
+    // grad_weight += s Gᵀ h[chunk]: [V x rows] [rows x hidden].
+    const dev::GemmArgs<float> grad_weight{in.vocab,
+                                           in.hidden,
+                                           rows,
+                                           grad_logits,
+                                           dev::GemmOperand{h, in.h_row_stride, rows, in.hidden},
+                                           args.grad_weight,
+                                           args.grad_scale,
+                                           true};
+    if (cudaError_t err = launch_gemm<T, true>(grad_weight, stream); err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int multiprocessor_count() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  const int count = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  return count > 0 ? count : 1;
+}
+
+// cudaErrorInvalidValue for a dtype other than fp16/bf16 or inputs that break the contract's layout.
+cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream) {
+  if (args.in.rows == 0) return cudaSuccess;
+  const int64_t row_blocks = (args.in.rows + dev::kBlockRows - 1) / dev::kBlockRows;
+  if (!inputs_launchable(args.in, args.splits, row_blocks) || args.seed == nullptr) return cudaErrorInvalidValue;
+  switch (args.in.dtype) {
+    case FloatType::kFloat16: return launch_forward<__half>(args, stream);
+    case FloatType::kBFloat16: return launch_forward<__nv_bfloat16>(args, stream);
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t gen_head_backward(const GenHeadBackwardArgs& args, cudaStream_t stream) {
+  if (args.in.rows == 0) return cudaSuccess;
+  if (args.chunk_rows <= 0 || args.chunk_rows % dev::kBlockRows != 0 ||
+      !inputs_launchable(args.in, args.splits, args.chunk_rows / dev::kBlockRows) ||
+      !aligned_16(args.grad_logits) || !aligned_16(args.grad_h) || !aligned_16(args.grad_weight)) {
+    return cudaErrorInvalidValue;
+  }
+  switch (args.in.dtype) {
+    case FloatType::kFloat16: return launch_backward<__half>(args, stream);
+    case FloatType::kBFloat16: return launch_backward<__nv_bfloat16>(args, stream);
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace electra_ext::ELECTRA_BACKEND
