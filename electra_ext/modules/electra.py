@@ -153,6 +153,20 @@ def seqlens_from_attention_mask(attention_mask, input_ids):
     return seqlens
 
 
+def check_ids_in_range(input_ids, token_type_ids, config: ElectraConfig):
+    """An id outside its embedding table would be an IndexError on the CPU and an illegal memory access (a dead
+    CUDA context) on the GPU: a ValueError instead, at the cost of one host read of four numbers."""
+    if not input_ids.numel():
+        return
+    low, high, type_low, type_high = torch.stack([input_ids.min(), input_ids.max(), token_type_ids.min(),
+                                                  token_type_ids.max()]).tolist()
+    for name, size_name, size, first, last in (("input_ids", "vocab_size", config.vocab_size, low, high),
+                                               ("token_type_ids", "type_vocab_size", config.type_vocab_size,
+                                                type_low, type_high)):
+        if first < 0 or last >= size:
+            raise ValueError(f"{name} must lie in [0, {size_name}={size}), got values from {first} to {last}")
+
+
 class ElectraModel(nn.Module):
     """Embeddings, the optional E->H projection and the encoder (HF's `ElectraModel`, the `electra.` prefix).
     `embeddings` lets two models share one embeddings module (ELECTRA's tied sharing)."""
@@ -183,6 +197,8 @@ class ElectraModel(nn.Module):
         elif token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(token_type_ids.shape)}")
+        if not torch.compiler.is_compiling():
+            check_ids_in_range(input_ids, token_type_ids, self.config)
         seqlens = seqlens_from_attention_mask(attention_mask, input_ids)
         hidden_states = self.embeddings(input_ids, token_type_ids)
         if hasattr(self, "embeddings_project"):

@@ -25,6 +25,9 @@ def disc_head(x, w, b, labels, valid, *, backend=None):
     x: [N, H] float32/bfloat16/float16, w: [H], b: [1], labels: [N] bool (token was replaced),
     valid: [N] bool (token is not padding). backend: see electra_ext.ops.backend (None: the default).
     """
+    if len({t.device for t in (x, w, b, labels, valid)}) > 1:
+        raise ValueError(f"disc_head: x, w, b, labels and valid must be on one device, got {x.device}, {w.device}, "
+                         f"{b.device}, {labels.device}, {valid.device}")
     device = x.device.type
     implementation = _SELECT(backend, device)
     if implementation == "reference":
