@@ -64,6 +64,20 @@ primitives() {
         "$build/test_primitives_cuda"
 }
 run_step primitives "$LOG_DIR/primitives.log" primitives "$(mktemp -d)"
+# Every CUDA kernel under NVIDIA's compute-sanitizer (memcheck: out-of-bounds and misaligned accesses; racecheck:
+# shared-memory hazards), when ELECTRA_EXT_GPU_CHECK_SANITIZE=1: slow (minutes), so not by default.
+if [[ ${ELECTRA_EXT_GPU_CHECK_SANITIZE:-0} == 1 ]]; then
+    SANITIZER=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
+    if [[ -x $SANITIZER ]]; then
+        for tool in memcheck racecheck; do
+            run_step "sanitizer-$tool" "$LOG_DIR/sanitizer-$tool.log" \
+                "$SANITIZER" --tool "$tool" --error-exitcode 1 python3 "$REPO/benchmarks/sanitize_kernels.py"
+        done
+    else
+        echo "gpu_check: $SANITIZER not found: sanitizer steps not run" >&2
+        failed+=(sanitizer-missing)
+    fi
+fi
 # The GPU image has torch but may lack the package's other dependencies and the test extra (no network to
 # install them): then only the op tests run here (they need torch alone), and the rest is left to CI.
 # ELECTRA_EXT_GPU_CHECK_TESTS (test paths) and ELECTRA_EXT_GPU_CHECK_K (a pytest -k expression) narrow the
