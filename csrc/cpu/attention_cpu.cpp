@@ -53,7 +53,7 @@ namespace {
 
 constexpr int64_t kForwardQueryRows = 128;
 constexpr int64_t kForwardKeyColumns = 256;
-constexpr int64_t kBackwardQueryRows = 64;
+constexpr int64_t kBackwardQueryRows = 128;
 constexpr int64_t kBackwardKeyColumns = 64;
 // Independent partial maxima and sums: float addition is not associative, so the compiler vectorises a row
 // reduction only when it is written as 8 separate lanes (two SSE registers).
@@ -130,21 +130,19 @@ struct HeadRows {
   const scalar_t* row(int64_t token) const { return data + token * token_stride; }
 };
 
-// `count` rows from `token` on as a row-major float32 matrix with leading dimension *ld: float32 tensors are read
-// in place (BLAS takes their token stride as the leading dimension), others are converted into `buffer`.
+// `count` rows from `token` on as a contiguous row-major float32 [count, head_dim] matrix in `buffer`: the BLAS
+// reads a contiguous operand faster than rows strided by the token stride of a fused QKV projection.
 template <typename scalar_t>
-const float* float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
-                        float* buffer, int64_t* ld) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    // A token stride below head_dim (an expanded tensor) is not a valid BLAS leading dimension.
-    if (rows.token_stride >= head_dim) {
-      *ld = rows.token_stride;
-      return rows.row(token);
-    }
-  }
+const float* packed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                               float* buffer, int64_t* ld) {
   for (int64_t i = 0; i < count; ++i) {
     const scalar_t* source = rows.row(token + i);
-    for (int64_t d = 0; d < head_dim; ++d) buffer[i * head_dim + d] = static_cast<float>(source[d]);
+    float* destination = buffer + i * head_dim;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::memcpy(destination, source, head_dim * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) destination[d] = static_cast<float>(source[d]);
+    }
   }
   *ld = head_dim;
   return buffer;
@@ -152,8 +150,8 @@ const float* float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t c
 
 // transposed[d, i] = rows[token + i, d] as float32, leading dimension ld.
 template <typename scalar_t>
-void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
-                           float* transposed, int64_t ld) {
+void transposed_float_rows_scalar(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                                  float* transposed, int64_t ld) {
   for (int64_t i = 0; i < count; ++i) {
     const scalar_t* source = rows.row(token + i);
     for (int64_t d = 0; d < head_dim; ++d) transposed[d * ld + i] = static_cast<float>(source[d]);

@@ -85,6 +85,39 @@ inline float exp_in_place(float* x, int64_t n, float scale, float shift) {
   return sum_of_lanes(_mm256_add_ps(sum0, sum1));
 }
 
+// Full vectors with plain loads and stores, the tail masked (masked stores are slow on some CPUs: measured,
+// masking every vector took the backward's element-wise step from ~7 to ~23 ms, 1 thread).
+template <bool kMasked>
+inline __m256 load8(const float* x, __m256i mask) {
+  if constexpr (kMasked) return _mm256_maskload_ps(x, mask);
+  return _mm256_loadu_ps(x);
+}
+
+template <bool kMasked>
+inline void store8(float* x, __m256i mask, __m256 v) {
+  if constexpr (kMasked) {
+    _mm256_maskstore_ps(x, mask, v);
+  } else {
+    _mm256_storeu_ps(x, v);
+  }
+}
+
+template <bool kMasked>
+inline void backward_step(float* probs, float* grad_probs, const float* multipliers, const float* lse,
+                          const float* delta, __m256 scale8, __m256i mask) {
+  const __m256 p = exp8(_mm256_fmsub_ps(load8<kMasked>(probs, mask), scale8, load8<kMasked>(lse, mask)));
+  __m256 dp = load8<kMasked>(grad_probs, mask);
+  __m256 dropped = p;
+  if (multipliers != nullptr) {
+    const __m256 m = load8<kMasked>(multipliers, mask);
+    dp = _mm256_mul_ps(dp, m);
+    dropped = _mm256_mul_ps(p, m);
+  }
+  const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(scale8, p), _mm256_sub_ps(dp, load8<kMasked>(delta, mask)));
+  store8<kMasked>(grad_probs, mask, ds);
+  store8<kMasked>(probs, mask, dropped);
+}
+
 // One key column of a transposed backward tile, over query rows i in [0, n):
 // p = e^(scale s - lse), dp = grad_probs * multipliers (dropout), grad_probs <- scale p (dp - delta),
 // probs <- p * multipliers (the dropped probabilities; p without dropout).
@@ -92,23 +125,56 @@ inline void backward_column(float* probs, float* grad_probs, const float* multip
                             const float* delta, int64_t n, float scale) {
   const __m256 scale8 = _mm256_set1_ps(scale);
   int64_t i = 0;
-  auto step = [&](int64_t at, __m256i mask) {
-    const __m256 s = _mm256_maskload_ps(probs + at, mask);
-    const __m256 p = exp8(_mm256_fmsub_ps(s, scale8, _mm256_maskload_ps(lse + at, mask)));
-    __m256 dp = _mm256_maskload_ps(grad_probs + at, mask);
-    __m256 dropped = p;
-    if (multipliers != nullptr) {
-      const __m256 m = _mm256_maskload_ps(multipliers + at, mask);
-      dp = _mm256_mul_ps(dp, m);
-      dropped = _mm256_mul_ps(p, m);
+  for (; i + 8 <= n; i += 8) {
+    backward_step<false>(probs + i, grad_probs + i, multipliers ? multipliers + i : nullptr, lse + i, delta + i,
+                         scale8, __m256i{});
+  }
+  if (i < n) {
+    backward_step<true>(probs + i, grad_probs + i, multipliers ? multipliers + i : nullptr, lse + i, delta + i,
+                        scale8, first_lanes(n - i));
+  }
+}
+
+// transposed[d, i] = rows[token + i, d] as float32, leading dimension ld: 8 x 8 blocks transposed in registers.
+template <typename scalar_t>
+void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                           float* transposed, int64_t ld) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      int64_t d = 0;
+      for (; d + 8 <= head_dim; d += 8) {
+        __m256 r[8];
+        for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(rows.row(token + i + k) + d);
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        float* out = transposed + d * ld + i;
+        _mm256_storeu_ps(out + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(out + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(out + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(out + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(out + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(out + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(out + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(out + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+      }
+      for (; d < head_dim; ++d) {
+        for (int64_t k = 0; k < 8; ++k) transposed[d * ld + i + k] = rows.row(token + i + k)[d];
+      }
     }
-    const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(scale8, p), _mm256_sub_ps(dp, _mm256_maskload_ps(delta + at, mask)));
-    _mm256_maskstore_ps(grad_probs + at, mask, ds);
-    _mm256_maskstore_ps(probs + at, mask, dropped);
-  };
-  const __m256i all = _mm256_set1_epi32(-1);
-  for (; i + 8 <= n; i += 8) step(i, all);
-  if (i < n) step(i, first_lanes(n - i));
+    for (; i < count; ++i) {
+      const float* source = rows.row(token + i);
+      for (int64_t d = 0; d < head_dim; ++d) transposed[d * ld + i] = source[d];
+    }
+  } else {
+    transposed_float_rows_scalar(rows, token, count, head_dim, transposed, ld);
+  }
 }
 
 #else
@@ -135,6 +201,12 @@ inline float exp_in_place(float* x, int64_t n, float scale, float shift) {
   float sum = 0.0f;
   for (float lane : lanes) sum += lane;
   return sum;
+}
+
+template <typename scalar_t>
+void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                           float* transposed, int64_t ld) {
+  transposed_float_rows_scalar(rows, token, count, head_dim, transposed, ld);
 }
 
 inline void backward_column(float* probs, float* grad_probs, const float* multipliers, const float* lse,
@@ -179,7 +251,8 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
   const int64_t out_token_stride = heads * head_dim;
 
   // A task is a run of query blocks of one (sequence, head): the whole sequence when there are enough (sequence,
-  // head) pairs to keep every thread busy, so that K^T is built once per pair; fewer blocks otherwise.
+  // head) pairs to keep every thread busy, so that K^T and the packed V are built once per pair; fewer blocks
+  // otherwise.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks_per_head = std::min(query_blocks, blocks_of(8 * threads, std::max<int64_t>(1, batches * heads)));
   const int64_t blocks_per_chunk = blocks_of(query_blocks, chunks_per_head);
@@ -208,11 +281,11 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
     int64_t v_ld = 0;
   };
   const int64_t panel_size = head_dim * kForwardKeyColumns;
-  const int64_t values_size = std::is_same_v<scalar_t, float> ? 0 : in.max_seqlen * head_dim;
+  const int64_t values_size = in.max_seqlen * head_dim;
   const int64_t q_size = kForwardQueryRows * head_dim, scores_size = kForwardQueryRows * kForwardKeyColumns;
   auto make_scratch = [&] {
-    // Per thread: K^T as one [head_dim, kForwardKeyColumns] panel per key block, V as float32 (other dtypes),
-    // the q block (other dtypes), the score tile, one row of dropout multipliers, the accumulator, max and sum.
+    // Per thread: K^T as one [head_dim, kForwardKeyColumns] panel per key block, V and the q block packed as
+    // float32, the score tile, one row of dropout multipliers, the accumulator, max and sum.
     Scratch s;
     s.storage = at::empty({key_blocks * panel_size + values_size + 2 * q_size + scores_size + kForwardKeyColumns +
                            2 * kForwardQueryRows},
@@ -239,7 +312,7 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
                               head_dim, s.key_transposed + first_column / kForwardKeyColumns * panel_size,
                               kForwardKeyColumns);
       }
-      s.v_all = float_rows(v_rows, start, seqlen, head_dim, s.values, &s.v_ld);
+      s.v_all = packed_float_rows(v_rows, start, seqlen, head_dim, s.values, &s.v_ld);
       s.batch = batch;
       s.head = head;
     }
@@ -251,7 +324,7 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
       const int64_t first_row = query_block * kForwardQueryRows;
       const int64_t rows = std::min(kForwardQueryRows, seqlen - first_row);
       int64_t q_ld = 0;
-      const float* q_block = float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
+      const float* q_block = packed_float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
       std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
       std::fill(row_sum, row_sum + rows, 0.0f);
 
@@ -323,7 +396,7 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
                    [&](int64_t a, int64_t b) { return seqlens[a / heads] > seqlens[b / heads]; });
 
   const int64_t query_panel = head_dim * kBackwardQueryRows, key_panel = head_dim * kBackwardKeyColumns;
-  const int64_t rows_size = std::is_same_v<scalar_t, float> ? 0 : max_seqlen * head_dim;
+  const int64_t rows_size = max_seqlen * head_dim;
   const int64_t tile_size = kBackwardKeyColumns * kBackwardQueryRows;
   const int64_t key_block_size = kBackwardKeyColumns * head_dim;
   struct Scratch {
@@ -334,7 +407,7 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
   };
   auto make_scratch = [&] {
     // Per thread: Q^T, dO^T and the dQ^T accumulator as [head_dim, kBackwardQueryRows] panels per query block,
-    // K^T as [head_dim, kBackwardKeyColumns] panels per key block, q, k, v, dO as float32 (other dtypes only),
+    // K^T as [head_dim, kBackwardKeyColumns] panels per key block, q, k, v, dO packed as float32,
     // delta, three transposed tiles [key columns, query rows], and dK, dV of one key block.
     Scratch s;
     s.storage = at::empty({3 * query_blocks * query_panel + key_blocks * key_panel + 4 * rows_size + max_seqlen +
@@ -364,10 +437,10 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
     const HeadRows<scalar_t> q_rows(in.q, head), k_rows(in.k, head), v_rows(in.v, head);
     const HeadRows<scalar_t> grad_out_rows(grad_out, head), out_rows(out, head);
     int64_t q_ld = 0, k_ld = 0, v_ld = 0, grad_out_ld = 0;
-    const float* q_all = float_rows(q_rows, start, seqlen, head_dim, s.q_buffer, &q_ld);
-    const float* k_all = float_rows(k_rows, start, seqlen, head_dim, s.k_buffer, &k_ld);
-    const float* v_all = float_rows(v_rows, start, seqlen, head_dim, s.v_buffer, &v_ld);
-    const float* grad_out_all = float_rows(grad_out_rows, start, seqlen, head_dim, s.grad_out_buffer, &grad_out_ld);
+    const float* q_all = packed_float_rows(q_rows, start, seqlen, head_dim, s.q_buffer, &q_ld);
+    const float* k_all = packed_float_rows(k_rows, start, seqlen, head_dim, s.k_buffer, &k_ld);
+    const float* v_all = packed_float_rows(v_rows, start, seqlen, head_dim, s.v_buffer, &v_ld);
+    const float* grad_out_all = packed_float_rows(grad_out_rows, start, seqlen, head_dim, s.grad_out_buffer, &grad_out_ld);
     for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
       const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
       const int64_t panel = first_row / kBackwardQueryRows * query_panel;
