@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -206,10 +207,15 @@ namespace avx2 {
 #endif
 
 // The AVX2 + FMA build of the kernels where the CPU has them (8 lanes and fused multiply-adds in the element-wise
-// work), else the baseline x86-64 one. Fixed for the process, so results never depend on which ran before.
+// work), else the baseline x86-64 one; ELECTRA_EXT_CPU_ISA=baseline forces the latter (for tests). Fixed for the
+// process, so results never depend on which ran before.
 bool use_avx2() {
 #if ELECTRA_ATTENTION_AVX2
-  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool available = [] {
+    const char* isa = std::getenv("ELECTRA_EXT_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return available;
 #else
   return false;
