@@ -1,25 +1,40 @@
 // Fused multi-head attention on the CPU: a tiled online-softmax forward (FlashAttention) and a backward that
 // recomputes the probabilities from the saved log-sum-exp (FlashAttention-2). Layout: csrc/cuda/attention_launch.h.
 //
-// Napkin math (B = 4, T = 512, H = 12, D = 64, float32, 2 AVX2 cores): the forward is 4 B H T^2 D = 3.2 GFLOP of
-// matrix products and B H T^2 = 12.6 M exponentials, on 4 x 4.7 MB of q, k, v and out. At ~60 GFLOP/s per core
-// for MKL's sgemm that is ~25 ms of products on 2 cores; the exponentials (a polynomial the compiler vectorises,
-// ~1 ns per 4 lanes) add ~3 ms, and a [T, T] score matrix per head would be 1 MB of traffic per head, so nothing
-// of that size is ever stored. The backward is 2.5x the products (five per tile instead of two).
+// Napkin math (B = 4, T = 512, H = 12, D = 64, float32, 2 AVX2 cores of an AMD EPYC): the forward is
+// 4 B H T^2 D = 3.2 GFLOP of matrix products and B H T^2 = 12.6 M exponentials, on 4 x 6.3 MB of q, k, v and out.
+// oneDNN's float32 brgemm runs our tiles at 75-90 GFLOP/s per core (measured; about the peak of two 8-lane FMAs per
+// cycle), so the products alone take ~39 ms on one core, ~20 ms on two. Everything else is overhead to keep small;
+// measured on one core: the softmax (row max, exponential and sum; 8-lane AVX2 with FMA, ~0.55 ns per score)
+// 7 ms, K^T 2 ms. The backward issues five products (8 GFLOP, ~95 ms on one core), 7 ms of element-wise work and
+// ~6 ms of packing, transposes and delta. SDPA's CPU flash kernel issues the same products (through MKL's
+// sgemm, at the same rate), so any margin over it comes from the element-wise work and from never computing
+// padded keys (SDPA takes padding as a mask). A [T, T] score matrix per head (1 MB) is never stored.
 //
-// Tiling: the forward runs one task per (sequence, head, block of kForwardQueryRows = 128 queries):
-// 4 * 12 * 4 = 192 tasks, enough to balance uneven sequence lengths on a few cores. Per key block of
-// kForwardKeyColumns = 256 it computes the 128 x 256 score tile (128 KB, L2-resident) with one matrix product,
-// exponentiates it against the running row maximum, rescales the 128 x D accumulator and adds P V with a second
-// product. Each product is 128 x 256 x 64 (2 M multiply-adds), so the per-call overhead of the BLAS (~1 us)
-// stays under 3%. K is copied transposed (and converted to float32) once per task: that copy is 1/128 of the
-// products' work but strided, and measured 64-query blocks took 163 ms against 96 ms for 128 (1 core).
-// The backward runs one task per (sequence, head), so that dQ accumulates over key blocks in a fixed order in a
-// per-task float32 buffer and dK, dV are owned by their key block: results are bitwise the same for any number
-// of threads. Its tiles are 64 x 64 (five 16 KB tiles live at once).
+// Forward tiling: a task is a run of 128-query blocks of one (sequence, head), the whole sequence when there are
+// at least 8 tasks per thread, so that K^T (one [D, 256] panel per key block) and the packed V are built once per
+// (sequence, head): per 128-query block, that copy was 9 of 71 ms on one core. Per key block of 256 it computes
+// the 128 x 256 score tile (128 KB, L2-resident) with one product, exponentiates it against the running row
+// maximum, rescales the accumulator rows whose maximum moved and adds P V with a second product (128 x 256 x 64
+// each: the BLAS's per-call overhead stays under 3%; 64 x 512, 128 x 512, 128 x 128 measured the same within
+// noise). Tasks are handed out dynamically, longest first: at::parallel_for's static split gave one thread 3.2x
+// the other's work with lengths 512, 400, 300, 200.
 //
-// Products go through ATen's cpublas::brgemm (MKL's sgemm or oneDNN, dispatched at run time to the CPU's vector
-// width); this file is compiled for baseline x86-64, so the element-wise loops are written to vectorise there.
+// Backward tiling: one task per (sequence, head). It works on transposed [64 keys, 128 queries] tiles:
+// S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every operand
+// as stored (no tile is transposed) and the element-wise step runs along query rows, where lse and delta are
+// contiguous. q, k, v and dO are packed contiguous per (sequence, head): read in place with the fused QKV's token
+// stride (2304 floats), the products took 117 ms instead of 95 (one core); 128 x 64 tiles instead of 64 x 64
+// took the three accumulating products from 64 to 54 ms. dQ^T accumulates over key blocks in a fixed order in the
+// task's buffer and dK, dV are owned by their key block: results are bitwise the same for any number of threads.
+// delta = rowsum(dO o O) is computed per task, not through a [tokens, H, D] float32 temporary.
+//
+// Memory: per thread, ~0.45 MB (forward) and ~1.2 MB (backward) of float32 scratch at T = 512, D = 64; measured
+// peak of a forward + backward call equal to SDPA's (benchmarks/cpu_attention_compare.py --memory).
+//
+// Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
+// bodies (attention_cpu_kernels.h) are compiled twice, for baseline x86-64 and with AVX2 + FMA, and the build is
+// chosen once per process (ELECTRA_EXT_CPU_ISA=baseline forces the baseline one).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
