@@ -146,6 +146,26 @@ struct HeadRows {
   const scalar_t* row(int64_t token) const { return data + token * token_stride; }
 };
 
+// `count` rows from `token` on as a row-major float32 matrix with leading dimension *ld: float32 tensors are read
+// in place (BLAS takes their token stride as the leading dimension), others are converted into `buffer`.
+template <typename scalar_t>
+const float* float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                        float* buffer, int64_t* ld) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // A token stride below head_dim (an expanded tensor) is not a valid BLAS leading dimension.
+    if (rows.token_stride >= head_dim) {
+      *ld = rows.token_stride;
+      return rows.row(token);
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t* source = rows.row(token + i);
+    for (int64_t d = 0; d < head_dim; ++d) buffer[i * head_dim + d] = static_cast<float>(source[d]);
+  }
+  *ld = head_dim;
+  return buffer;
+}
+
 // `count` rows from `token` on as a contiguous row-major float32 [count, head_dim] matrix in `buffer`: the BLAS
 // reads a contiguous operand faster than rows strided by the token stride of a fused QKV projection.
 template <typename scalar_t>

@@ -251,10 +251,11 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
   const int64_t out_token_stride = heads * head_dim;
 
   // A task is a run of query blocks of one (sequence, head): the whole sequence when there are enough (sequence,
-  // head) pairs to keep every thread busy, so that K^T and the packed V are built once per pair; fewer blocks
-  // otherwise.
+  // head) pairs to keep every thread busy, so that K^T (and float32 V for other dtypes) is built once per pair;
+  // fewer blocks otherwise.
   const int64_t threads = at::get_num_threads();
-  const int64_t chunks_per_head = std::min(query_blocks, blocks_of(8 * threads, std::max<int64_t>(1, batches * heads)));
+  const int64_t chunks_per_head =
+      std::min(query_blocks, blocks_of(8 * threads, std::max<int64_t>(1, batches * heads)));
   const int64_t blocks_per_chunk = blocks_of(query_blocks, chunks_per_head);
   struct Task {
     int64_t batch, head, first_block, end_block, cost;
@@ -281,11 +282,12 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
     int64_t v_ld = 0;
   };
   const int64_t panel_size = head_dim * kForwardKeyColumns;
-  const int64_t values_size = in.max_seqlen * head_dim;
+  const int64_t values_size = std::is_same_v<scalar_t, float> ? 0 : in.max_seqlen * head_dim;
   const int64_t q_size = kForwardQueryRows * head_dim, scores_size = kForwardQueryRows * kForwardKeyColumns;
   auto make_scratch = [&] {
-    // Per thread: K^T as one [head_dim, kForwardKeyColumns] panel per key block, V and the q block packed as
-    // float32, the score tile, one row of dropout multipliers, the accumulator, max and sum.
+    // Per thread: K^T as one [head_dim, kForwardKeyColumns] panel per key block, V and the q block as float32
+    // (other dtypes; float32 is read in place: packing it measured no faster, and costs 160 KB per thread), the
+    // score tile, one row of dropout multipliers, the accumulator, row maxima and sums.
     Scratch s;
     s.storage = at::empty({key_blocks * panel_size + values_size + 2 * q_size + scores_size + kForwardKeyColumns +
                            2 * kForwardQueryRows},
@@ -312,7 +314,7 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
                               head_dim, s.key_transposed + first_column / kForwardKeyColumns * panel_size,
                               kForwardKeyColumns);
       }
-      s.v_all = packed_float_rows(v_rows, start, seqlen, head_dim, s.values, &s.v_ld);
+      s.v_all = float_rows(v_rows, start, seqlen, head_dim, s.values, &s.v_ld);
       s.batch = batch;
       s.head = head;
     }
@@ -324,7 +326,7 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
       const int64_t first_row = query_block * kForwardQueryRows;
       const int64_t rows = std::min(kForwardQueryRows, seqlen - first_row);
       int64_t q_ld = 0;
-      const float* q_block = packed_float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
+      const float* q_block = float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
       std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
       std::fill(row_sum, row_sum + rows, 0.0f);
 
@@ -440,7 +442,8 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
     const float* q_all = packed_float_rows(q_rows, start, seqlen, head_dim, s.q_buffer, &q_ld);
     const float* k_all = packed_float_rows(k_rows, start, seqlen, head_dim, s.k_buffer, &k_ld);
     const float* v_all = packed_float_rows(v_rows, start, seqlen, head_dim, s.v_buffer, &v_ld);
-    const float* grad_out_all = packed_float_rows(grad_out_rows, start, seqlen, head_dim, s.grad_out_buffer, &grad_out_ld);
+    const float* grad_out_all =
+        packed_float_rows(grad_out_rows, start, seqlen, head_dim, s.grad_out_buffer, &grad_out_ld);
     for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
       const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
       const int64_t panel = first_row / kBackwardQueryRows * query_panel;
