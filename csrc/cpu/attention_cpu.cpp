@@ -12,13 +12,13 @@
 // padded keys (SDPA takes padding as a mask). A [T, T] score matrix per head (1 MB) is never stored.
 //
 // Forward tiling: a task is a run of 128-query blocks of one (sequence, head), the whole sequence when there are
-// at least 8 tasks per thread, so that K^T (one [D, 256] panel per key block) and the packed V are built once per
-// (sequence, head): per 128-query block, that copy was 9 of 71 ms on one core. Per key block of 256 it computes
-// the 128 x 256 score tile (128 KB, L2-resident) with one product, exponentiates it against the running row
-// maximum, rescales the accumulator rows whose maximum moved and adds P V with a second product (128 x 256 x 64
-// each: the BLAS's per-call overhead stays under 3%; 64 x 512, 128 x 512, 128 x 128 measured the same within
-// noise). Tasks are handed out dynamically, longest first: at::parallel_for's static split gave one thread 3.2x
-// the other's work with lengths 512, 400, 300, 200.
+// at least 8 tasks per thread, so that K^T (one [D, 256] panel per key block; V too, as float32, for bfloat16 and
+// float16) is built once per (sequence, head): per 128-query block, that copy was 9 of 71 ms on one core. Per key
+// block of 256 it computes the 128 x 256 score tile (128 KB, L2-resident) with one product, exponentiates it
+// against the running row maximum, rescales the accumulator rows whose maximum moved and adds P V with a second
+// product (128 x 256 x 64 each: the BLAS's per-call overhead stays under 3%; 64 x 512, 128 x 512, 128 x 128
+// measured the same within noise). Tasks are handed out dynamically, longest first: at::parallel_for's static
+// split gave one thread 3.2x the other's work with lengths 512, 400, 300, 200.
 //
 // Backward tiling: one task per (sequence, head). It works on transposed [64 keys, 128 queries] tiles:
 // S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every operand
@@ -29,7 +29,7 @@
 // task's buffer and dK, dV are owned by their key block: results are bitwise the same for any number of threads.
 // delta = rowsum(dO o O) is computed per task, not through a [tokens, H, D] float32 temporary.
 //
-// Memory: per thread, ~0.45 MB (forward) and ~1.2 MB (backward) of float32 scratch at T = 512, D = 64; measured
+// Memory: per thread, ~0.33 MB (forward) and ~1.2 MB (backward) of float32 scratch at T = 512, D = 64; measured
 // peak of a forward + backward call equal to SDPA's (benchmarks/cpu_attention_compare.py --memory).
 //
 // Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
