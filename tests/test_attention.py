@@ -3,6 +3,9 @@ emulated CUDA kernels, CUDA kernels): padding, lengths that straddle the kernels
 packed layout, Philox dropout (the same mask everywhere, forward and backward), opcheck, torch.compile and
 input checks."""
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -272,6 +275,29 @@ def test_cpu_result_does_not_depend_on_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(single, multi):
         assert torch.equal(a, b)
+
+
+BASELINE_PROBE = """
+import torch
+import test_attention as t
+for seq_len in (1, 17, 129, 513):
+    for dtype in t.DTYPES["cpu"]:
+        t.check_against_float64("cpu", t.attention, dtype, 3, seq_len, 2, 64)
+t.check_against_float64("cpu", t.attention, torch.float32, 3, 130, 2, 64, dropout_p=0.2)
+t.check_against_float64("cpu", t.attention, torch.float32, 3, 65, 2, 32)
+t.test_cpu_result_does_not_depend_on_thread_count()
+"""
+
+
+def test_cpu_baseline_build_matches_reference():
+    # The CPU kernels are compiled twice, for AVX2 + FMA and for baseline x86-64 (CPUs without them), and the choice
+    # is made once per process: the baseline build runs in a subprocess, forced by ELECTRA_EXT_CPU_ISA.
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ELECTRA_EXT_CPU_ISA="baseline",
+               PYTHONPATH=os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    result = subprocess.run([sys.executable, "-c", BASELINE_PROBE], env=env, cwd=here, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def packed_op_inputs(device, dtype, dropout_p):

@@ -1,25 +1,40 @@
 // Fused multi-head attention on the CPU: a tiled online-softmax forward (FlashAttention) and a backward that
 // recomputes the probabilities from the saved log-sum-exp (FlashAttention-2). Layout: csrc/cuda/attention_launch.h.
 //
-// Napkin math (B = 4, T = 512, H = 12, D = 64, float32, 2 AVX2 cores): the forward is 4 B H T^2 D = 3.2 GFLOP of
-// matrix products and B H T^2 = 12.6 M exponentials, on 4 x 4.7 MB of q, k, v and out. At ~60 GFLOP/s per core
-// for MKL's sgemm that is ~25 ms of products on 2 cores; the exponentials (a polynomial the compiler vectorises,
-// ~1 ns per 4 lanes) add ~3 ms, and a [T, T] score matrix per head would be 1 MB of traffic per head, so nothing
-// of that size is ever stored. The backward is 2.5x the products (five per tile instead of two).
+// Napkin math (B = 4, T = 512, H = 12, D = 64, float32, 2 AVX2 cores of an AMD EPYC): the forward is
+// 4 B H T^2 D = 3.2 GFLOP of matrix products and B H T^2 = 12.6 M exponentials, on 4 x 6.3 MB of q, k, v and out.
+// oneDNN's float32 brgemm runs our tiles at 75-90 GFLOP/s per core (measured; about the peak of two 8-lane FMAs per
+// cycle), so the products alone take ~39 ms on one core, ~20 ms on two. Everything else is overhead to keep small;
+// measured on one core: the softmax (row max, exponential and sum; 8-lane AVX2 with FMA, ~0.55 ns per score)
+// 7 ms, K^T 2 ms. The backward issues five products (8 GFLOP, ~95 ms on one core), 7 ms of element-wise work and
+// ~6 ms of packing, transposes and delta. SDPA's CPU flash kernel issues the same products (through MKL's
+// sgemm, at the same rate), so any margin over it comes from the element-wise work and from never computing
+// padded keys (SDPA takes padding as a mask). A [T, T] score matrix per head (1 MB) is never stored.
 //
-// Tiling: the forward runs one task per (sequence, head, block of kForwardQueryRows = 128 queries):
-// 4 * 12 * 4 = 192 tasks, enough to balance uneven sequence lengths on a few cores. Per key block of
-// kForwardKeyColumns = 256 it computes the 128 x 256 score tile (128 KB, L2-resident) with one matrix product,
-// exponentiates it against the running row maximum, rescales the 128 x D accumulator and adds P V with a second
-// product. Each product is 128 x 256 x 64 (2 M multiply-adds), so the per-call overhead of the BLAS (~1 us)
-// stays under 3%. K is copied transposed (and converted to float32) once per task: that copy is 1/128 of the
-// products' work but strided, and measured 64-query blocks took 163 ms against 96 ms for 128 (1 core).
-// The backward runs one task per (sequence, head), so that dQ accumulates over key blocks in a fixed order in a
-// per-task float32 buffer and dK, dV are owned by their key block: results are bitwise the same for any number
-// of threads. Its tiles are 64 x 64 (five 16 KB tiles live at once).
+// Forward tiling: a task is a run of 128-query blocks of one (sequence, head), the whole sequence when there are
+// at least 8 tasks per thread, so that K^T (one [D, 256] panel per key block; V too, as float32, for bfloat16 and
+// float16) is built once per (sequence, head): per 128-query block, that copy was 9 of 71 ms on one core. Per key
+// block of 256 it computes the 128 x 256 score tile (128 KB, L2-resident) with one product, exponentiates it
+// against the running row maximum, rescales the accumulator rows whose maximum moved and adds P V with a second
+// product (128 x 256 x 64 each: the BLAS's per-call overhead stays under 3%; 64 x 512, 128 x 512, 128 x 128
+// measured the same within noise). Tasks are handed out dynamically, longest first: at::parallel_for's static
+// split gave one thread 3.2x the other's work with lengths 512, 400, 300, 200.
 //
-// Products go through ATen's cpublas::brgemm (MKL's sgemm or oneDNN, dispatched at run time to the CPU's vector
-// width); this file is compiled for baseline x86-64, so the element-wise loops are written to vectorise there.
+// Backward tiling: one task per (sequence, head). It works on transposed [64 keys, 128 queries] tiles:
+// S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every operand
+// as stored (no tile is transposed) and the element-wise step runs along query rows, where lse and delta are
+// contiguous. q, k, v and dO are packed contiguous per (sequence, head): read in place with the fused QKV's token
+// stride (2304 floats), the products took 117 ms instead of 95 (one core); 128 x 64 tiles instead of 64 x 64
+// took the three accumulating products from 64 to 54 ms. dQ^T accumulates over key blocks in a fixed order in the
+// task's buffer and dK, dV are owned by their key block: results are bitwise the same for any number of threads.
+// delta = rowsum(dO o O) is computed per task, not through a [tokens, H, D] float32 temporary.
+//
+// Memory: per thread, ~0.33 MB (forward) and ~1.2 MB (backward) of float32 scratch at T = 512, D = 64; measured
+// peak of a forward + backward call equal to SDPA's (benchmarks/cpu_attention_compare.py --memory).
+//
+// Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
+// bodies (attention_cpu_kernels.h) are compiled twice, for baseline x86-64 and with AVX2 + FMA, and the build is
+// chosen once per process (ELECTRA_EXT_CPU_ISA=baseline forces the baseline one).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,10 +42,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ELECTRA_ATTENTION_AVX2 1
+#include <immintrin.h>
+#else
+#define ELECTRA_ATTENTION_AVX2 0
+#endif
 
 #include "attention_checks.h"
 #include "common/philox.h"
@@ -44,7 +69,7 @@ namespace {
 
 constexpr int64_t kForwardQueryRows = 128;
 constexpr int64_t kForwardKeyColumns = 256;
-constexpr int64_t kBackwardQueryRows = 64;
+constexpr int64_t kBackwardQueryRows = 128;
 constexpr int64_t kBackwardKeyColumns = 64;
 // Independent partial maxima and sums: float addition is not associative, so the compiler vectorises a row
 // reduction only when it is written as 8 separate lanes (two SSE registers).
@@ -97,31 +122,6 @@ inline float exp_vectorizable(float x) {
   return float_of(bits_of(p * power_of_two) & (underflows ? 0u : ~0u));
 }
 
-inline float max_of(const float* x, int64_t n) {
-  float lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] = std::max(lanes[lane], x[j + lane]);
-  }
-  for (; j < n; ++j) lanes[0] = std::max(lanes[0], x[j]);
-  return *std::max_element(lanes, lanes + kLanes);
-}
-
-// x[j] = e^(scale * x[j] - shift); returns the sum of the new x.
-inline float exp_in_place(float* x, int64_t n, float scale, float shift) {
-  for (int64_t j = 0; j < n; ++j) x[j] = exp_vectorizable(x[j] * scale - shift);
-  float lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] += x[j + lane];
-  }
-  for (; j < n; ++j) lanes[0] += x[j];
-  float sum = 0.0f;
-  for (float lane : lanes) sum += lane;
-  return sum;
-}
-
 // multipliers[j] = 1 / (1 - p) where dropout keeps (row, first_column + j) of (batch, head), else 0.
 void dropout_multipliers(const AttentionInputs& in, int64_t batch, int64_t head, int64_t row, int64_t first_column,
                          int64_t columns, float* multipliers) {
@@ -166,10 +166,28 @@ const float* float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t c
   return buffer;
 }
 
+// `count` rows from `token` on as a contiguous row-major float32 [count, head_dim] matrix in `buffer`: the BLAS
+// reads a contiguous operand faster than rows strided by the token stride of a fused QKV projection.
+template <typename scalar_t>
+const float* packed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                               float* buffer, int64_t* ld) {
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t* source = rows.row(token + i);
+    float* destination = buffer + i * head_dim;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::memcpy(destination, source, head_dim * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) destination[d] = static_cast<float>(source[d]);
+    }
+  }
+  *ld = head_dim;
+  return buffer;
+}
+
 // transposed[d, i] = rows[token + i, d] as float32, leading dimension ld.
 template <typename scalar_t>
-void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
-                           float* transposed, int64_t ld) {
+void transposed_float_rows_scalar(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                                  float* transposed, int64_t ld) {
   for (int64_t i = 0; i < count; ++i) {
     const scalar_t* source = rows.row(token + i);
     for (int64_t d = 0; d < head_dim; ++d) transposed[d * ld + i] = static_cast<float>(source[d]);
@@ -208,176 +226,52 @@ void check_cpu_dtype(const char* op, const at::Tensor& q) {
 
 int64_t blocks_of(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
-template <typename scalar_t>
-void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
-  const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
-  const int64_t query_blocks = blocks_of(in.max_seqlen, kForwardQueryRows);
-  const int32_t* starts = in.starts.data_ptr<int32_t>();
-  const int32_t* seqlens = in.seqlens.data_ptr<int32_t>();
-  const float scale = static_cast<float>(in.softmax_scale);
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  float* lse_data = lse.data_ptr<float>();
-  const int64_t out_token_stride = heads * head_dim;
+namespace portable {
+#include "cpu/attention_cpu_kernels.h"
+}  // namespace portable
 
-  at::parallel_for(0, in.starts.size(0) * heads * query_blocks, 1, [&](int64_t task_begin, int64_t task_end) {
-    // Tile buffers, once per thread: q block, transposed key block, value block, scores, accumulator.
-    const int64_t q_size = kForwardQueryRows * head_dim, kv_size = kForwardKeyColumns * head_dim;
-    const int64_t scores_size = kForwardQueryRows * kForwardKeyColumns;
-    at::Tensor scratch = at::empty({q_size + 2 * kv_size + 2 * scores_size + q_size + 2 * kForwardQueryRows},
-                                   in.q.options().dtype(at::kFloat));
-    float* q_buffer = scratch.data_ptr<float>();
-    float* key_transposed = q_buffer + q_size;
-    float* v_buffer = key_transposed + kv_size;
-    float* scores = v_buffer + kv_size;
-    float* multipliers = scores + scores_size;
-    float* accumulator = multipliers + scores_size;
-    float* row_max = accumulator + q_size;
-    float* row_sum = row_max + kForwardQueryRows;
+#if ELECTRA_ATTENTION_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define ELECTRA_ATTENTION_AVX2_BODY
+#include "cpu/attention_cpu_kernels.h"
+#undef ELECTRA_ATTENTION_AVX2_BODY
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
 
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t query_block = task % query_blocks, head = task / query_blocks % heads;
-      const int64_t batch = task / (query_blocks * heads);
-      const int64_t seqlen = seqlens[batch], start = starts[batch];
-      const int64_t first_row = query_block * kForwardQueryRows;
-      if (first_row >= seqlen) continue;
-      const int64_t rows = std::min(kForwardQueryRows, seqlen - first_row);
-      const HeadRows<scalar_t> q_rows(in.q, head), k_rows(in.k, head), v_rows(in.v, head);
-      int64_t q_ld = 0, v_ld = 0;
-      const float* q_block = float_rows(q_rows, start + first_row, rows, head_dim, q_buffer, &q_ld);
-      std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
-      std::fill(row_sum, row_sum + rows, 0.0f);
-      std::fill(accumulator, accumulator + rows * head_dim, 0.0f);
-
-      for (int64_t first_column = 0; first_column < seqlen; first_column += kForwardKeyColumns) {
-        const int64_t columns = std::min(kForwardKeyColumns, seqlen - first_column);
-        transposed_float_rows(k_rows, start + first_column, columns, head_dim, key_transposed, kForwardKeyColumns);
-        const float* v_block = float_rows(v_rows, start + first_column, columns, head_dim, v_buffer, &v_ld);
-        matmul(rows, columns, head_dim, q_block, q_ld, key_transposed, kForwardKeyColumns, scores,
-               kForwardKeyColumns, false);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* score_row = scores + i * kForwardKeyColumns;
-          // scale > 0, so the maximum of the scaled scores is the scaled maximum, bit for bit.
-          const float new_max = std::max(row_max[i], scale * max_of(score_row, columns));
-          const float rescale = std::exp(row_max[i] - new_max);  // e^-inf = 0 on the first block
-          row_sum[i] = row_sum[i] * rescale + exp_in_place(score_row, columns, scale, new_max);
-          row_max[i] = new_max;
-          float* accumulator_row = accumulator + i * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) accumulator_row[d] *= rescale;
-          if (in.dropout_threshold > 0) {
-            // The sum above is before dropout: lse and the normalisation are those of the undropped softmax.
-            dropout_multipliers(in, batch, head, first_row + i, first_column, columns, multipliers);
-            for (int64_t j = 0; j < columns; ++j) score_row[j] *= multipliers[j];
-          }
-        }
-        matmul(rows, head_dim, columns, scores, kForwardKeyColumns, v_block, v_ld, accumulator, head_dim, true);
-      }
-
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t token = start + first_row + i;
-        store_rows(accumulator + i * head_dim, 1, head_dim, 1.0f / row_sum[i],
-                   out_data + token * out_token_stride + head * head_dim, out_token_stride);
-        lse_data[head * tokens + token] = row_max[i] + std::log(row_sum[i]);
-      }
-    }
-  });
+// The AVX2 + FMA build of the kernels where the CPU has them (8 lanes and fused multiply-adds in the element-wise
+// work), else the baseline x86-64 one; ELECTRA_EXT_CPU_ISA=baseline forces the latter (for tests). Fixed for the
+// process, so results never depend on which ran before.
+bool use_avx2() {
+#if ELECTRA_ATTENTION_AVX2
+  static const bool available = [] {
+    const char* isa = std::getenv("ELECTRA_EXT_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return available;
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t>
-void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& lse,
-                               const at::Tensor& delta, at::Tensor& grad_q, at::Tensor& grad_k,
-                               at::Tensor& grad_v) {
-  const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
-  const int64_t max_seqlen = in.max_seqlen;
-  const int32_t* starts = in.starts.data_ptr<int32_t>();
-  const int32_t* seqlens = in.seqlens.data_ptr<int32_t>();
-  const float scale = static_cast<float>(in.softmax_scale);
-  const float* lse_data = lse.data_ptr<float>();
-  const float* delta_data = delta.data_ptr<float>();
-  const int64_t grad_token_stride = heads * head_dim;
+void attention_forward(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
+#if ELECTRA_ATTENTION_AVX2
+  if (use_avx2()) return avx2::attention_forward_kernel<scalar_t>(in, out, lse);
+#endif
+  portable::attention_forward_kernel<scalar_t>(in, out, lse);
+}
 
-  at::parallel_for(0, in.starts.size(0) * heads, 1, [&](int64_t task_begin, int64_t task_end) {
-    // Per thread: whole-sequence K^T, V^T, and q, k, grad_out as float32 (used only for other dtypes), the dQ
-    // accumulator, dK and dV of one key block, and six score-sized tiles.
-    const int64_t sequence_size = max_seqlen * head_dim, key_block_size = kBackwardKeyColumns * head_dim;
-    const int64_t tile_size = kBackwardQueryRows * kBackwardKeyColumns;
-    at::Tensor scratch = at::empty({6 * sequence_size + 2 * key_block_size + 5 * tile_size + kBackwardKeyColumns},
-                                   in.q.options().dtype(at::kFloat));
-    float* key_transposed = scratch.data_ptr<float>();
-    float* value_transposed = key_transposed + sequence_size;
-    float* q_buffer = value_transposed + sequence_size;
-    float* k_buffer = q_buffer + sequence_size;
-    float* grad_out_buffer = k_buffer + sequence_size;
-    float* grad_q_accumulator = grad_out_buffer + sequence_size;
-    float* grad_k_accumulator = grad_q_accumulator + sequence_size;
-    float* grad_v_accumulator = grad_k_accumulator + key_block_size;
-    float* scores = grad_v_accumulator + key_block_size;            // [query rows, key columns]
-    float* grad_probs = scores + tile_size;                          // [query rows, key columns]
-    float* grad_scores = grad_probs + tile_size;                     // [query rows, key columns]
-    float* dropped_probs_transposed = grad_scores + tile_size;       // [key columns, query rows]
-    float* grad_scores_transposed = dropped_probs_transposed + tile_size;  // [key columns, query rows]
-    float* multipliers = grad_scores_transposed + tile_size;
-
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t head = task % heads, batch = task / heads;
-      const int64_t seqlen = seqlens[batch], start = starts[batch];
-      if (seqlen == 0) continue;
-      const HeadRows<scalar_t> q_rows(in.q, head), k_rows(in.k, head), v_rows(in.v, head);
-      const HeadRows<scalar_t> grad_out_rows(grad_out, head);
-      int64_t q_ld = 0, k_ld = 0, grad_out_ld = 0;
-      const float* q_all = float_rows(q_rows, start, seqlen, head_dim, q_buffer, &q_ld);
-      const float* k_all = float_rows(k_rows, start, seqlen, head_dim, k_buffer, &k_ld);
-      const float* grad_out_all = float_rows(grad_out_rows, start, seqlen, head_dim, grad_out_buffer, &grad_out_ld);
-      transposed_float_rows(k_rows, start, seqlen, head_dim, key_transposed, seqlen);
-      transposed_float_rows(v_rows, start, seqlen, head_dim, value_transposed, seqlen);
-      const float* lse_row = lse_data + head * tokens + start;
-      const float* delta_row = delta_data + head * tokens + start;
-
-      for (int64_t first_column = 0; first_column < seqlen; first_column += kBackwardKeyColumns) {
-        const int64_t columns = std::min(kBackwardKeyColumns, seqlen - first_column);
-        for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
-          const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
-          const float* q_block = q_all + first_row * q_ld;
-          const float* grad_out_block = grad_out_all + first_row * grad_out_ld;
-          matmul(rows, columns, head_dim, q_block, q_ld, key_transposed + first_column, seqlen, scores,
-                 kBackwardKeyColumns, false);
-          matmul(rows, columns, head_dim, grad_out_block, grad_out_ld, value_transposed + first_column, seqlen,
-                 grad_probs, kBackwardKeyColumns, false);
-          for (int64_t i = 0; i < rows; ++i) {
-            float* probs = scores + i * kBackwardKeyColumns;
-            float* grad_probs_row = grad_probs + i * kBackwardKeyColumns;
-            float* grad_scores_row = grad_scores + i * kBackwardKeyColumns;
-            const float row_lse = lse_row[first_row + i], row_delta = delta_row[first_row + i];
-            exp_in_place(probs, columns, scale, row_lse);
-            if (in.dropout_threshold > 0) {
-              dropout_multipliers(in, batch, head, first_row + i, first_column, columns, multipliers);
-            } else {
-              std::fill(multipliers, multipliers + columns, 1.0f);
-            }
-            for (int64_t j = 0; j < columns; ++j) {
-              // dS = P * (dP_dropped - delta), with softmax_scale folded in for dQ and dK.
-              grad_scores_row[j] = scale * probs[j] * (grad_probs_row[j] * multipliers[j] - row_delta);
-              dropped_probs_transposed[j * kBackwardQueryRows + i] = probs[j] * multipliers[j];
-              grad_scores_transposed[j * kBackwardQueryRows + i] = grad_scores_row[j];
-            }
-          }
-          const bool first_query_block = first_row == 0;
-          matmul(columns, head_dim, rows, dropped_probs_transposed, kBackwardQueryRows, grad_out_block, grad_out_ld,
-                 grad_v_accumulator, head_dim, !first_query_block);
-          matmul(columns, head_dim, rows, grad_scores_transposed, kBackwardQueryRows, q_block, q_ld,
-                 grad_k_accumulator, head_dim, !first_query_block);
-          matmul(rows, head_dim, columns, grad_scores, kBackwardKeyColumns, k_all + first_column * k_ld, k_ld,
-                 grad_q_accumulator + first_row * head_dim, head_dim, first_column > 0);
-        }
-        const int64_t first_token = (start + first_column) * grad_token_stride + head * head_dim;
-        store_rows(grad_k_accumulator, columns, head_dim, 1.0f, grad_k.data_ptr<scalar_t>() + first_token,
-                   grad_token_stride);
-        store_rows(grad_v_accumulator, columns, head_dim, 1.0f, grad_v.data_ptr<scalar_t>() + first_token,
-                   grad_token_stride);
-      }
-      store_rows(grad_q_accumulator, seqlen, head_dim, 1.0f,
-                 grad_q.data_ptr<scalar_t>() + start * grad_token_stride + head * head_dim, grad_token_stride);
-    }
-  });
+template <typename scalar_t>
+void attention_backward(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& out,
+                        const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+#if ELECTRA_ATTENTION_AVX2
+  if (use_avx2()) return avx2::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
+#endif
+  portable::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -393,9 +287,9 @@ std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const at:
   at::Tensor lse = at::zeros({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {out, lse};
   AT_DISPATCH_SWITCH(in.q.scalar_type(), "attention_cpu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { attention_forward_kernel<scalar_t>(in, out, lse); })
+                     AT_DISPATCH_CASE(at::kFloat, [&] { attention_forward<scalar_t>(in, out, lse); })
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(
-                             [&] { attention_forward_kernel<scalar_t>(in, out, lse); }));
+                             [&] { attention_forward<scalar_t>(in, out, lse); }));
   return {out, lse};
 }
 
@@ -411,13 +305,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_aten(
   check_sequences(op, in);
   const at::Tensor grad_out = unit_last_stride(grad_out_in);
   const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor out_contiguous = unit_last_stride(out);
   at::Tensor grad_q = at::zeros(in.q.sizes(), in.q.options());
   at::Tensor grad_k = at::zeros(in.q.sizes(), in.q.options());
   at::Tensor grad_v = at::zeros(in.q.sizes(), in.q.options());
   if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {grad_q, grad_k, grad_v};
-  const at::Tensor delta = attention_delta(grad_out, out);
 #define ELECTRA_ATTENTION_BACKWARD_KERNEL \
-  [&] { attention_backward_kernel<scalar_t>(in, grad_out, lse, delta, grad_q, grad_k, grad_v); }
+  [&] { attention_backward<scalar_t>(in, grad_out, out_contiguous, lse, grad_q, grad_k, grad_v); }
   AT_DISPATCH_SWITCH(in.q.scalar_type(), "attention_backward_cpu",
                      AT_DISPATCH_CASE(at::kFloat, ELECTRA_ATTENTION_BACKWARD_KERNEL)
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(ELECTRA_ATTENTION_BACKWARD_KERNEL));

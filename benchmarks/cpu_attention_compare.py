@@ -1,0 +1,159 @@
+"""ops.attention's CPU kernel against PyTorch's SDPA (CPU flash), timed interleaved, and their peak memory.
+
+    python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory]
+
+Shape B=4, T=512, H=12, D=64, float32; "padded" gives lengths 512, 400, 300, 200 (SDPA then gets the boolean key
+mask, which rules out nothing on the CPU: its flash kernel takes masks). Timing: every round times each case for
+both providers back to back (best of --repeats calls each), so a busy neighbour slows both alike; the table
+keeps each provider's best over the rounds and the median of the per-round ratios.
+
+Memory (--memory): one fresh subprocess per (case, provider) so the allocators start empty; large allocations
+are forced through mmap (MALLOC_MMAP_THRESHOLD_), so freed buffers leave the resident set and the process's
+peak resident set (VmHWM, reset through /proc/self/clear_refs after one warm-up call) counts exactly what one
+more call holds at its peak, inputs excluded.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+B, T, H, D = 4, 512, 12, 64
+LENGTHS = [512, 400, 300, 200]
+
+
+def make_inputs(padded, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    # One fused projection output, as the encoder produces: q, k, v are strided views of it.
+    qkv = torch.randn(B, T, 3, H, D, dtype=dtype, generator=generator).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    seqlens = torch.tensor(LENGTHS, dtype=torch.int32) if padded else None
+    grad_out = torch.randn(B, T, H, D, dtype=dtype, generator=generator)
+    return qkv, (q, k, v), seqlens, grad_out
+
+
+def ours(q, k, v, seqlens):
+    from electra_ext import ops
+    return ops.attention(q, k, v, seqlens=seqlens)
+
+
+def sdpa(q, k, v, seqlens):
+    mask = None
+    if seqlens is not None:
+        mask = (torch.arange(q.shape[1]) < seqlens.unsqueeze(1))[:, None, None, :]
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+PROVIDERS = {"electra_ext": ours, "sdpa": sdpa}
+CASES = [(mode, padded) for mode in ("fwd", "fwd_bwd") for padded in (False, True)]
+
+
+def make_call(provider, mode, padded):
+    qkv, (q, k, v), seqlens, grad_out = make_inputs(padded)
+    attend = PROVIDERS[provider]
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return attend(q, k, v, seqlens)
+    else:
+        def call():
+            return torch.autograd.grad(attend(q, k, v, seqlens), qkv, grad_out)
+    return call
+
+
+def best_of(call, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def case_name(mode, padded):
+    return f"{'forward' if mode == 'fwd' else 'forward + backward'}, {'padded' if padded else 'no padding'}"
+
+
+def time_cases(rounds, repeats):
+    calls = {(p, m, pad): make_call(p, m, pad) for p in PROVIDERS for m, pad in CASES}
+    for call in calls.values():
+        call()  # warm-up: JIT kernels, allocator
+    times = {key: [] for key in calls}
+    ratios = {case: [] for case in CASES}
+    for _ in range(rounds):
+        for mode, padded in CASES:
+            t_ours = best_of(calls[("electra_ext", mode, padded)], repeats)
+            t_sdpa = best_of(calls[("sdpa", mode, padded)], repeats)
+            times[("electra_ext", mode, padded)].append(t_ours)
+            times[("sdpa", mode, padded)].append(t_sdpa)
+            ratios[(mode, padded)].append(t_ours / t_sdpa)
+    print(f"| case | electra_ext | SDPA (CPU) | ratio (median of {rounds} rounds) |")
+    print("| --- | --- | --- | --- |")
+    for mode, padded in CASES:
+        ours_ms, sdpa_ms = (1e3 * min(times[(p, mode, padded)]) for p in PROVIDERS)
+        print(f"| {case_name(mode, padded)} | {ours_ms:.1f} ms | {sdpa_ms:.1f} ms "
+              f"| {statistics.median(ratios[(mode, padded)]):.2f} |")
+
+
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_memory_here(provider, mode, padded):
+    call = make_call(provider, mode, padded)
+    result = call()  # warm-up: JIT kernels, thread pools
+    del result
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = status_kb("VmRSS")
+    result = call()
+    peak = status_kb("VmHWM")
+    del result
+    print(json.dumps({"peak_extra_kb": peak - before}))
+
+
+def measure_memory(threads):
+    print("| case | electra_ext peak | SDPA peak |")
+    print("| --- | --- | --- |")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    for mode, padded in CASES:
+        peaks = {}
+        for provider in PROVIDERS:
+            output = subprocess.run(
+                [sys.executable, __file__, "--threads", str(threads), "--child", provider, mode, str(int(padded))],
+                env=env, check=True, capture_output=True, text=True).stdout
+            peaks[provider] = json.loads(output.strip().splitlines()[-1])["peak_extra_kb"] / 1024
+        print(f"| {case_name(mode, padded)} | {peaks['electra_ext']:.1f} MB | {peaks['sdpa']:.1f} MB |")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        provider, mode, padded = args.child
+        measure_memory_here(provider, mode, bool(int(padded)))
+        return
+    print(f"B={B}, T={T}, H={H}, D={D}, float32, {args.threads} threads, torch {torch.__version__}")
+    time_cases(args.rounds, args.repeats)
+    if args.memory:
+        measure_memory(args.threads)
+
+
+if __name__ == "__main__":
+    main()

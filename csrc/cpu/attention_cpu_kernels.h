@@ -1,0 +1,522 @@
+// The CPU attention kernels' bodies, included twice by attention_cpu.cpp: once as baseline x86-64 code
+// (namespace portable) and once under `#pragma GCC target("avx2,fma")` (namespace avx2, with
+// ELECTRA_ATTENTION_AVX2_BODY defined), so that every loop here, lambdas included, is compiled for both and
+// attention_cpu.cpp picks one at run time. Not a header to include anywhere else: it relies on the
+// definitions that precede its inclusion in attention_cpu.cpp.
+
+#if defined(ELECTRA_ATTENTION_AVX2_BODY)
+
+// e^x on 8 lanes: exp_vectorizable's Cephes polynomial with fused multiply-adds; 0 below -87, NaN stays NaN.
+inline __m256 exp8(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lowest, _CMP_NLT_UQ);  // x >= -87, or NaN
+  const __m256 clamped = _mm256_max_ps(lowest, x);           // the second operand when either is NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const __m256 power_of_two = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
+  return _mm256_and_ps(_mm256_mul_ps(p, power_of_two), keep);
+}
+
+// Lanes [0, n) of a vector, n in [1, 8).
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline float sum_of_lanes(__m256 v) {
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+inline float max_of(const float* x, int64_t n) {
+  const __m256 minus_infinity = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m0 = minus_infinity, m1 = minus_infinity;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + j + 8));
+  }
+  for (; j + 8 <= n; j += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+  if (j < n) {
+    const __m256i mask = first_lanes(n - j);
+    const __m256 tail = _mm256_maskload_ps(x + j, mask);
+    m1 = _mm256_max_ps(m1, _mm256_blendv_ps(minus_infinity, tail, _mm256_castsi256_ps(mask)));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_max_ps(m0, m1));
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// x[j] = e^(scale * x[j] - shift); returns the sum of the new x.
+inline float exp_in_place(float* x, int64_t n, float scale, float shift) {
+  const __m256 scale8 = _mm256_set1_ps(scale), shift8 = _mm256_set1_ps(shift);
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 e0 = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), scale8, shift8));
+    const __m256 e1 = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j + 8), scale8, shift8));
+    _mm256_storeu_ps(x + j, e0);
+    _mm256_storeu_ps(x + j + 8, e1);
+    sum0 = _mm256_add_ps(sum0, e0);
+    sum1 = _mm256_add_ps(sum1, e1);
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), scale8, shift8));
+    _mm256_storeu_ps(x + j, e);
+    sum0 = _mm256_add_ps(sum0, e);
+  }
+  if (j < n) {
+    const __m256i mask = first_lanes(n - j);
+    const __m256 e = _mm256_and_ps(exp8(_mm256_fmsub_ps(_mm256_maskload_ps(x + j, mask), scale8, shift8)),
+                                   _mm256_castsi256_ps(mask));
+    _mm256_maskstore_ps(x + j, mask, e);
+    sum1 = _mm256_add_ps(sum1, e);
+  }
+  return sum_of_lanes(_mm256_add_ps(sum0, sum1));
+}
+
+// Full vectors with plain loads and stores, the tail masked (masked stores are slow on some CPUs: measured,
+// masking every vector took the backward's element-wise step from ~7 to ~23 ms, 1 thread).
+template <bool kMasked>
+inline __m256 load8(const float* x, __m256i mask) {
+  if constexpr (kMasked) return _mm256_maskload_ps(x, mask);
+  return _mm256_loadu_ps(x);
+}
+
+template <bool kMasked>
+inline void store8(float* x, __m256i mask, __m256 v) {
+  if constexpr (kMasked) {
+    _mm256_maskstore_ps(x, mask, v);
+  } else {
+    _mm256_storeu_ps(x, v);
+  }
+}
+
+template <bool kMasked>
+inline void backward_step(float* probs, float* grad_probs, const float* multipliers, const float* lse,
+                          const float* delta, __m256 scale8, __m256i mask) {
+  const __m256 p = exp8(_mm256_fmsub_ps(load8<kMasked>(probs, mask), scale8, load8<kMasked>(lse, mask)));
+  __m256 dp = load8<kMasked>(grad_probs, mask);
+  __m256 dropped = p;
+  if (multipliers != nullptr) {
+    const __m256 m = load8<kMasked>(multipliers, mask);
+    dp = _mm256_mul_ps(dp, m);
+    dropped = _mm256_mul_ps(p, m);
+  }
+  const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(scale8, p), _mm256_sub_ps(dp, load8<kMasked>(delta, mask)));
+  store8<kMasked>(grad_probs, mask, ds);
+  store8<kMasked>(probs, mask, dropped);
+}
+
+// One key column of a transposed backward tile, over query rows i in [0, n):
+// p = e^(scale s - lse), dp = grad_probs * multipliers (dropout), grad_probs <- scale p (dp - delta),
+// probs <- p * multipliers (the dropped probabilities; p without dropout).
+inline void backward_column(float* probs, float* grad_probs, const float* multipliers, const float* lse,
+                            const float* delta, int64_t n, float scale) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    backward_step<false>(probs + i, grad_probs + i, multipliers ? multipliers + i : nullptr, lse + i, delta + i,
+                         scale8, __m256i{});
+  }
+  if (i < n) {
+    backward_step<true>(probs + i, grad_probs + i, multipliers ? multipliers + i : nullptr, lse + i, delta + i,
+                        scale8, first_lanes(n - i));
+  }
+}
+
+// transposed[d, i] = rows[token + i, d] as float32, leading dimension ld: 8 x 8 blocks transposed in registers.
+template <typename scalar_t>
+void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                           float* transposed, int64_t ld) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      int64_t d = 0;
+      for (; d + 8 <= head_dim; d += 8) {
+        __m256 r[8];
+        for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(rows.row(token + i + k) + d);
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        float* out = transposed + d * ld + i;
+        _mm256_storeu_ps(out + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(out + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(out + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(out + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(out + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(out + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(out + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(out + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+      }
+      for (; d < head_dim; ++d) {
+        for (int64_t k = 0; k < 8; ++k) transposed[d * ld + i + k] = rows.row(token + i + k)[d];
+      }
+    }
+    for (; i < count; ++i) {
+      const float* source = rows.row(token + i);
+      for (int64_t d = 0; d < head_dim; ++d) transposed[d * ld + i] = source[d];
+    }
+  } else {
+    transposed_float_rows_scalar(rows, token, count, head_dim, transposed, ld);
+  }
+}
+
+#else
+
+inline float max_of(const float* x, int64_t n) {
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] = std::max(lanes[lane], x[j + lane]);
+  }
+  for (; j < n; ++j) lanes[0] = std::max(lanes[0], x[j]);
+  return *std::max_element(lanes, lanes + kLanes);
+}
+
+inline float exp_in_place(float* x, int64_t n, float scale, float shift) {
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_vectorizable(x[j] * scale - shift);
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] += x[j + lane];
+  }
+  for (; j < n; ++j) lanes[0] += x[j];
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+template <typename scalar_t>
+void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
+                           float* transposed, int64_t ld) {
+  transposed_float_rows_scalar(rows, token, count, head_dim, transposed, ld);
+}
+
+inline void backward_column(float* probs, float* grad_probs, const float* multipliers, const float* lse,
+                            const float* delta, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) probs[i] = exp_vectorizable(probs[i] * scale - lse[i]);
+  if (multipliers != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      grad_probs[i] = scale * probs[i] * (grad_probs[i] * multipliers[i] - delta[i]);
+      probs[i] *= multipliers[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) grad_probs[i] = scale * probs[i] * (grad_probs[i] - delta[i]);
+  }
+}
+
+#endif
+
+// Runs tasks [0, count) on every thread of the pool, each thread taking the next task as it finishes one, in the
+// given order: `run(task, thread_state)` after `make_state()` once per thread. Which thread runs a task never
+// changes its result; handing out tasks dynamically balances sequences of different lengths.
+template <typename MakeState, typename Run>
+void run_tasks(int64_t count, const MakeState& make_state, const Run& run) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)), 1,
+                   [&](int64_t, int64_t) {
+                     auto state = make_state();
+                     for (int64_t task = next.fetch_add(1); task < count; task = next.fetch_add(1)) run(task, state);
+                   });
+}
+
+template <typename scalar_t>
+void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
+  const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
+  const int64_t batches = in.starts.size(0);
+  const int64_t query_blocks = blocks_of(in.max_seqlen, kForwardQueryRows);
+  const int64_t key_blocks = blocks_of(in.max_seqlen, kForwardKeyColumns);
+  const int32_t* starts = in.starts.data_ptr<int32_t>();
+  const int32_t* seqlens = in.seqlens.data_ptr<int32_t>();
+  const float scale = static_cast<float>(in.softmax_scale);
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  float* lse_data = lse.data_ptr<float>();
+  const int64_t out_token_stride = heads * head_dim;
+
+  // A task is a run of query blocks of one (sequence, head): the whole sequence when there are enough (sequence,
+  // head) pairs to keep every thread busy, so that K^T (and float32 V for other dtypes) is built once per pair;
+  // fewer blocks otherwise.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks_per_head =
+      std::min(query_blocks, blocks_of(8 * threads, std::max<int64_t>(1, batches * heads)));
+  const int64_t blocks_per_chunk = blocks_of(query_blocks, chunks_per_head);
+  struct Task {
+    int64_t batch, head, first_block, end_block, cost;
+  };
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < batches; ++b) {
+    const int64_t seqlen = seqlens[b];
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t first = 0; first * kForwardQueryRows < seqlen; first += blocks_per_chunk) {
+        const int64_t end = std::min(first + blocks_per_chunk, blocks_of(seqlen, kForwardQueryRows));
+        const int64_t rows = std::min(end * kForwardQueryRows, seqlen) - first * kForwardQueryRows;
+        tasks.push_back({b, h, first, end, rows * seqlen});
+      }
+    }
+  }
+  // Longest first, so that the last tasks handed out are the short ones.
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+
+  struct Scratch {
+    at::Tensor storage;
+    float *key_transposed, *values, *q_buffer, *scores, *multipliers, *accumulator, *row_max, *row_sum;
+    int64_t batch = -1, head = -1;  // whose K^T (and converted V) the buffers hold
+    const float* v_all = nullptr;
+    int64_t v_ld = 0;
+  };
+  const int64_t panel_size = head_dim * kForwardKeyColumns;
+  const int64_t values_size = std::is_same_v<scalar_t, float> ? 0 : in.max_seqlen * head_dim;
+  const int64_t q_size = kForwardQueryRows * head_dim, scores_size = kForwardQueryRows * kForwardKeyColumns;
+  auto make_scratch = [&] {
+    // Per thread: K^T as one [head_dim, kForwardKeyColumns] panel per key block, V and the q block as float32
+    // (other dtypes; float32 is read in place: packing it measured no faster, and costs 160 KB per thread), the
+    // score tile, one row of dropout multipliers, the accumulator, row maxima and sums.
+    Scratch s;
+    s.storage = at::empty({key_blocks * panel_size + values_size + 2 * q_size + scores_size + kForwardKeyColumns +
+                           2 * kForwardQueryRows},
+                          in.q.options().dtype(at::kFloat));
+    s.key_transposed = s.storage.template data_ptr<float>();
+    s.values = s.key_transposed + key_blocks * panel_size;
+    s.q_buffer = s.values + values_size;
+    s.scores = s.q_buffer + q_size;
+    s.multipliers = s.scores + scores_size;
+    s.accumulator = s.multipliers + kForwardKeyColumns;
+    s.row_max = s.accumulator + q_size;
+    s.row_sum = s.row_max + kForwardQueryRows;
+    return s;
+  };
+
+  run_tasks(static_cast<int64_t>(tasks.size()), make_scratch, [&](int64_t task_index, Scratch& s) {
+    const Task& task = tasks[task_index];
+    const int64_t batch = task.batch, head = task.head;
+    const int64_t seqlen = seqlens[batch], start = starts[batch];
+    const HeadRows<scalar_t> q_rows(in.q, head), k_rows(in.k, head), v_rows(in.v, head);
+    if (s.batch != batch || s.head != head) {
+      for (int64_t first_column = 0; first_column < seqlen; first_column += kForwardKeyColumns) {
+        transposed_float_rows(k_rows, start + first_column, std::min(kForwardKeyColumns, seqlen - first_column),
+                              head_dim, s.key_transposed + first_column / kForwardKeyColumns * panel_size,
+                              kForwardKeyColumns);
+      }
+      s.v_all = float_rows(v_rows, start, seqlen, head_dim, s.values, &s.v_ld);
+      s.batch = batch;
+      s.head = head;
+    }
+    float* scores = s.scores;
+    float* accumulator = s.accumulator;
+    float* row_max = s.row_max;
+    float* row_sum = s.row_sum;
+    for (int64_t query_block = task.first_block; query_block < task.end_block; ++query_block) {
+      const int64_t first_row = query_block * kForwardQueryRows;
+      const int64_t rows = std::min(kForwardQueryRows, seqlen - first_row);
+      int64_t q_ld = 0;
+      const float* q_block = float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
+      std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+      std::fill(row_sum, row_sum + rows, 0.0f);
+
+      for (int64_t first_column = 0; first_column < seqlen; first_column += kForwardKeyColumns) {
+        const int64_t columns = std::min(kForwardKeyColumns, seqlen - first_column);
+        matmul(rows, columns, head_dim, q_block, q_ld,
+               s.key_transposed + first_column / kForwardKeyColumns * panel_size, kForwardKeyColumns, scores,
+               kForwardKeyColumns, false);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* score_row = scores + i * kForwardKeyColumns;
+          // scale > 0, so the maximum of the scaled scores is the scaled maximum, bit for bit.
+          const float new_max = std::max(row_max[i], scale * max_of(score_row, columns));
+          const float sum = exp_in_place(score_row, columns, scale, new_max);
+          if (first_column == 0) {
+            row_sum[i] = sum;
+          } else {
+            const float rescale = std::exp(row_max[i] - new_max);
+            row_sum[i] = row_sum[i] * rescale + sum;
+            if (rescale != 1.0f) {
+              float* accumulator_row = accumulator + i * head_dim;
+              for (int64_t d = 0; d < head_dim; ++d) accumulator_row[d] *= rescale;
+            }
+          }
+          row_max[i] = new_max;
+          if (in.dropout_threshold > 0) {
+            // The sum above is before dropout: lse and the normalisation are those of the undropped softmax.
+            dropout_multipliers(in, batch, head, first_row + i, first_column, columns, s.multipliers);
+            for (int64_t j = 0; j < columns; ++j) score_row[j] *= s.multipliers[j];
+          }
+        }
+        matmul(rows, head_dim, columns, scores, kForwardKeyColumns, s.v_all + first_column * s.v_ld, s.v_ld,
+               accumulator, head_dim, first_column > 0);
+      }
+
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t token = start + first_row + i;
+        store_rows(accumulator + i * head_dim, 1, head_dim, 1.0f / row_sum[i],
+                   out_data + token * out_token_stride + head * head_dim, out_token_stride);
+        lse_data[head * tokens + token] = row_max[i] + std::log(row_sum[i]);
+      }
+    }
+  });
+}
+
+// The backward works on transposed tiles: S^T = K Q^T and dP^T = V dO^T are [key columns, query rows], so that
+// dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T all take their operands as stored and no tile is ever
+// transposed; the element-wise step runs along query rows, where lse and delta are contiguous.
+template <typename scalar_t>
+void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& out,
+                               const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+  const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
+  const int64_t batches = in.starts.size(0);
+  const int64_t max_seqlen = in.max_seqlen;
+  const int64_t query_blocks = blocks_of(max_seqlen, kBackwardQueryRows);
+  const int64_t key_blocks = blocks_of(max_seqlen, kBackwardKeyColumns);
+  const int32_t* starts = in.starts.data_ptr<int32_t>();
+  const int32_t* seqlens = in.seqlens.data_ptr<int32_t>();
+  const float scale = static_cast<float>(in.softmax_scale);
+  const float* lse_data = lse.data_ptr<float>();
+  const int64_t grad_token_stride = heads * head_dim;
+  const bool dropout = in.dropout_threshold > 0;
+
+  // One task per (sequence, head), longest first.
+  std::vector<int64_t> tasks;
+  for (int64_t task = 0; task < batches * heads; ++task) {
+    if (seqlens[task / heads] > 0) tasks.push_back(task);
+  }
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [&](int64_t a, int64_t b) { return seqlens[a / heads] > seqlens[b / heads]; });
+
+  const int64_t query_panel = head_dim * kBackwardQueryRows, key_panel = head_dim * kBackwardKeyColumns;
+  const int64_t rows_size = max_seqlen * head_dim;
+  const int64_t tile_size = kBackwardKeyColumns * kBackwardQueryRows;
+  const int64_t key_block_size = kBackwardKeyColumns * head_dim;
+  struct Scratch {
+    at::Tensor storage;
+    float *q_transposed, *grad_out_transposed, *grad_q_transposed, *key_transposed, *q_buffer, *k_buffer, *v_buffer,
+        *grad_out_buffer, *delta, *probs, *grad_probs, *multipliers, *row_multipliers, *grad_k_accumulator,
+        *grad_v_accumulator;
+  };
+  auto make_scratch = [&] {
+    // Per thread: Q^T, dO^T and the dQ^T accumulator as [head_dim, kBackwardQueryRows] panels per query block,
+    // K^T as [head_dim, kBackwardKeyColumns] panels per key block, q, k, v, dO packed as float32,
+    // delta, three transposed tiles [key columns, query rows], and dK, dV of one key block.
+    Scratch s;
+    s.storage = at::empty({3 * query_blocks * query_panel + key_blocks * key_panel + 4 * rows_size + max_seqlen +
+                           3 * tile_size + kBackwardKeyColumns + 2 * key_block_size},
+                          in.q.options().dtype(at::kFloat));
+    s.q_transposed = s.storage.template data_ptr<float>();
+    s.grad_out_transposed = s.q_transposed + query_blocks * query_panel;
+    s.grad_q_transposed = s.grad_out_transposed + query_blocks * query_panel;
+    s.key_transposed = s.grad_q_transposed + query_blocks * query_panel;
+    s.q_buffer = s.key_transposed + key_blocks * key_panel;
+    s.k_buffer = s.q_buffer + rows_size;
+    s.v_buffer = s.k_buffer + rows_size;
+    s.grad_out_buffer = s.v_buffer + rows_size;
+    s.delta = s.grad_out_buffer + rows_size;
+    s.probs = s.delta + max_seqlen;
+    s.grad_probs = s.probs + tile_size;
+    s.multipliers = s.grad_probs + tile_size;
+    s.row_multipliers = s.multipliers + tile_size;
+    s.grad_k_accumulator = s.row_multipliers + kBackwardKeyColumns;
+    s.grad_v_accumulator = s.grad_k_accumulator + key_block_size;
+    return s;
+  };
+
+  run_tasks(static_cast<int64_t>(tasks.size()), make_scratch, [&](int64_t task_index, Scratch& s) {
+    const int64_t head = tasks[task_index] % heads, batch = tasks[task_index] / heads;
+    const int64_t seqlen = seqlens[batch], start = starts[batch];
+    const HeadRows<scalar_t> q_rows(in.q, head), k_rows(in.k, head), v_rows(in.v, head);
+    const HeadRows<scalar_t> grad_out_rows(grad_out, head), out_rows(out, head);
+    int64_t q_ld = 0, k_ld = 0, v_ld = 0, grad_out_ld = 0;
+    const float* q_all = packed_float_rows(q_rows, start, seqlen, head_dim, s.q_buffer, &q_ld);
+    const float* k_all = packed_float_rows(k_rows, start, seqlen, head_dim, s.k_buffer, &k_ld);
+    const float* v_all = packed_float_rows(v_rows, start, seqlen, head_dim, s.v_buffer, &v_ld);
+    const float* grad_out_all =
+        packed_float_rows(grad_out_rows, start, seqlen, head_dim, s.grad_out_buffer, &grad_out_ld);
+    for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
+      const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
+      const int64_t panel = first_row / kBackwardQueryRows * query_panel;
+      transposed_float_rows(q_rows, start + first_row, rows, head_dim, s.q_transposed + panel, kBackwardQueryRows);
+      transposed_float_rows(grad_out_rows, start + first_row, rows, head_dim, s.grad_out_transposed + panel,
+                            kBackwardQueryRows);
+    }
+    for (int64_t first_column = 0; first_column < seqlen; first_column += kBackwardKeyColumns) {
+      transposed_float_rows(k_rows, start + first_column, std::min(kBackwardKeyColumns, seqlen - first_column),
+                            head_dim, s.key_transposed + first_column / kBackwardKeyColumns * key_panel,
+                            kBackwardKeyColumns);
+    }
+    // delta = rowsum(dO o O), what the softmax backward subtracts from dP.
+    for (int64_t i = 0; i < seqlen; ++i) {
+      const scalar_t* g = grad_out_rows.row(start + i);
+      const scalar_t* o = out_rows.row(start + i);
+      float lanes[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= head_dim; d += kLanes) {
+        for (int64_t lane = 0; lane < kLanes; ++lane) {
+          lanes[lane] += static_cast<float>(g[d + lane]) * static_cast<float>(o[d + lane]);
+        }
+      }
+      for (; d < head_dim; ++d) lanes[0] += static_cast<float>(g[d]) * static_cast<float>(o[d]);
+      float sum = 0.0f;
+      for (float lane : lanes) sum += lane;
+      s.delta[i] = sum;
+    }
+    const float* lse_row = lse_data + head * tokens + start;
+
+    for (int64_t first_column = 0; first_column < seqlen; first_column += kBackwardKeyColumns) {
+      const int64_t columns = std::min(kBackwardKeyColumns, seqlen - first_column);
+      const float* key_transposed = s.key_transposed + first_column / kBackwardKeyColumns * key_panel;
+      for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
+        const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
+        const int64_t panel = first_row / kBackwardQueryRows * query_panel;
+        // S^T = K Q^T and dP^T = V dO^T, [columns, rows] with leading dimension kBackwardQueryRows.
+        matmul(columns, rows, head_dim, k_all + first_column * k_ld, k_ld, s.q_transposed + panel,
+               kBackwardQueryRows, s.probs, kBackwardQueryRows, false);
+        matmul(columns, rows, head_dim, v_all + first_column * v_ld, v_ld, s.grad_out_transposed + panel,
+               kBackwardQueryRows, s.grad_probs, kBackwardQueryRows, false);
+        if (dropout) {
+          for (int64_t i = 0; i < rows; ++i) {
+            dropout_multipliers(in, batch, head, first_row + i, first_column, columns, s.row_multipliers);
+            for (int64_t j = 0; j < columns; ++j) s.multipliers[j * kBackwardQueryRows + i] = s.row_multipliers[j];
+          }
+        }
+        for (int64_t j = 0; j < columns; ++j) {
+          // probs <- P o M, grad_probs <- dS (softmax_scale folded in for dQ and dK).
+          backward_column(s.probs + j * kBackwardQueryRows, s.grad_probs + j * kBackwardQueryRows,
+                          dropout ? s.multipliers + j * kBackwardQueryRows : nullptr, lse_row + first_row,
+                          s.delta + first_row, rows, scale);
+        }
+        const bool first_query_block = first_row == 0;
+        matmul(columns, head_dim, rows, s.probs, kBackwardQueryRows, grad_out_all + first_row * grad_out_ld,
+               grad_out_ld, s.grad_v_accumulator, head_dim, !first_query_block);
+        matmul(columns, head_dim, rows, s.grad_probs, kBackwardQueryRows, q_all + first_row * q_ld, q_ld,
+               s.grad_k_accumulator, head_dim, !first_query_block);
+        matmul(head_dim, rows, columns, key_transposed, kBackwardKeyColumns, s.grad_probs, kBackwardQueryRows,
+               s.grad_q_transposed + panel, kBackwardQueryRows, first_column > 0);
+      }
+      const int64_t first_token = (start + first_column) * grad_token_stride + head * head_dim;
+      store_rows(s.grad_k_accumulator, columns, head_dim, 1.0f, grad_k.data_ptr<scalar_t>() + first_token,
+                 grad_token_stride);
+      store_rows(s.grad_v_accumulator, columns, head_dim, 1.0f, grad_v.data_ptr<scalar_t>() + first_token,
+                 grad_token_stride);
+    }
+    scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>() + start * grad_token_stride + head * head_dim;
+    for (int64_t i = 0; i < seqlen; ++i) {
+      const float* column = s.grad_q_transposed + i / kBackwardQueryRows * query_panel + i % kBackwardQueryRows;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        grad_q_data[i * grad_token_stride + d] = static_cast<scalar_t>(column[d * kBackwardQueryRows]);
+      }
+    }
+  });
+}
