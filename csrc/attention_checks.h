@@ -59,6 +59,20 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
   AttentionInputs in{unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), starts.contiguous(),
                      seqlens.contiguous(), max_seqlen, softmax_scale, philox::dropout_threshold(float(dropout_p)),
                      float(1.0 / (1.0 - dropout_p)), 0, c10::nullopt};
+  // Each sequence inside [0, max_seqlen] and inside the tokens: read where that costs no device synchronisation
+  // (CPU tensors: the CPU kernel and the emulated CUDA kernels reject the same inputs); the CUDA kernels clamp
+  // instead (tiles::sequence_extent), so a bad entry there can never reach memory outside q, k, v.
+  if (q.device().is_cpu()) {
+    const int32_t* start = in.starts.data_ptr<int32_t>();
+    const int32_t* length = in.seqlens.data_ptr<int32_t>();
+    for (int64_t b = 0; b < in.starts.size(0); ++b) {
+      TORCH_CHECK_VALUE(length[b] >= 0 && length[b] <= max_seqlen, op, ": seqlens[", b, "] = ", length[b],
+                        " is outside [0, max_seqlen = ", max_seqlen, "]");
+      TORCH_CHECK_VALUE(length[b] == 0 || (start[b] >= 0 && int64_t(start[b]) + length[b] <= q.size(0)), op,
+                        ": sequence ", b, " (tokens ", start[b], " .. ", int64_t(start[b]) + length[b] - 1,
+                        ") is outside the ", q.size(0), " tokens");
+    }
+  }
   if (in.dropout_threshold > 0) {
     TORCH_CHECK_VALUE(seed.has_value(), op, ": dropout_p > 0 needs a seed tensor");
     TORCH_CHECK_VALUE(seed->device() == q.device() && seed->scalar_type() == at::kLong && seed->numel() == 1, op,

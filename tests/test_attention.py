@@ -398,3 +398,8 @@ def test_op_checks_name_the_argument(target, device, backend):
     out, lse = OP(q, k, v, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
     with pytest.raises(ValueError, match="lse must be float32 \\[heads, tokens\\]"):
         BACKWARD_OP(out, q, k, v, out, lse.t(), starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
+    if device == "cpu":  # the CPU kernel and the emulated CUDA kernels read the lengths; the CUDA ones clamp them
+        with pytest.raises(ValueError, match=f"seqlens\\[0\\] = {max_seqlen + 1} is outside \\[0, max_seqlen"):
+            OP(q, k, v, starts, seqlens + 1, max_seqlen, 0.0, scale, None, **emulated)
+        with pytest.raises(ValueError, match="sequence 0 .* is outside the"):
+            OP(q, k, v, starts + q.shape[0], seqlens, max_seqlen, 0.0, scale, None, **emulated)
