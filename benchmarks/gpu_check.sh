@@ -37,6 +37,13 @@ if ! (cd "$REPO" &&
     exit 1
 fi
 
+# Optional baselines the benchmarks compare against (Liger-Kernel for gen_head) cannot be downloaded here: wheels
+# fetched beforehand (pip download liger-kernel --no-deps -d DIR) are installed from ELECTRA_EXT_GPU_CHECK_WHEELS.
+if [[ -n ${ELECTRA_EXT_GPU_CHECK_WHEELS:-} ]]; then
+    python3 -m pip install --no-index --no-deps "$ELECTRA_EXT_GPU_CHECK_WHEELS"/*.whl >"$LOG_DIR/wheels.log" 2>&1 ||
+        echo "gpu_check: could not install the wheels in $ELECTRA_EXT_GPU_CHECK_WHEELS (see $LOG_DIR/wheels.log)" >&2
+fi
+
 # Run from an empty folder outside the repo, so `import electra_ext` finds the installed package
 # rather than the source tree (which has no compiled _C), and so .hypothesis/ lands there too.
 cd "$(mktemp -d)"
