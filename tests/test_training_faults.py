@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import random
 import re
+import socket
 import time
 from contextlib import contextmanager
 
@@ -339,7 +340,17 @@ def write_with_checksum(path, state):
         file.write(f"{file_sha256(str(path))}  {os.path.basename(path)}\n")
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(setup, tmp_path):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test: loading must need nothing but local files."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(setup, tmp_path, no_network):
     marker = tmp_path / "code-ran"
     pretrain(run_config(setup, tmp_path / "run"), stop_after_step=2)
     good = checkpoint_at(tmp_path / "run", 2)
@@ -353,7 +364,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(setup, tmp_path):
     assert not marker.exists()
 
 
-def test_an_hf_directory_that_would_run_code_is_refused(tmp_path):
+def test_an_hf_directory_that_would_run_code_is_refused(tmp_path, no_network):
     marker = tmp_path / "code-ran"
     model = ElectraDiscriminator(preset("tiny").discriminator)
     model.save_pretrained(str(tmp_path / "model"), safe_serialization=False)
