@@ -54,7 +54,8 @@ def test_unreadable_content_is_skipped_and_counted(messy_corpus, warnings_of):
     assert list(iter_documents(messy_corpus)) == EXPECTED_DOCUMENTS
     assert warnings_of == [
         f"skipped while reading {messy_corpus}: "
-        f"2 binary files (NUL bytes and bytes that are not UTF-8 in the first 8,000) (first: {messy_corpus / 'd_image.png'}), "
+        f"2 binary files (NUL bytes and bytes that are not UTF-8 in the first 8,000) "
+        f"(first: {messy_corpus / 'd_image.png'}), "
         f"2 empty files (first: {messy_corpus / 'b_empty.txt'}), "
         f"2 lines that are not UTF-8 (first: {messy_corpus / 'f_latin1.txt'}, line 2), "
         f"2 lines longer than 1,000,000 characters (first: {messy_corpus / 'g_long.txt.gz'}, line 2)"]

@@ -16,8 +16,9 @@ document is empty.
 What a user's corpus may hold besides text is skipped, counted and reported in one warning per corpus (logger
 `electra_ext.data.sources`; `SkippedInput` carries the counts to callers) rather than failing a long build:
 binary files (NUL bytes among bytes that are not UTF-8 in their first BINARY_SNIFF_BYTES bytes; UTF-16 text
-with a byte-order mark counts too), empty files, lines that are not valid UTF-8, and lines longer than MAX_LINE_CHARS characters. What is
-not a corpus at all still fails: a missing path, a corrupt .gz/.xz, a JSONL line that is not JSON.
+with a byte-order mark counts too), empty files, lines that are not valid UTF-8, and lines longer than
+MAX_LINE_CHARS characters. What is not a corpus at all still fails: a missing path, a corrupt .gz/.xz, a JSONL
+line that is not JSON.
 """
 import codecs
 import gzip

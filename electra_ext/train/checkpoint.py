@@ -111,7 +111,8 @@ def save_checkpoint(checkpoint_dir: str, step: int, state: dict, keep: int) -> s
             file.write(f"{writer.digest.hexdigest()}  {os.path.basename(path)}\n")
     except OSError as error:
         complete = [p for p in complete_checkpoints(checkpoint_dir) if p != path]
-        kept = f"the newest complete checkpoint is still {complete[-1]}" if complete else "no earlier checkpoint"
+        kept = f"the newest complete checkpoint is still {complete[-1]}" if complete else \
+            "there is no earlier checkpoint"
         raise OSError(error.errno, f"writing checkpoint {path} failed ({error.strerror or error}); it was not "
                                    f"written, and {kept}") from error
     _prune(checkpoint_dir, keep)

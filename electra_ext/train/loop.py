@@ -125,7 +125,7 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
         if watch is not None:
             watch.check(complete_checkpoints(checkpoint_dir))
 
-    def checkpoint():
+    def write_checkpoint():
         check_finite()
         if is_main:
             save_checkpoint(checkpoint_dir, done, training_state(done, model, optimizer, scheduler, scaler, config),
@@ -145,8 +145,9 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
                     out = forward(**batch)
                     scaler.scale(out.loss / accumulation).backward()
                 accumulate(window["sums"], out, accumulation)
-                step_losses += torch.stack([getattr(out, name).detach().float()
-                                             for name in NonFiniteWatch.LOSSES]) / accumulation
+                if watch is not None:
+                    step_losses += torch.stack([getattr(out, name).detach().float()
+                                                 for name in NonFiniteWatch.LOSSES]) / accumulation
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             if watch is not None:
@@ -162,7 +163,7 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
             stopping = stop_after_step is not None and done >= stop_after_step
             logging_now = done % config.log_every == 0 or last
             evaluating_now = done % config.eval_every == 0 or last
-            if logging_now or evaluating_now:  # checkpoint() checks too
+            if logging_now or evaluating_now:  # write_checkpoint() checks too
                 check_finite()
             if logging_now:
                 values = finish_window(window, world_size)
@@ -183,15 +184,15 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
                     report(progress, config, done, values, evaluation=True)
                 barrier()
             if done % config.checkpoint_every == 0 or last or stopping:
-                checkpoint()
+                write_checkpoint()
                 barrier()
             if stopping:
                 break
     except KeyboardInterrupt:
         # Keep the finished steps (a step interrupted before its optimizer update is redone on resume), unless
-        # they diverged: checkpoint() raises TrainingDiverged then.
+        # they diverged: write_checkpoint() raises TrainingDiverged then.
         if done > start_step:
-            checkpoint()
+            write_checkpoint()
             if is_main:
                 print(f"\ninterrupted: checkpoint of step {done} in {checkpoint_dir}; continue with --resume")
         raise
