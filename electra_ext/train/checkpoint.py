@@ -7,10 +7,11 @@ A checkpoint is two files in the run's checkpoints/ directory:
 - step-NNNNNNN.pt.sha256: its SHA-256 in `sha256sum` format (`sha256sum -c` checks it), written after the
   .pt: it marks the checkpoint complete.
 Both are written atomically (temporary file, fsync, rename, directory fsync), .pt first, so a process killed
-at any moment leaves every earlier checkpoint as it was; at worst a temporary file or a .pt without its
-.sha256 remains, which the next save deletes. Resuming takes the newest checkpoint whose .pt matches its
-.sha256; a newer one that does not (truncated, overwritten, bit rot) is renamed to *.corrupt and named in a
-warning, so that the run falls back to the one before and later saves cannot prune the good ones in its favour.
+at any moment leaves every earlier checkpoint as it was; at worst a temporary file (deleted by the next save)
+or a .pt without its .sha256 remains. Resuming takes the newest checkpoint whose .pt matches its .sha256; a
+newer one that does not is renamed, never deleted, and named in a warning: to *.corrupt (truncated,
+overwritten, bit rot) or *.incomplete (no .sha256: its save was interrupted, or an older electra_ext wrote
+it), so that the run falls back to the one before and later saves cannot prune the good ones in its favour.
 """
 import hashlib
 import logging
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CHECKSUM_SUFFIX = ".sha256"
 CORRUPT_SUFFIX = ".corrupt"
+INCOMPLETE_SUFFIX = ".incomplete"
 CHECKPOINT_NAME = re.compile(r"step-(\d{7,})\.pt")
 # What atomic_output leaves behind when the process dies mid-write: ".step-0000012.pt.<random>.tmp".
 TEMPORARY_NAME = re.compile(r"\.step-\d{7,}\.pt(\.sha256)?\..*\.tmp")
@@ -93,7 +95,7 @@ class _HashingWriter:
 
 def save_checkpoint(checkpoint_dir: str, step: int, state: dict, keep: int) -> str:
     """Writes `state` as checkpoint `step` (see the module docstring), then deletes all but the newest `keep`
-    complete checkpoints and what interrupted saves left. Returns the .pt path. A failed write (a full disk:
+    complete checkpoints and the temporary files of interrupted saves. Returns the .pt path. A failed write (a full disk:
     OSError ENOSPC) raises an OSError naming the checkpoint and leaves the earlier checkpoints untouched."""
     path = checkpoint_path(checkpoint_dir, step)
     if is_complete(path):  # an earlier save of this step: its .sha256 must not vouch for the new .pt
@@ -120,11 +122,8 @@ def save_checkpoint(checkpoint_dir: str, step: int, state: dict, keep: int) -> s
 
 
 def _prune(checkpoint_dir: str, keep: int):
-    files = checkpoint_files(checkpoint_dir)
-    complete = complete_checkpoints(checkpoint_dir)
-    for path in complete[:-keep] + [path for path in files if not is_complete(path)]:
-        if is_complete(path):  # the mark first: a kill in between leaves an incomplete .pt, deleted next time
-            os.remove(path + CHECKSUM_SUFFIX)
+    for path in complete_checkpoints(checkpoint_dir)[:-keep]:
+        os.remove(path + CHECKSUM_SUFFIX)  # the mark first: a kill in between leaves an incomplete .pt
         os.remove(path)
     for name in os.listdir(checkpoint_dir):
         if TEMPORARY_NAME.fullmatch(name):
@@ -133,8 +132,8 @@ def _prune(checkpoint_dir: str, keep: int):
 
 def resumable_checkpoint(checkpoint_dir: str) -> Optional[str]:
     """The newest complete checkpoint whose SHA-256 matches, or None. Newer ones that fail the check are
-    named in a warning; a complete one with the wrong SHA-256 is renamed to *.corrupt (kept for inspection),
-    a .pt whose save never finished is deleted."""
+    renamed (kept for inspection) and named in a warning: to *.corrupt with a wrong SHA-256, *.incomplete
+    without a .sha256."""
     for path in reversed(checkpoint_files(checkpoint_dir)):
         problem = checksum_problem(path)
         if problem is None:
@@ -145,9 +144,9 @@ def resumable_checkpoint(checkpoint_dir: str) -> Optional[str]:
             logger.warning("checkpoint %s is corrupted: %s; renamed it to %s and resuming from the checkpoint "
                            "before it", path, problem, os.path.basename(path) + CORRUPT_SUFFIX)
         else:
-            os.remove(path)
-            logger.warning("checkpoint %s is incomplete: %s; deleted it and resuming from the checkpoint before "
-                           "it", path, problem)
+            os.replace(path, path + INCOMPLETE_SUFFIX)
+            logger.warning("checkpoint %s is incomplete: %s; renamed it to %s and resuming from the checkpoint "
+                           "before it", path, problem, os.path.basename(path) + INCOMPLETE_SUFFIX)
     return None
 
 
