@@ -10,6 +10,7 @@ import sys
 import typing
 
 from electra_ext.train.config import TrainConfig
+from electra_ext.train.loop import TrainingDiverged, pretrain
 
 
 def parse_bool(text: str) -> bool:
@@ -71,8 +72,6 @@ def main(argv=None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
         if arguments.command == "pretrain":
-            from electra_ext.train.loop import pretrain
-
             names = {field.name for field in dataclasses.fields(TrainConfig)}
             given = {name: value for name, value in vars(arguments).items() if name in names and value is not None}
             config = TrainConfig.from_file(arguments.config, **given) if arguments.config \
@@ -92,6 +91,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"electra-ext {arguments.command}: error: {error}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, OSError) as error:  # a run that cannot go on: the message says what is kept
+        print(f"electra-ext {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

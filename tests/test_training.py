@@ -53,7 +53,8 @@ def test_a_short_cpu_run_learns_and_leaves_the_run_directory(cache_dir, tmp_path
     for name in ("train_config.json", "metrics.jsonl", "loss.png", "accuracy.png", "model",
                  "discriminator/model.safetensors", "generator/model.safetensors", "discriminator/vocab.txt"):
         assert os.path.exists(os.path.join(run_dir, name)), name
-    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step-0000120.pt", "step-0000240.pt"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
+        "step-0000120.pt", "step-0000120.pt.sha256", "step-0000240.pt", "step-0000240.pt.sha256"]
     discriminator = transformers.ElectraForPreTraining.from_pretrained(os.path.join(run_dir, "discriminator"))
     generator = transformers.ElectraForMaskedLM.from_pretrained(os.path.join(run_dir, "generator"))
     tokenizer = transformers.ElectraTokenizerFast(vocab_file=os.path.join(run_dir, "discriminator", "vocab.txt"))
@@ -121,7 +122,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_at_another_world_size(cache
         cwd=tmp_path)  # outside the source tree, whose electra_ext has no compiled _C: the installed one
     # The run also checks that both ranks hold the same weights when it stops (it raises otherwise).
     assert result.returncode == 0, result.stderr[-4000:]
-    assert os.listdir(tmp_path / "ddp" / "checkpoints") == ["step-0000002.pt"]
+    assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["step-0000002.pt", "step-0000002.pt.sha256"]
     resumed = pretrain(TrainConfig.from_file(str(config), resume=True))
     assert [r["loss"] for r in train_records(resumed)] == pytest.approx(
         [r["loss"] for r in train_records(single)], rel=1e-5)

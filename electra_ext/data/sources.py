@@ -12,15 +12,29 @@ Formats, told apart by name:
   DatasetDict, with dataset_dict.json, its "train" split), each row's `text_field` a document.
 Lines are stripped of surrounding whitespace and blank ones dropped, so no document has an empty line and no
 document is empty.
+
+What a user's corpus may hold besides text is skipped, counted and reported in one warning per corpus (logger
+`electra_ext.data.sources`; `SkippedInput` carries the counts to callers) rather than failing a long build:
+binary files (NUL bytes among bytes that are not UTF-8 in their first BINARY_SNIFF_BYTES bytes; UTF-16 text
+with a byte-order mark counts too), empty files, lines that are not valid UTF-8, and lines longer than
+MAX_LINE_CHARS characters. What is not a corpus at all still fails: a missing path, a corrupt .gz/.xz, a JSONL
+line that is not JSON.
 """
+import codecs
 import gzip
 import hashlib
 import itertools
 import json
+import logging
 import lzma
 import os
+import re
 import zlib
+from collections import Counter
 from collections.abc import Iterator
+from typing import Optional
+
+logger = logging.getLogger(__name__)
 
 # Files that mark a directory as a `datasets` save_to_disk output: a Dataset writes the first two, a
 # DatasetDict the third (with one Dataset directory per split).
@@ -34,6 +48,57 @@ HASH_CHUNK_BYTES = 1 << 20
 COMPRESSIONS = {".gz": gzip.open, ".xz": lzma.open}
 # What a corrupt or truncated compressed file raises while it is read.
 CORRUPT_COMPRESSED_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError)
+# Bytes (decompressed) looked at to tell a binary file: git and grep look at the first 8,000 for a NUL byte. A
+# NUL alone is not enough here, as text corpora do carry stray control characters (BERT's cleaning deletes
+# them), so the bytes must also fail to decode as UTF-8, which images, archives and tensors all do at once.
+BINARY_SNIFF_BYTES = 8000
+# Prose comes in lines (paragraphs) of at most a few thousand characters; a line of over a million is minified
+# data, base64 or a file without newlines, and the example builder would keep only its first max_seq_length
+# (at most 512) of its ~250,000 tokens anyway. Reading stops at this many characters per line, so such a line
+# never sits in memory whole.
+MAX_LINE_CHARS = 1_000_000
+# A JSONL line is a whole document (a book is a few million characters); longer records are skipped like
+# long lines, bounding the memory one record can take.
+MAX_RECORD_CHARS = 100_000_000
+# Undecodable bytes read with errors="surrogateescape" become these code points, which valid UTF-8 never gives.
+ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
+
+
+class SkippedInput:
+    """What the readers skipped (see the module docstring): a count per kind and where the first one was."""
+
+    KINDS = {"binary_files": "binary file{s} (NUL bytes and bytes that are not UTF-8 in the first 8,000)",
+             "empty_files": "empty file{s}",
+             "invalid_utf8_lines": "line{s} that {are} not UTF-8",
+             "long_lines": f"line{{s}} longer than {MAX_LINE_CHARS:,} characters",
+             "long_records": f"JSONL record{{s}} longer than {MAX_RECORD_CHARS:,} characters"}
+
+    def __init__(self):
+        self.counts = Counter()
+        self.first = {}
+
+    def add(self, kind: str, where: str):
+        self.counts[kind] += 1
+        self.first.setdefault(kind, where)
+
+    def as_dict(self) -> dict:
+        return {kind: {"count": self.counts[kind], "first": self.first[kind]} for kind in self.KINDS
+                if self.counts[kind]}
+
+    @staticmethod
+    def describe(skipped: dict) -> str:
+        """'3 lines that are not UTF-8 (first: a.txt, line 7), 1 empty file (first: b.txt)' for as_dict()."""
+        parts = []
+        for kind, entry in skipped.items():
+            plural = entry["count"] != 1
+            noun = SkippedInput.KINDS[kind].format(s="s" if plural else "", are="are" if plural else "is")
+            parts.append(f"{entry['count']:,} {noun} (first: {entry['first']})")
+        return ", ".join(parts)
+
+    def report(self, what: str):
+        """Logs one warning naming the counts, if anything was skipped."""
+        if self.counts:
+            logger.warning("skipped while reading %s: %s", what, self.describe(self.as_dict()))
 
 
 def _file_format(path: str) -> str:
@@ -66,25 +131,62 @@ def _directory_files(directory: str) -> list:
     return sorted(files, key=lambda path: os.path.relpath(path, directory))
 
 
-def _numbered_lines(path: str) -> Iterator:
+def _is_binary(head: bytes) -> bool:
+    """Whether the first BINARY_SNIFF_BYTES of a file show it to be binary (see BINARY_SNIFF_BYTES)."""
+    if b"\0" not in head:
+        return False
+    try:  # incremental, so that a character cut by the end of `head` is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _numbered_lines(path: str, skipped: SkippedInput, max_chars: int = MAX_LINE_CHARS,
+                    long_kind: str = "long_lines") -> Iterator:
     """(line number from 1, line stripped of surrounding whitespace) for each line of the text file at `path`,
-    decompressing .gz and .xz, read in buffered chunks rather than whole."""
+    decompressing .gz and .xz, read in buffered chunks rather than whole. Binary and empty files, lines that
+    are not UTF-8 and lines of over `max_chars` characters are skipped into `skipped` (as `long_kind`)."""
     opener = COMPRESSIONS.get(os.path.splitext(path)[1].lower(), open)
     number = 0
-    with opener(path, "rt", encoding="utf-8") as file:
-        try:
-            for number, line in enumerate(file, 1):
-                yield number, line.strip()
-        except UnicodeDecodeError as error:
-            raise ValueError(f"source {path} is not UTF-8 text: {error.reason} after line {number}") from None
-        except CORRUPT_COMPRESSED_ERRORS as error:
-            raise ValueError(f"source {path} is not a valid {_file_format(path)} file: {error} after line "
-                             f"{number}") from None
+    try:
+        with opener(path, "rb") as file:
+            head = file.read(BINARY_SNIFF_BYTES)
+        if _is_binary(head):
+            skipped.add("binary_files", path)
+            return
+        lines_skipped, has_text = 0, False
+        with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as file:
+            while line := file.readline(max_chars + 1):
+                number += 1
+                if len(line) > max_chars and not line.endswith("\n"):
+                    while (rest := file.readline(max_chars)) and not rest.endswith("\n"):
+                        pass
+                    skipped.add(long_kind, f"{path}, line {number}")
+                    lines_skipped += 1
+                elif ESCAPED_BYTES.search(line):
+                    skipped.add("invalid_utf8_lines", f"{path}, line {number}")
+                    lines_skipped += 1
+                else:
+                    line = line.strip()
+                    has_text = has_text or bool(line)
+                    yield number, line
+        if not has_text and not lines_skipped:  # nothing but whitespace, if anything
+            skipped.add("empty_files", path)
+    except CORRUPT_COMPRESSED_ERRORS as error:
+        raise ValueError(f"source {path} is not a valid {_file_format(path)} file: {error} after line "
+                         f"{number}") from None
 
 
-def _text_lines(text) -> list:
-    """The non-blank lines of one document's text, stripped."""
-    return [line for line in (line.strip() for line in text.split("\n")) if line]
+def _text_lines(text: str, skipped: SkippedInput, where: str) -> list:
+    """The non-blank lines of one document's text, stripped, lines of over MAX_LINE_CHARS skipped."""
+    lines = []
+    for line in text.split("\n"):
+        if len(line) > MAX_LINE_CHARS:
+            skipped.add("long_lines", where)
+        elif line := line.strip():
+            lines.append(line)
+    return lines
 
 
 def _checked_text(value, text_field: str, where: str) -> str:
@@ -93,9 +195,9 @@ def _checked_text(value, text_field: str, where: str) -> str:
     return value
 
 
-def _text_documents(path: str) -> Iterator:
+def _text_documents(path: str, skipped: SkippedInput) -> Iterator:
     document = []
-    for _, line in _numbered_lines(path):
+    for _, line in _numbered_lines(path, skipped):
         if line:
             document.append(line)
         elif document:
@@ -105,8 +207,8 @@ def _text_documents(path: str) -> Iterator:
         yield document
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator:
-    for number, line in _numbered_lines(path):
+def _jsonl_documents(path: str, text_field: str, skipped: SkippedInput) -> Iterator:
+    for number, line in _numbered_lines(path, skipped, MAX_RECORD_CHARS, "long_records"):
         if not line:
             continue
         where = f"source {path}, line {number}"
@@ -117,7 +219,7 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator:
         if not isinstance(record, dict) or text_field not in record:
             fields = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{where}: expected an object with text_field {text_field!r}, got {fields}")
-        document = _text_lines(_checked_text(record[text_field], text_field, where))
+        document = _text_lines(_checked_text(record[text_field], text_field, where), skipped, where)
         if document:
             yield document
 
@@ -134,7 +236,7 @@ def _dataset_directory(path: str) -> str:
     return os.path.join(path, DATASET_DICT_SPLIT)
 
 
-def _dataset_documents(path: str, text_field: str) -> Iterator:
+def _dataset_documents(path: str, text_field: str, skipped: SkippedInput) -> Iterator:
     try:
         import datasets
     except ImportError:
@@ -149,35 +251,47 @@ def _dataset_documents(path: str, text_field: str) -> Iterator:
     row = 0
     for batch in dataset.select_columns([text_field]).iter(batch_size=DATASET_BATCH_ROWS):
         for value in batch[text_field]:
-            document = _text_lines(_checked_text(value, text_field, f"source {path}, row {row}"))
+            where = f"source {path}, row {row}"
+            document = _text_lines(_checked_text(value, text_field, where), skipped, where)
             if document:
                 yield document
             row += 1
 
 
-def _file_documents(path: str, text_field: str) -> Iterator:
+def _file_documents(path: str, text_field: str, skipped: SkippedInput) -> Iterator:
     if _file_format(path).startswith("jsonl"):
-        return _jsonl_documents(path, text_field)
-    return _text_documents(path)
+        return _jsonl_documents(path, text_field, skipped)
+    return _text_documents(path, skipped)
 
 
-def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator:
+def _reported(documents: Iterator, skipped: SkippedInput, what: str) -> Iterator:
+    yield from documents
+    skipped.report(what)
+
+
+def iter_documents(path: str | os.PathLike, text_field: str = "text",
+                   skipped: Optional[SkippedInput] = None) -> Iterator:
     """Documents of the corpus at `path` (see the module docstring for formats), in order, each a non-empty
     list of non-empty lines; `text_field` names the text of a JSONL record or a dataset row. A document never
-    spans two files. A missing `path` raises here rather than at the first document."""
+    spans two files. A missing `path` raises here rather than at the first document. What is skipped goes
+    into `skipped`; without one, a warning reports it once the documents are exhausted."""
     path = os.fspath(path)
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
     source_format = _source_format(path)
+    report = skipped is None
+    skipped = SkippedInput() if report else skipped
     if source_format == "datasets":
-        return _dataset_documents(path, text_field)
-    files = _directory_files(path) if source_format == "directory" else [path]
-    return itertools.chain.from_iterable(_file_documents(file, text_field) for file in files)
+        documents = _dataset_documents(path, text_field, skipped)
+    else:
+        files = _directory_files(path) if source_format == "directory" else [path]
+        documents = itertools.chain.from_iterable(_file_documents(file, text_field, skipped) for file in files)
+    return _reported(documents, skipped, path) if report else documents
 
 
-def iter_lines(path: str | os.PathLike, text_field: str = "text") -> Iterator:
+def iter_lines(path: str | os.PathLike, text_field: str = "text", skipped: Optional[SkippedInput] = None) -> Iterator:
     """The lines of every document of the corpus at `path`, in order (what tokenizer training reads)."""
-    for document in iter_documents(path, text_field):
+    for document in iter_documents(path, text_field, skipped):
         yield from document
 
 

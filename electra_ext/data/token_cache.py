@@ -9,8 +9,9 @@ gets a new cache and an unchanged one is reused. Shard n consists of:
 - docs_n.i64: the index of each document's first line in lines_n, a document running to the next one's first
   line (the last to the end of the shard).
 Documents never straddle shards; lines that tokenise to nothing and documents left with no line are dropped.
-complete.json, written last, records the counts; a cache is built in a hidden directory beside its key and
-renamed into place, so a directory named by a key is always complete (a killed build leaves only a hidden
+complete.json, written last, records the counts and what reading the corpus skipped (see sources.py), which
+every build or reuse reports in a warning; a cache is built in a hidden directory beside its key and renamed
+into place, so a directory named by a key is always complete (a killed build leaves only a hidden
 `.<key>.*.building` directory, safe to delete).
 """
 import collections
@@ -19,6 +20,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -28,11 +30,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from electra_ext._io import atomic_output
-from electra_ext.data.sources import describe_source, iter_documents
+from electra_ext.data.sources import SkippedInput, describe_source, iter_documents
 from electra_ext.data.tokenizer import tokenizer_fingerprint
 
-# Changes whenever the layout or the tokenisation rules change, so that old caches are not reused.
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+# Changes whenever the layout or the tokenisation rules change, so that old caches are not reused (2: binary
+# files, non-UTF-8 lines and lines over sources.MAX_LINE_CHARS are skipped, no longer fatal or kept).
+FORMAT_VERSION = 2
 MARKER = "complete.json"
 TOKEN_DTYPE = np.dtype("<u2")
 OFFSET_DTYPE = np.dtype("<i8")
@@ -93,11 +97,11 @@ def _single_threaded_tokenizers():
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def _document_batches(sources: list, text_field: str):
+def _document_batches(sources: list, text_field: str, skipped: SkippedInput):
     """Lists of whole documents holding at least BATCH_LINES lines each (the last one may hold fewer)."""
     batch, lines = [], 0
     for source in sources:
-        for document in iter_documents(source, text_field):
+        for document in iter_documents(source, text_field, skipped):
             batch.append(document)
             lines += len(document)
             if lines >= BATCH_LINES:
@@ -222,6 +226,13 @@ class TokenCache:
         self._shard_document_starts = np.cumsum([0] + [shard["documents"] for shard in self.manifest["shards"]])
         self._maps = {}
 
+    def _report_skipped(self) -> "TokenCache":
+        """Warns, at every build or reuse, about what the corpus reading skipped (recorded in complete.json)."""
+        if self.manifest["skipped"]:
+            logger.warning("the corpus of token cache %s skipped %s", self.path,
+                           SkippedInput.describe(self.manifest["skipped"]))
+        return self
+
     def _shard_maps(self, shard: int) -> dict:
         if shard not in self._maps:
             dtypes = {"tokens": TOKEN_DTYPE, "lines": OFFSET_DTYPE, "docs": OFFSET_DTYPE}
@@ -273,18 +284,21 @@ class TokenCache:
         cache_root = os.fspath(cache_root)
         final = os.path.join(cache_root, key)
         if _is_complete(final):
-            return cls(final)
+            return cls(final)._report_skipped()
         os.makedirs(cache_root, exist_ok=True)
         building = tempfile.mkdtemp(prefix=f".{key}.", suffix=".building", dir=cache_root)
         try:
+            skipped = SkippedInput()
             with _ShardWriter(building, shard_tokens) as writer:
-                for encoded in _encoded_batches(_document_batches(sources, text_field), tokenizer, num_workers):
+                batches = _document_batches(sources, text_field, skipped)
+                for encoded in _encoded_batches(batches, tokenizer, num_workers):
                     writer.append(*encoded)
                 shards = writer.close()
             manifest = {**key_material, "key": key, "sources": descriptions, "vocab_size": vocab_size,
                         "num_documents": sum(shard["documents"] for shard in shards),
                         "num_lines": sum(shard["lines"] for shard in shards),
-                        "num_tokens": sum(shard["tokens"] for shard in shards), "shards": shards}
+                        "num_tokens": sum(shard["tokens"] for shard in shards), "shards": shards,
+                        "skipped": skipped.as_dict()}
             with atomic_output(os.path.join(building, MARKER)) as file:
                 file.write(json.dumps(manifest, indent=1).encode("utf-8"))
             if os.path.isdir(final) and not _is_complete(final):  # named by the key yet never completed
@@ -297,4 +311,4 @@ class TokenCache:
         finally:
             if os.path.isdir(building):
                 shutil.rmtree(building)
-        return cls(final)
+        return cls(final)._report_skipped()

@@ -6,6 +6,7 @@ Local directories only: nothing is ever downloaded. What real checkpoints contai
 file, so a crash mid-save leaves the previous files intact.
 """
 import os
+import pickle
 
 import torch
 from torch import nn
@@ -69,7 +70,12 @@ def load_weights(directory: str) -> dict:
 
         return load_file(safetensors_file)
     if os.path.isfile(pickle_file):
-        return torch.load(pickle_file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(pickle_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:  # what weights_only raises for anything but tensors and containers
+            refused = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise ValueError(f"{pickle_file} holds more than tensors and plain containers ({refused}); it is read "
+                             f"with torch.load(weights_only=True), which never runs code from a file") from None
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {PICKLE_NAME} in {directory!r}")
 
 

@@ -57,8 +57,8 @@ class TrainConfig:
     adam_epsilon: float = option(1e-6, "Adam epsilon")
     adam_bias_correction: bool = option(True, "false: the reference code's Adam without bias correction")
     max_grad_norm: float = option(1.0, "gradient clipping by global norm")
-    precision: str = option("auto", "bf16 (autocast), fp16 (autocast and loss scaling, CUDA), fp32; auto: bf16 "
-                                    "where the GPU supports it, else fp32")
+    precision: str = option("auto", "bf16 (autocast), fp16 (autocast and loss scaling; on the CPU too, "
+                                    "slowly), fp32; auto: bf16 where the GPU supports it, else fp32")
     compile: bool = option(False, "torch.compile the joint model")
     seed: int = option(1, "seed of initialisation, example building, batch order, masking and sampling")
     # Bookkeeping
@@ -116,8 +116,6 @@ class TrainConfig:
         precision = self.precision
         if precision == "auto":
             precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-        if precision == "fp16" and not device.startswith("cuda"):
-            raise ValueError("precision fp16 needs a CUDA device (GradScaler); use bf16 or fp32 on the CPU")
         micro_batch_size = self.micro_batch_size or batch_size // world_size
         if batch_size % (micro_batch_size * world_size):
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size "

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from datetime import datetime
 from typing import Optional
@@ -25,6 +24,8 @@ from electra_ext._io import atomic_output
 from electra_ext.data.pretraining_data import BatchSchedule, PretrainingData
 from electra_ext.modules.config import preset as model_preset
 from electra_ext.modules.pretraining import ElectraForPretraining, ElectraPretrainingConfig, discriminator_metrics
+from electra_ext.train.checkpoint import (checkpoint_files, complete_checkpoints, load_checkpoint,
+                                          resumable_checkpoint, rng_states, save_checkpoint, set_rng_states)
 from electra_ext.train.config import TrainConfig
 from electra_ext.train.metrics import MetricsLog, peak_flops, plot_run, roc_auc, training_flops_per_token
 from electra_ext.train.optim import build_optimizer, linear_warmup_linear_decay
@@ -57,12 +58,13 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
     run_dir = shared_value(config.output_dir or os.path.join(
         "runs", f"electra-{config.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"))
     checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
-    checkpoint = latest_checkpoint(checkpoint_dir)
-    if checkpoint and not config.resume:
+    if checkpoint_files(checkpoint_dir) and not config.resume:
         raise ValueError(f"{run_dir} already holds checkpoints: pass resume=True (--resume) to continue it, "
                          f"or choose another output_dir")
     if is_main:
         os.makedirs(checkpoint_dir, exist_ok=True)
+    # Rank 0 alone sets corrupted and incomplete checkpoints aside; every rank then loads the one it chose.
+    checkpoint = shared_value(resumable_checkpoint(checkpoint_dir) if is_main and config.resume else None)
     if checkpoint:
         with open(os.path.join(run_dir, TRAIN_CONFIG_NAME)) as f:
             saved = TrainConfig.from_dict(json.load(f))
@@ -102,7 +104,7 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
 
     start_step = 0
     if checkpoint:
-        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        start_step = restore_training_state(load_checkpoint(checkpoint), model, optimizer, scheduler, scaler)
     if is_main and not checkpoint:
         with atomic_output(os.path.join(run_dir, TRAIN_CONFIG_NAME), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
@@ -115,9 +117,24 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
     # --- The loop.
     done = start_step  # optimizer steps completed
     window = {"start": time.perf_counter(), "steps": 0, "sums": {}}
+    # fp16's loss scaler skips steps whose gradients overflow, which is routine; in bf16 and fp32 a non-finite
+    # loss or gradient means the run has diverged.
+    watch = NonFiniteWatch(device) if config.precision != "fp16" else None
+
+    def check_finite():
+        if watch is not None:
+            watch.check(complete_checkpoints(checkpoint_dir))
+
+    def write_checkpoint():
+        check_finite()
+        if is_main:
+            save_checkpoint(checkpoint_dir, done, training_state(done, model, optimizer, scheduler, scaler, config),
+                            config.keep_checkpoints)
+
     try:
         for step in range(start_step, config.steps):
             model.train()
+            step_losses = torch.zeros(len(NonFiniteWatch.LOSSES), device=device)
             for round_index in range(accumulation):
                 micro_batch = rank * accumulation + round_index
                 batch = to_device(data.train.batch(
@@ -128,8 +145,13 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
                     out = forward(**batch)
                     scaler.scale(out.loss / accumulation).backward()
                 accumulate(window["sums"], out, accumulation)
+                if watch is not None:
+                    step_losses += torch.stack([getattr(out, name).detach().float()
+                                                 for name in NonFiniteWatch.LOSSES]) / accumulation
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if watch is not None:
+                watch.observe(step + 1, step_losses, grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -137,7 +159,13 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
             window["steps"] += 1
             done = step + 1
 
-            if done % config.log_every == 0 or done == config.steps:
+            last = done == config.steps
+            stopping = stop_after_step is not None and done >= stop_after_step
+            logging_now = done % config.log_every == 0 or last
+            evaluating_now = done % config.eval_every == 0 or last
+            if logging_now or evaluating_now:  # write_checkpoint() checks too
+                check_finite()
+            if logging_now:
                 values = finish_window(window, world_size)
                 elapsed = time.perf_counter() - window["start"]
                 values.update(grad_norm=float(grad_norm), learning_rate=scheduler.get_last_lr()[0],
@@ -149,24 +177,24 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
                     log.write("train", done, values)
                     report(progress, config, done, values)
                 window = {"start": time.perf_counter(), "steps": 0, "sums": {}}
-            if done % config.eval_every == 0 or done == config.steps:
+            if evaluating_now:
                 if is_main:
                     values = evaluate(model, data, config, device, autocast)
                     log.write("eval", done, values)
                     report(progress, config, done, values, evaluation=True)
                 barrier()
-            stopping = stop_after_step is not None and done >= stop_after_step
-            if done % config.checkpoint_every == 0 or done == config.steps or stopping:
-                if is_main:
-                    save_checkpoint(checkpoint_dir, done, model, optimizer, scheduler, scaler, config)
+            if done % config.checkpoint_every == 0 or last or stopping:
+                write_checkpoint()
                 barrier()
             if stopping:
                 break
     except KeyboardInterrupt:
-        # Keep the finished steps (a step interrupted before its optimizer update is redone on resume).
-        if is_main and done > start_step:
-            save_checkpoint(checkpoint_dir, done, model, optimizer, scheduler, scaler, config)
-            print(f"\ninterrupted: checkpoint of step {done} in {checkpoint_dir}; continue with --resume")
+        # Keep the finished steps (a step interrupted before its optimizer update is redone on resume), unless
+        # they diverged: write_checkpoint() raises TrainingDiverged then.
+        if done > start_step:
+            write_checkpoint()
+            if is_main:
+                print(f"\ninterrupted: checkpoint of step {done} in {checkpoint_dir}; continue with --resume")
         raise
     finally:
         if progress is not None:
@@ -212,13 +240,6 @@ def check_ranks_agree(model):
     dist.all_gather(gathered, checksums)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
         raise RuntimeError("the ranks' weights differ after training: DDP replicas diverged")
-
-
-def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    names = sorted(n for n in os.listdir(checkpoint_dir) if n.startswith("step-") and n.endswith(".pt"))
-    return os.path.join(checkpoint_dir, names[-1]) if names else None
 
 
 def check_resumable(saved: TrainConfig, config: TrainConfig):
@@ -305,37 +326,64 @@ def evaluate(model, data, config: TrainConfig, device, autocast) -> dict:
     }
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+class TrainingDiverged(RuntimeError):
+    """A loss or the gradient norm stopped being finite (bf16 or fp32): the run stops without checkpointing."""
 
 
-def save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, scaler, config: TrainConfig):
-    """checkpoints/step-NNNNNNN.pt, written atomically; only the newest keep_checkpoints stay."""
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
-             "train_config": config.to_dict()}
-    with atomic_output(os.path.join(checkpoint_dir, f"step-{step:07d}.pt")) as f:
-        torch.save(state, f)
-    names = sorted(n for n in os.listdir(checkpoint_dir) if n.startswith("step-") and n.endswith(".pt"))
-    for name in names[:-config.keep_checkpoints]:
-        os.remove(os.path.join(checkpoint_dir, name))
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose losses or gradient norm were not finite, so that the loop
+    keeps running ahead of the GPU (no host sync per step); `check` reads it before anything is logged or saved
+    and raises TrainingDiverged naming that step and what went non-finite. Between a divergence and its check
+    (at most log_every or checkpoint_every steps) the weights may turn NaN, but they are never written."""
+
+    LOSSES = ("loss", "mlm_loss", "rtd_loss")
+    NAMES = LOSSES + ("grad_norm",)
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet (steps count from 1)
+        self.values = torch.zeros(len(self.NAMES), device=device)
+
+    def observe(self, step: int, losses: torch.Tensor, grad_norm: torch.Tensor):
+        """losses: the step's LOSSES (means over its micro-batches); step: the step's number, from 1."""
+        values = torch.cat([losses, grad_norm.detach().float().reshape(1)])
+        first = (self.first_step == 0) & ~torch.isfinite(values).all()
+        self.first_step = torch.where(first, step, self.first_step)
+        self.values = torch.where(first, values, self.values)
+
+    def check(self, checkpoints: list):
+        step = int(self.first_step)
+        if step == 0:
+            return
+        values = dict(zip(self.NAMES, self.values.tolist()))
+        # The cause, not its consequences: a non-finite part makes the loss non-finite, which makes the gradients so.
+        for causes in (("mlm_loss", "rtd_loss"), ("loss",), ("grad_norm",)):
+            bad = [name for name in causes if not math.isfinite(values[name])]
+            if bad:
+                break
+        newest = f"the newest checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint yet"
+        raise TrainingDiverged(
+            f"step {step}: {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite "
+            f"({', '.join(f'{name} {value:.4g}' for name, value in values.items())}); training stopped without "
+            f"writing a checkpoint of these weights; {newest}")
 
 
-def load_checkpoint(path, model, optimizer, scheduler, scaler) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def training_state(step: int, model, optimizer, scheduler, scaler, config: TrainConfig) -> dict:
+    """What a checkpoint holds: tensors and plain containers only (see train/checkpoint.py)."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise TrainingDiverged(f"step {step}: parameter {name} is not finite; no checkpoint written")
+    return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
+            "train_config": config.to_dict()}
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler, scaler) -> int:
+    """Loads a training_state into the run's objects; returns its step."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_states(state["rng"])
     return state["step"]
 
 
