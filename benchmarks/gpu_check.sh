@@ -81,6 +81,13 @@ run_step tests "$LOG_DIR/tests.log" "${PYTEST[@]}" "${test_paths[@]}" "${test_fi
 run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" -q -k "${ELECTRA_EXT_GPU_CHECK_BENCH_K:-cuda}" \
     --benchmark-json "$LOG_DIR/bench.json" --benchmark-min-rounds 5
 
+# Convergence parity in bf16: ELECTRA-Small trained 300 steps on the kernels and on the reference path (two
+# reference seeds set the tolerance); the curves (JSON) and their plot go to $LOG_DIR.
+run_step parity "$LOG_DIR/parity.log" python3 "$REPO/benchmarks/convergence.py" --device cuda --out-dir "$LOG_DIR"
+if [[ -s $LOG_DIR/bench.json ]]; then
+    python3 "$REPO/benchmarks/plot_speedups.py" "$LOG_DIR/bench.json" "$LOG_DIR/speedups.png" || failed+=(plot)
+fi
+
 echo "== summary ($LOG_DIR/summary.md)"
 python3 "$REPO/benchmarks/summarize.py" "$LOG_DIR/bench.json" --markdown-out "$LOG_DIR/summary.md" ||
     failed+=(summary)
