@@ -120,7 +120,9 @@ def step_table(cases):
     device, shape and mode, MFU against the matrix-product rate measured in the same run."""
     matmul_flops = {case["device"]: case["flops"] / case["seconds"] for case in cases
                     if case["op"] == STEP_OP and case["provider"] == MATMUL_PROVIDER}
-    steps = [case for case in cases if case["op"] == STEP_OP and case["provider"] != MATMUL_PROVIDER]
+    # By device, the step mode first, then shape; providers stay in the run's order (a stable sort).
+    steps = sorted((case for case in cases if case["op"] == STEP_OP and case["provider"] != MATMUL_PROVIDER),
+                   key=lambda case: (case["device"], case["mode"] != "step", case["shape"]))
     if not steps:
         return ""
     baselines = {(c["device"], c["shape"], c["mode"]): c for c in steps if c["provider"] == STEP_BASELINE}
