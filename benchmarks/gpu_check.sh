@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds and installs electra_ext on a CUDA machine with no network, runs the primitive self-tests, the tests and the CUDA
-# benchmarks against the installed package, and prints the benchmark summary last.
-# Logs, bench.json and summary.md go to $OUT if set, else to a fresh temporary folder.
-# Took ~5 minutes on an H200 with 16 cores at 5269a96 (3.75 of them the full test suite). Exits non-zero,
-# naming the failed steps, if any failed.
+# benchmarks (the ops and the end-to-end pre-training step) against the installed package, then the bf16
+# convergence parity (benchmarks/convergence.py), draws the step's speed-ups (speedups.png), and prints the
+# benchmark summary last.
+# Logs, bench.json, summary.md, speedups.png and the parity curves go to $OUT if set, else to a fresh temporary
+# folder. Took ~5 minutes on an H200 with 16 cores at 5269a96 (3.75 of them the full test suite), before the
+# pre-training step and the parity were added: they have not run on a GPU yet. Exits non-zero, naming the
+# failed steps, if any failed.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
