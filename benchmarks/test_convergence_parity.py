@@ -12,6 +12,7 @@ moves them far more: with attention's dq halved the loss differed by 2.7% of the
 from pathlib import Path
 
 import pytest
+import torch
 
 from convergence import METRICS, largest_differences, train_curves, training_data
 
@@ -29,7 +30,18 @@ def data(tmp_path_factory):
     return training_data(Path(tmp_path_factory.mktemp("parity")), SEQ_LEN, CHARACTERS, VOCAB_SIZE)
 
 
-def test_kernels_train_like_the_reference_path(data):
+@pytest.fixture
+def one_thread():
+    """The runs are 400 small steps (about 0.1 s each on one core) whose ops are too short for two threads to gain
+    much, and on a busy machine the OpenMP workers spin waiting for each other: on the 2-core development
+    machine under load this test took 726 s with two threads and 115 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_kernels_train_like_the_reference_path(data, one_thread):
     run = dict(preset="tiny", steps=STEPS, batch_size=BATCH_SIZE, seed=SEED, device="cpu", precision="fp32")
     differences = largest_differences(train_curves(data, reference=False, **run),
                                       train_curves(data, reference=True, **run), WINDOW)

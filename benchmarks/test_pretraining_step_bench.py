@@ -92,7 +92,7 @@ def largest_batch(step, preset, seq_len, first_batch):
             if peak(batch_size) <= MEMORY_BUDGET_BYTES:
                 return batch_size
         except torch.OutOfMemoryError:
-            pass
+            step.optimizer.zero_grad(set_to_none=True)  # a step that failed in backward left gradients behind
         torch.cuda.empty_cache()
         batch_size = int(batch_size * 0.95)
     raise AssertionError(f"no batch fits in {MEMORY_BUDGET_BYTES / 2**30:.0f} GiB")
