@@ -43,6 +43,6 @@ def training_flops_per_token(config: ElectraPretrainingConfig, seq_len: int) -> 
     generator_head = masked_fraction * (2 * generator.hidden_size * generator.embedding_size
                                         + 2 * generator.embedding_size * generator.vocab_size)
     discriminator_head = 2 * discriminator.hidden_size ** 2 + 2 * discriminator.hidden_size
-    forward = (encoder_forward_flops_per_token(generator, seq_len) + encoder_forward_flops_per_token(discriminator, seq_len)
-               + generator_head + discriminator_head)
+    encoders = sum(encoder_forward_flops_per_token(part, seq_len) for part in (generator, discriminator))
+    forward = encoders + generator_head + discriminator_head
     return 3 * forward
