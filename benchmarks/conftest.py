@@ -32,27 +32,29 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["nvidia_driver"] = nvidia_driver_version()
 
 
-def peak_cuda_bytes_above_inputs(call):
-    """Peak allocation during one call beyond what was allocated before it (the inputs)."""
+def peak_cuda_bytes(call):
+    """The peak allocation during one call: (beyond what was allocated before it (the inputs), in all)."""
     torch.cuda.synchronize()
     allocated_before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     call()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - allocated_before
+    peak = torch.cuda.max_memory_allocated()
+    return peak - allocated_before, peak
 
 
 @pytest.fixture
 def timed_benchmark(benchmark, request):
-    """Returns run(call, device=, shape=, mode=, bytes_per_call=, **info).
+    """Returns run(call, device=, shape=, mode=, bytes_per_call=, reps=None, **info).
 
-    Each timed round makes `reps` back-to-back calls, then waits for the device, so a round covers
-    the device's work and not only the launches; summarize.py divides the round median by `reps`.
+    Each timed round makes `reps` back-to-back calls (default CUDA_REPS or CPU_REPS), then waits for the
+    device, so a round covers the device's work and not only the launches; summarize.py divides the round
+    median by `reps`.
     """
     rounds = request.config.getoption("benchmark_min_rounds")
 
-    def run(call, *, device, shape, mode, bytes_per_call, **info):
-        reps = CUDA_REPS if device == "cuda" else CPU_REPS
+    def run(call, *, device, shape, mode, bytes_per_call, reps=None, **info):
+        reps = reps or (CUDA_REPS if device == "cuda" else CPU_REPS)
 
         def timed_round():
             for _ in range(reps):
@@ -66,6 +68,7 @@ def timed_benchmark(benchmark, request):
             info, device=device, shape=shape, mode=mode, bytes=bytes_per_call, reps=reps
         )
         if device == "cuda":
-            benchmark.extra_info["peak_bytes_above_inputs"] = peak_cuda_bytes_above_inputs(call)
+            above_inputs, peak = peak_cuda_bytes(call)
+            benchmark.extra_info.update(peak_bytes_above_inputs=above_inputs, peak_bytes=peak)
 
     return run

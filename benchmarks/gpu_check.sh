@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds and installs electra_ext on a CUDA machine with no network, runs the primitive self-tests, the tests and the CUDA
-# benchmarks against the installed package, and prints the benchmark summary last.
-# Logs, bench.json and summary.md go to $OUT if set, else to a fresh temporary folder.
-# Took ~5 minutes on an H200 with 16 cores at 5269a96 (3.75 of them the full test suite). Exits non-zero,
-# naming the failed steps, if any failed.
+# benchmarks (the ops and the end-to-end pre-training step) against the installed package, then the bf16
+# convergence parity (benchmarks/convergence.py), draws the step's speed-ups (speedups.png), and prints the
+# benchmark summary last.
+# Logs, bench.json, summary.md, speedups.png and the parity curves go to $OUT if set, else to a fresh temporary
+# folder. Took ~5 minutes on an H200 with 16 cores at 5269a96 (3.75 of them the full test suite), before the
+# pre-training step and the parity were added: they have not run on a GPU yet. Exits non-zero, naming the
+# failed steps, if any failed.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -101,6 +104,13 @@ run_step tests "$LOG_DIR/tests.log" "${PYTEST[@]}" "${test_paths[@]}" "${test_fi
 # ELECTRA_EXT_GPU_CHECK_BENCH_K narrows the benchmarks the same way (default: every CUDA case).
 run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" -q -k "${ELECTRA_EXT_GPU_CHECK_BENCH_K:-cuda}" \
     --benchmark-json "$LOG_DIR/bench.json" --benchmark-min-rounds 5
+
+# Convergence parity in bf16: ELECTRA-Small trained 300 steps on the kernels and on the reference path (two
+# reference seeds set the tolerance); the curves (JSON) and their plot go to $LOG_DIR.
+run_step parity "$LOG_DIR/parity.log" python3 "$REPO/benchmarks/convergence.py" --device cuda --out-dir "$LOG_DIR"
+if [[ -s $LOG_DIR/bench.json ]]; then
+    python3 "$REPO/benchmarks/plot_speedups.py" "$LOG_DIR/bench.json" "$LOG_DIR/speedups.png" || failed+=(plot)
+fi
 
 echo "== summary ($LOG_DIR/summary.md)"
 python3 "$REPO/benchmarks/summarize.py" "$LOG_DIR/bench.json" --markdown-out "$LOG_DIR/summary.md" ||

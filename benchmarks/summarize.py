@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 COPY_PROVIDER = "copy"
+MATMUL_PROVIDER = "matmul"
+STEP_OP, STEP_BASELINE = "pretraining_step", "hf_sdpa"
 
 
 class Table:
@@ -107,7 +109,50 @@ def markdown_tables(benchmarks):
     if copy_gbps:
         sections.append("Measured device-to-device copy: " +
                         ", ".join(f"{device} {rate:.0f} GB/s" for device, rate in copy_gbps.items()) + "\n")
+    steps = step_table(cases)
+    if steps:
+        sections.append(steps)
     return "\n".join(sections)
+
+
+def step_table(cases):
+    """The training-step benchmark: one row per provider, speed and memory against HF with SDPA at the same
+    device, shape and mode, MFU against the matrix-product rate measured in the same run."""
+    matmul_flops = {case["device"]: case["flops"] / case["seconds"] for case in cases
+                    if case["op"] == STEP_OP and case["provider"] == MATMUL_PROVIDER}
+    # By device, the step mode first, then shape; providers stay in the run's order (a stable sort).
+    steps = sorted((case for case in cases if case["op"] == STEP_OP and case["provider"] != MATMUL_PROVIDER),
+                   key=lambda case: (case["device"], case["mode"] != "step", case["shape"]))
+    if not steps:
+        return ""
+    baselines = {(c["device"], c["shape"], c["mode"]): c for c in steps if c["provider"] == STEP_BASELINE}
+    columns = ["device", "shape", "mode", "provider", "batch", "ms / step", "tokens/s", "MFU", "peak GB",
+               f"tokens/s vs {STEP_BASELINE}", f"peak memory vs {STEP_BASELINE}"]
+    lines = ["## pretraining_step", "",
+             "One full training step (masking, generator, sampling, discriminator, backward, AdamW step). MFU is "
+             "model FLOPs (benchmarks/model_flops.py) per second over the bf16 (CPU: fp32) matrix-product rate "
+             "measured in the same run; peak GB is the step's whole peak allocation (parameters, optimizer "
+             "state, activations); mode largest_batch is the largest batch within the run's memory budget.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for case in steps:
+        tokens_per_second = case["tokens"] / case["seconds"]
+        rate = matmul_flops.get(case["device"])
+        peak = case.get("peak_bytes")
+        baseline = baselines.get((case["device"], case["shape"], case["mode"]))
+        speed_up = memory = "-"
+        if baseline:
+            speed_up = f"{tokens_per_second / (baseline['tokens'] / baseline['seconds']):.2f}x"
+            if peak is not None and baseline.get("peak_bytes"):
+                memory = f"{peak / baseline['peak_bytes']:.2f}x"
+        lines.append("| " + " | ".join([
+            case["device"], f"{case['preset']} {case['seq_len']}", case["mode"], case["provider"], str(case["batch"]),
+            f"{case['seconds'] * 1e3:.1f}", f"{tokens_per_second:,.0f}",
+            f"{100 * case['flops'] / case['seconds'] / rate:.1f}%" if rate else "-",
+            f"{peak / 1e9:.2f}" if peak is not None else "-", speed_up, memory]) + " |")
+    if matmul_flops:
+        lines += ["", "Measured matrix-product rate: " +
+                  ", ".join(f"{device} {rate / 1e12:.1f} TFLOP/s" for device, rate in matmul_flops.items())]
+    return "\n".join(lines) + "\n"
 
 
 def header(results):
