@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from electra_ext.ops import attention, attention_varlen
-from electra_ext.ops.reference import attention_dropout_keep, attention_reference, philox4x32_10
+from electra_ext.ops.reference import attention_dropout_keep, philox4x32_10
 from op_testing import TARGETS, relative_error
 
 OP = torch.ops.electra_ext.attention.default
