@@ -179,8 +179,8 @@ BAD_INPUTS = [
     # training options
     ("train learning rate 0", lambda p: TrainConfig(learning_rate=0.0), ValueError, r"learning_rate must be positive"),
     ("train unknown precision", lambda p: TrainConfig(precision="fp8"), ValueError, r"precision must be one of"),
-    ("train fp16 on the CPU", lambda p: TrainConfig(precision="fp16", device="cpu").resolve(), ValueError,
-     r"precision fp16 needs a CUDA device"),
+    ("train sequences longer than positions", lambda p: TrainConfig(max_seq_length=10_000, device="cpu").resolve(),
+     ValueError, r"max_seq_length \(10000\) exceeds the model's max_position_embeddings"),
     ("train batch not a multiple of micro batch",
      lambda p: TrainConfig(batch_size=10, micro_batch_size=4, device="cpu").resolve(), ValueError,
      r"batch_size \(10\) must be a multiple of micro_batch_size"),
