@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 
 from op_testing import TARGETS
@@ -18,3 +20,15 @@ def device(target):
 def backend(target):
     """The `backend=` argument that selects the target's implementation."""
     return "emulated" if target == "emulated" else None
+
+
+@pytest.fixture
+def warnings_of():
+    """The messages electra_ext's loggers emit during the test (with or without pytest's logging plugin)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("electra_ext")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

@@ -3,7 +3,6 @@ skipped with a count in one warning (and in the token cache's manifest), never a
 never held in memory whole."""
 import gzip
 import json
-import logging
 import tracemalloc
 
 import pytest
@@ -13,18 +12,6 @@ from electra_ext.data.token_cache import TokenCache
 from electra_ext.data.tokenizer import load_tokenizer
 
 LONG_LINE = "x" * (MAX_LINE_CHARS + 1)
-
-
-@pytest.fixture
-def warnings_of():
-    """The messages electra_ext's loggers emit during the test (with or without pytest's logging plugin)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("electra_ext")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ each step takes about 0.1 s and a checkpoint about 8 MB."""
 import errno
 import itertools
 import json
-import logging
 import lzma
 import multiprocessing
 import os
@@ -60,18 +59,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def warnings_of():
-    """The messages electra_ext's loggers emit during the test (with or without pytest's logging plugin)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("electra_ext")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def run_options(setup, output_dir, **changes) -> dict:

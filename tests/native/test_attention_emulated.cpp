@@ -11,6 +11,7 @@
 
 #include "common/philox.h"
 #include "cuda/attention_launch.h"
+#include "native_testing.h"
 #include "simt/simt.cuh"
 
 namespace {
@@ -21,6 +22,8 @@ using electra_ext::AttentionShape;
 using electra_ext::AttentionTensor;
 using electra_ext::FloatType;
 namespace emulated = electra_ext::emulated;
+using native_testing::DeviceBuffer;
+using native_testing::relative_error;
 namespace philox = electra_ext::philox;
 
 int failures = 0;
@@ -31,25 +34,6 @@ void expect(bool ok, const char* what, int head_dim, float dropout_p) {
     ++failures;
   }
 }
-
-template <typename Actual>
-double relative_error(const Actual& actual, const std::vector<double>& expected) {
-  double difference = 0, norm = 0;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    difference += (double(actual[i]) - expected[i]) * (double(actual[i]) - expected[i]);
-    norm += expected[i] * expected[i];
-  }
-  return norm > 0 ? std::sqrt(difference / norm) : std::sqrt(difference);
-}
-
-template <typename T>
-struct DeviceBuffer {  // the emulated device's memory (0xFF-filled), freed on scope exit
-  T* data;
-  explicit DeviceBuffer(size_t count) : data(emulated::device_alloc<T>(count)) {}
-  ~DeviceBuffer() { emulated::device_free(data); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
 
 std::vector<double> to_double(const __nv_bfloat16* values, size_t count) {
   std::vector<double> out(count);

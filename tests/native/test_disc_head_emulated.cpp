@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cuda/disc_head_launch.h"
+#include "native_testing.h"
 #include "simt/simt.cuh"
 
 namespace {
@@ -16,6 +17,7 @@ using electra_ext::DiscHeadBackwardArgs;
 using electra_ext::DiscHeadForwardArgs;
 using electra_ext::FloatType;
 namespace emulated = electra_ext::emulated;
+using native_testing::relative_error;
 
 int failures = 0;
 
@@ -57,16 +59,6 @@ Reference reference(const std::vector<double>& x, int rows, int hidden, const st
     }
   }
   return r;
-}
-
-template <typename Actual>
-double relative_error(const Actual& actual, const std::vector<double>& expected) {
-  double difference = 0, norm = 0;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    difference += (double(actual[i]) - expected[i]) * (double(actual[i]) - expected[i]);
-    norm += expected[i] * expected[i];
-  }
-  return norm > 0 ? std::sqrt(difference / norm) : std::sqrt(difference);
 }
 
 void expect_close(double error, double tolerance, const char* what, FloatType dtype, int rows, int hidden) {

@@ -11,6 +11,7 @@
 
 #include "common/philox.h"
 #include "cuda/gen_head_launch.h"
+#include "native_testing.h"
 #include "simt/simt.cuh"
 
 namespace {
@@ -20,6 +21,8 @@ using electra_ext::GenHeadBackwardArgs;
 using electra_ext::GenHeadForwardArgs;
 using electra_ext::GenHeadInputs;
 namespace emulated = electra_ext::emulated;
+using native_testing::DeviceBuffer;
+using native_testing::relative_error;
 namespace philox = electra_ext::philox;
 
 int failures = 0;
@@ -30,25 +33,6 @@ void expect(bool ok, const char* what, int rows, int vocab, int hidden) {
     ++failures;
   }
 }
-
-template <typename Actual>
-double relative_error(const Actual& actual, const std::vector<double>& expected) {
-  double difference = 0, norm = 0;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    difference += (double(actual[i]) - expected[i]) * (double(actual[i]) - expected[i]);
-    norm += expected[i] * expected[i];
-  }
-  return norm > 0 ? std::sqrt(difference / norm) : std::sqrt(difference);
-}
-
-template <typename T>
-struct DeviceBuffer {  // the emulated device's memory, freed on scope exit
-  T* data;
-  explicit DeviceBuffer(size_t count) : data(emulated::device_alloc<T>(count > 0 ? count : 1)) {}
-  ~DeviceBuffer() { emulated::device_free(data); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
 
 // rows of h in bf16 (row stride `h_stride` >= hidden), hidden a multiple of 8; every third target ignored.
 void check(int rows, int vocab, int hidden, int h_stride, int64_t chunk_rows, bool disallow_correct,
