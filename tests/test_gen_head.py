@@ -365,24 +365,14 @@ DEVICE_CASES = [pytest.param(target, *shape, marks=REQUIRES_CUDA if target == "c
                 for target, shapes in DEVICE_SHAPES.items() for shape in shapes]
 
 
-@pytest.fixture(params=DEVICE_TARGETS)
-def device_target(request):
-    return request.param
-
-
-@pytest.fixture
-def device(device_target):
-    return "cuda" if device_target == "cuda" else "cpu"
-
-
-@pytest.fixture
-def backend(device_target):
-    return "emulated" if device_target == "emulated" else None
+# Parametrizing `target` directly overrides conftest's fixture of that name (every target); its `device` and
+# `backend` fixtures follow it.
+on_device_targets = pytest.mark.parametrize("target", DEVICE_TARGETS)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("device_target,rows,vocab,hidden", DEVICE_CASES)
-def test_device_kernels_within_twice_pytorchs_own_error(device_target, device, backend, dtype, rows, vocab, hidden):
+@pytest.mark.parametrize("target,rows,vocab,hidden", DEVICE_CASES)
+def test_device_kernels_within_twice_pytorchs_own_error(target, device, backend, dtype, rows, vocab, hidden):
     h, weight, bias, targets = device_inputs(rows, vocab, hidden, dtype, device, seed=rows + vocab)
     targets[1::3] = -100
     loss, lse, num_correct, expected_grads = float64_expected(h, weight, bias, targets)
@@ -403,7 +393,8 @@ def test_device_kernels_within_twice_pytorchs_own_error(device_target, device, b
     assert ((out.samples >= 0) & (out.samples < vocab)).all()
 
 
-def test_device_kernels_draw_the_cpu_kernels_tokens(device_target, device, backend):
+@on_device_targets
+def test_device_kernels_draw_the_cpu_kernels_tokens(target, device, backend):
     # Same Philox noise and the same float32 logits up to summation order: the same tokens, row for row.
     h, weight, bias, targets = device_inputs(100, 700, 40, torch.bfloat16, device, seed=21)
     targets[::5] = -100
@@ -422,9 +413,10 @@ def test_device_kernels_draw_the_cpu_kernels_tokens(device_target, device, backe
         assert relative_error(out.lse, runs[0].lse) < 1e-6
 
 
+@on_device_targets
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_device_samples_follow_the_softmax(device_target, device, backend, temperature):
-    vocab, draws = 8, 3000 if device_target == "emulated" else 40_000
+def test_device_samples_follow_the_softmax(target, device, backend, temperature):
+    vocab, draws = 8, 3000 if target == "emulated" else 40_000
     generator = torch.Generator().manual_seed(1)
     h = torch.randn(1, 16, generator=generator).expand(draws, 16).bfloat16()
     weight = torch.randn(vocab, 16, generator=generator).bfloat16()
@@ -436,7 +428,8 @@ def test_device_samples_follow_the_softmax(device_target, device, backend, tempe
     assert chi_square(counts, probabilities) < 24.3  # 7 degrees of freedom: the 0.1% tail
 
 
-def test_device_noise_is_the_philox_contract(device_target, device, backend):
+@on_device_targets
+def test_device_noise_is_the_philox_contract(target, device, backend):
     # Zero logits: the sample is the column with the largest 23-bit uniform (see test_noise_is_the_philox_contract).
     rows, vocab = 20, 1100
     zeros = [torch.zeros(rows, 8, dtype=torch.bfloat16), torch.zeros(vocab, 8, dtype=torch.bfloat16),
@@ -455,7 +448,8 @@ def test_device_noise_is_the_philox_contract(device_target, device, backend):
     assert torch.equal(op_out[1].cpu(), reference_out[1])
 
 
-def test_device_disallow_correct_and_seed(device_target, device, backend):
+@on_device_targets
+def test_device_disallow_correct_and_seed(target, device, backend):
     h, weight, bias, targets = device_inputs(150, 300, 32, torch.bfloat16, device, seed=3)
     targets[:] = 7
     with torch.no_grad():
@@ -469,8 +463,9 @@ def test_device_disallow_correct_and_seed(device_target, device, backend):
     assert (run(4, disallow_correct=True).samples != out.samples).float().mean() > 0.5
 
 
+@on_device_targets
 @pytest.mark.parametrize("rows", [0, 5])
-def test_device_no_counted_row(device_target, device, backend, rows):
+def test_device_no_counted_row(target, device, backend, rows):
     h, weight, bias, targets = device_inputs(rows, 100, 16, torch.bfloat16, device)
     targets[:] = -100
     out = gen_head(h, weight, bias, targets, backend=backend)
@@ -479,7 +474,8 @@ def test_device_no_counted_row(device_target, device, backend, rows):
     assert not h.grad.any() and not weight.grad.any() and not bias.grad.any()
 
 
-def test_device_strided_h_mixed_dtypes_and_chunked_backward(device_target, device, backend, monkeypatch):
+@on_device_targets
+def test_device_strided_h_mixed_dtypes_and_chunked_backward(target, device, backend, monkeypatch):
     # h a strided view (copied to aligned rows), float32 weight and bias (autocast's mix: cast to h's dtype),
     # and a backward in chunks of 128 rows (no workspace budget): 300 rows = 3 chunks, the last ragged.
     generator = torch.Generator().manual_seed(17)
@@ -513,7 +509,8 @@ def test_device_strided_h_mixed_dtypes_and_chunked_backward(device_target, devic
     assert torch.equal(whole[1], chunked[1])
 
 
-def test_device_op_checks(device_target, device, backend):
+@on_device_targets
+def test_device_op_checks(target, device, backend):
     h, weight, bias, targets = device_inputs(21, 230, 16, torch.bfloat16, device, seed=13)
     seed = torch.tensor([42], dtype=torch.int64, device=device)
     emulated = backend == "emulated"
