@@ -2,6 +2,8 @@
 
 ELECTRA_EXT_CUDA=0 forces a CPU-only build; ELECTRA_EXT_CUDA=1 fails unless the CUDA kernels build.
 Unset, CUDA is built whenever torch is a CUDA build and nvcc is found.
+ELECTRA_EXT_SANITIZE=1 builds the host code (CPU kernels, emulation, glue) with AddressSanitizer and
+UndefinedBehaviorSanitizer, for tests/run_sanitized.sh; such a _C only loads with libasan preloaded.
 """
 import glob
 import os
@@ -39,6 +41,13 @@ def want_cuda() -> bool:
     return not problems
 
 
+def want_sanitizers() -> bool:
+    request = os.environ.get("ELECTRA_EXT_SANITIZE", "").strip()
+    if request not in ("", "0", "1"):
+        raise ValueError(f"ELECTRA_EXT_SANITIZE must be 0, 1 or unset, got {request!r}")
+    return request == "1"
+
+
 def cuda_include_dir():
     """The CUDA toolkit's headers: the SIMT emulation compiles the device code against them (no libraries)."""
     include = os.path.join(CUDA_HOME or os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
@@ -68,6 +77,11 @@ def extension():
         # fork and join torch's pool on their own (gen_head: ~20 ms per op on a loaded 2-core machine).
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+    if want_sanitizers():
+        # -O1 keeps ASan's reports exact and the build short; any finding aborts (no recovery).
+        sanitizer_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cxx_flags = ["-O1", "-g"] + cxx_flags[1:] + sanitizer_flags
+        link_flags += sanitizer_flags
     include_dirs = [os.path.join(HERE, "csrc")]
     if emulation_include is None:
         sources = [source for source in sources if not source.endswith("_emulated.cpp")]
