@@ -34,12 +34,15 @@ ELECTRA_HOST_DEVICE void multiply_high_low(uint32_t a, uint32_t b, uint32_t& hig
   low = static_cast<uint32_t>(product);
 }
 
-// Philox4x32 with 10 rounds, the Random123 constants.
+// The Random123 constants (also used by the 8-lane CPU version in cpu/attention_cpu_kernels.h).
+constexpr uint32_t kMultiplier0 = 0xD2511F53u, kMultiplier1 = 0xCD9E8D57u;
+constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+constexpr int kRounds = 10;
+
+// Philox4x32 with 10 rounds.
 ELECTRA_HOST_DEVICE Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                         uint32_t k1) {
-  constexpr uint32_t kMultiplier0 = 0xD2511F53u, kMultiplier1 = 0xCD9E8D57u;
-  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kRounds; ++round) {
     uint32_t high0, low0, high1, low1;
     multiply_high_low(kMultiplier0, c0, high0, low0);
     multiply_high_low(kMultiplier1, c2, high1, low1);
