@@ -1,9 +1,10 @@
 """ops.attention's CPU kernel against PyTorch's SDPA (CPU flash), timed interleaved, and their peak memory.
 
-    python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory]
+    python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory] [--dropout P]
 
 Shape B=4, T=512, H=12, D=64, float32; "padded" gives lengths 512, 400, 300, 200 (SDPA then gets the boolean key
-mask, which rules out nothing on the CPU: its flash kernel takes masks). Timing: every round times each case for
+mask, which rules out nothing on the CPU: its flash kernel takes masks). --dropout P: both providers drop attention
+probabilities with probability P (ELECTRA trains with 0.1). Timing: every round times each case for
 both providers back to back (best of --repeats calls each), so a busy neighbour slows both alike; the table
 keeps each provider's best over the rounds and the median of the per-round ratios.
 
@@ -37,16 +38,17 @@ def make_inputs(padded, dtype=torch.float32):
     return qkv, (q, k, v), seqlens, grad_out
 
 
-def ours(q, k, v, seqlens):
+def ours(q, k, v, seqlens, dropout_p):
     from electra_ext import ops
-    return ops.attention(q, k, v, seqlens=seqlens)
+    return ops.attention(q, k, v, seqlens=seqlens, dropout_p=dropout_p)
 
 
-def sdpa(q, k, v, seqlens):
+def sdpa(q, k, v, seqlens, dropout_p):
     mask = None
     if seqlens is not None:
         mask = (torch.arange(q.shape[1]) < seqlens.unsqueeze(1))[:, None, None, :]
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                         dropout_p=dropout_p)
     return out.transpose(1, 2)
 
 
@@ -54,16 +56,16 @@ PROVIDERS = {"electra_ext": ours, "sdpa": sdpa}
 CASES = [(mode, padded) for mode in ("fwd", "fwd_bwd") for padded in (False, True)]
 
 
-def make_call(provider, mode, padded):
+def make_call(provider, mode, padded, dropout_p):
     qkv, (q, k, v), seqlens, grad_out = make_inputs(padded)
     attend = PROVIDERS[provider]
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return attend(q, k, v, seqlens)
+                return attend(q, k, v, seqlens, dropout_p)
     else:
         def call():
-            return torch.autograd.grad(attend(q, k, v, seqlens), qkv, grad_out)
+            return torch.autograd.grad(attend(q, k, v, seqlens, dropout_p), qkv, grad_out)
     return call
 
 
@@ -80,8 +82,8 @@ def case_name(mode, padded):
     return f"{'forward' if mode == 'fwd' else 'forward + backward'}, {'padded' if padded else 'no padding'}"
 
 
-def time_cases(rounds, repeats):
-    calls = {(p, m, pad): make_call(p, m, pad) for p in PROVIDERS for m, pad in CASES}
+def time_cases(rounds, repeats, dropout_p):
+    calls = {(p, m, pad): make_call(p, m, pad, dropout_p) for p in PROVIDERS for m, pad in CASES}
     for call in calls.values():
         call()  # warm-up: JIT kernels, allocator
     times = {key: [] for key in calls}
@@ -109,8 +111,8 @@ def status_kb(field):
     raise KeyError(field)
 
 
-def measure_memory_here(provider, mode, padded):
-    call = make_call(provider, mode, padded)
+def measure_memory_here(provider, mode, padded, dropout_p):
+    call = make_call(provider, mode, padded, dropout_p)
     result = call()  # warm-up: JIT kernels, thread pools
     del result
     with open("/proc/self/clear_refs", "w") as f:
@@ -122,7 +124,7 @@ def measure_memory_here(provider, mode, padded):
     print(json.dumps({"peak_extra_kb": peak - before}))
 
 
-def measure_memory(threads):
+def measure_memory(threads, dropout_p):
     print("| case | electra_ext peak | SDPA peak |")
     print("| --- | --- | --- |")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -130,7 +132,8 @@ def measure_memory(threads):
         peaks = {}
         for provider in PROVIDERS:
             output = subprocess.run(
-                [sys.executable, __file__, "--threads", str(threads), "--child", provider, mode, str(int(padded))],
+                [sys.executable, __file__, "--threads", str(threads), "--dropout", str(dropout_p), "--child", provider,
+                 mode, str(int(padded))],
                 env=env, check=True, capture_output=True, text=True).stdout
             peaks[provider] = json.loads(output.strip().splitlines()[-1])["peak_extra_kb"] / 1024
         print(f"| {case_name(mode, padded)} | {peaks['electra_ext']:.1f} MB | {peaks['sdpa']:.1f} MB |")
@@ -142,17 +145,19 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability for both")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         provider, mode, padded = args.child
-        measure_memory_here(provider, mode, bool(int(padded)))
+        measure_memory_here(provider, mode, bool(int(padded)), args.dropout)
         return
-    print(f"B={B}, T={T}, H={H}, D={D}, float32, {args.threads} threads, torch {torch.__version__}")
-    time_cases(args.rounds, args.repeats)
+    print(f"B={B}, T={T}, H={H}, D={D}, float32, dropout {args.dropout}, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    time_cases(args.rounds, args.repeats, args.dropout)
     if args.memory:
-        measure_memory(args.threads)
+        measure_memory(args.threads, args.dropout)
 
 
 if __name__ == "__main__":
