@@ -1,4 +1,9 @@
-"""Helpers shared by the op tests: the devices to run on and the error measure of the numerical standards."""
+"""Helpers shared by the op tests: the devices to run on, the error measure of the numerical standards, and the
+baseline (non-AVX2) build of the CPU kernels."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,3 +25,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denominator = expected.norm().item()
     difference = (actual - expected).norm().item()
     return difference / denominator if denominator > 0 else difference
+
+
+def run_on_baseline_cpu_build(probe: str) -> None:
+    """Runs the Python code `probe` (with tests/ on the path) in a subprocess whose CPU kernels take their
+    baseline x86-64 build: the AVX2 + FMA one is chosen once per process, ELECTRA_EXT_CPU_ISA=baseline forces
+    the other. Fails with the subprocess's error output."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ELECTRA_EXT_CPU_ISA="baseline",
+               PYTHONPATH=os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=here, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -3,9 +3,6 @@ emulated CUDA kernels, CUDA kernels): padding, lengths that straddle the kernels
 packed layout, Philox dropout (the same mask everywhere, forward and backward), opcheck, torch.compile and
 input checks."""
 import functools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ import torch.nn.functional as F
 
 from electra_ext.ops import attention, attention_varlen
 from electra_ext.ops.reference import attention_dropout_keep, philox4x32_10
-from op_testing import TARGETS, relative_error
+from op_testing import TARGETS, relative_error, run_on_baseline_cpu_build
 
 OP = torch.ops.electra_ext.attention.default
 BACKWARD_OP = torch.ops.electra_ext.attention_backward.default
@@ -290,14 +287,8 @@ t.test_cpu_result_does_not_depend_on_thread_count()
 
 
 def test_cpu_baseline_build_matches_reference():
-    # The CPU kernels are compiled twice, for AVX2 + FMA and for baseline x86-64 (CPUs without them), and the choice
-    # is made once per process: the baseline build runs in a subprocess, forced by ELECTRA_EXT_CPU_ISA.
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ELECTRA_EXT_CPU_ISA="baseline",
-               PYTHONPATH=os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    result = subprocess.run([sys.executable, "-c", BASELINE_PROBE], env=env, cwd=here, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # The CPU kernels are compiled twice, for AVX2 + FMA and for baseline x86-64 (CPUs without them).
+    run_on_baseline_cpu_build(BASELINE_PROBE)
 
 
 def packed_op_inputs(device, dtype, dropout_p):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from electra_ext.ops import gen_head, has_kernel
 from electra_ext.ops.reference import GEN_HEAD_STREAM, philox4x32_10
 
-from op_testing import REQUIRES_CUDA, TARGETS, relative_error
+from op_testing import REQUIRES_CUDA, TARGETS, relative_error, run_on_baseline_cpu_build
 
 OP = torch.ops.electra_ext.gen_head.default
 V, E = 1000, 32  # V is no multiple of a power-of-two tile
@@ -238,6 +238,17 @@ def test_kernel_and_reference_draw_the_same_tokens(temperature, disallow_correct
     assert torch.equal(runs[0].samples, runs[1].samples)
     assert runs[0].num_correct.item() == runs[1].num_correct.item()
     assert relative_error(runs[0].lse, runs[1].lse) < 1e-6
+
+
+def test_cpu_baseline_build_draws_the_same_noise():
+    # The Gumbel noise's Philox words come from an 8-lane AVX2 loop or, on CPUs without AVX2, a scalar one (the
+    # choice is made once per process): the baseline build must keep the contract and the reference's tokens too.
+    run_on_baseline_cpu_build("""
+import test_gen_head as t
+t.test_noise_is_the_philox_contract(None)
+for temperature, disallow_correct in [(1.0, False), (0.7, True)]:
+    t.test_kernel_and_reference_draw_the_same_tokens(temperature, disallow_correct)
+""")
 
 
 def forward_backward(h, weight, bias, targets, **kwargs):

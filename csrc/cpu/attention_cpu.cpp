@@ -50,15 +50,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define ELECTRA_ATTENTION_AVX2 1
-#include <immintrin.h>
-#else
-#define ELECTRA_ATTENTION_AVX2 0
-#endif
-
 #include "attention_checks.h"
 #include "common/philox.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/emulated_call.h"
 #if defined(ELECTRA_EXT_WITH_EMULATION)
 #include "cpu/attention_emulated.h"
@@ -218,37 +212,21 @@ namespace portable {
 #include "cpu/attention_cpu_kernels.h"
 }  // namespace portable
 
-#if ELECTRA_ATTENTION_AVX2
+#if ELECTRA_EXT_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-#define ELECTRA_ATTENTION_AVX2_BODY
+#define ELECTRA_EXT_CPU_AVX2_BODY
 #include "cpu/attention_cpu_kernels.h"
-#undef ELECTRA_ATTENTION_AVX2_BODY
+#undef ELECTRA_EXT_CPU_AVX2_BODY
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 
-// The AVX2 + FMA build of the kernels where the CPU has them (8 lanes and fused multiply-adds in the element-wise
-// work), else the baseline x86-64 one; ELECTRA_EXT_CPU_ISA=baseline forces the latter (for tests). Fixed for the
-// process, so results never depend on which ran before.
-bool use_avx2() {
-#if ELECTRA_ATTENTION_AVX2
-  static const bool available = [] {
-    const char* isa = std::getenv("ELECTRA_EXT_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return available;
-#else
-  return false;
-#endif
-}
-
 template <typename scalar_t>
 void attention_forward(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
-#if ELECTRA_ATTENTION_AVX2
-  if (use_avx2()) return avx2::attention_forward_kernel<scalar_t>(in, out, lse);
+#if ELECTRA_EXT_CPU_AVX2
+  if (cpu_isa::use_avx2()) return avx2::attention_forward_kernel<scalar_t>(in, out, lse);
 #endif
   portable::attention_forward_kernel<scalar_t>(in, out, lse);
 }
@@ -256,8 +234,8 @@ void attention_forward(const AttentionInputs& in, at::Tensor& out, at::Tensor& l
 template <typename scalar_t>
 void attention_backward(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& out,
                         const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
-#if ELECTRA_ATTENTION_AVX2
-  if (use_avx2()) return avx2::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
+#if ELECTRA_EXT_CPU_AVX2
+  if (cpu_isa::use_avx2()) return avx2::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
 #endif
   portable::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
 }

@@ -1,10 +1,10 @@
 // The CPU attention kernels' bodies, included twice by attention_cpu.cpp: once as baseline x86-64 code
 // (namespace portable) and once under `#pragma GCC target("avx2,fma")` (namespace avx2, with
-// ELECTRA_ATTENTION_AVX2_BODY defined), so that every loop here, lambdas included, is compiled for both and
+// ELECTRA_EXT_CPU_AVX2_BODY defined), so that every loop here, lambdas included, is compiled for both and
 // attention_cpu.cpp picks one at run time. Not a header to include anywhere else: it relies on the
 // definitions that precede its inclusion in attention_cpu.cpp.
 
-#if defined(ELECTRA_ATTENTION_AVX2_BODY)
+#if defined(ELECTRA_EXT_CPU_AVX2_BODY)
 
 // e^x on 8 lanes: exp_vectorizable's Cephes polynomial with fused multiply-adds; 0 below -87, NaN stays NaN.
 inline __m256 exp8(__m256 x) {
@@ -135,68 +135,28 @@ inline void backward_column(float* probs, float* grad_probs, const float* multip
   }
 }
 
-// Philox4x32-10 on 8 counters at once, one per 32-bit lane: lane by lane the words of philox::philox4x32_10.
-// _mm256_mul_epu32 multiplies the even 32-bit lanes into 64-bit products, so one 8-lane multiply-high-low takes
-// two of them. ~200 vector instructions per 8 calls against ~60 scalar ones per call: with dropout 0.1 at B=4,
-// T=512, H=12, D=64 (2 threads) the forward took 52 ms with scalar calls and 30 with these (24 without
-// dropout), forward + backward 140 and 94 ms (83 without).
-inline void multiply_high_low8(__m256i multiplier, __m256i x, __m256i& high, __m256i& low) {
-  const __m256i even = _mm256_mul_epu32(x, multiplier);                        // lanes 0, 2, 4, 6: [low, high]
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), multiplier);  // lanes 1, 3, 5, 7
-  low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-inline void philox4x32_10_lanes8(__m256i c[4], uint32_t k0, uint32_t k1) {
-  const __m256i multiplier0 = _mm256_set1_epi32(static_cast<int>(philox::kMultiplier0));
-  const __m256i multiplier1 = _mm256_set1_epi32(static_cast<int>(philox::kMultiplier1));
-  for (int round = 0; round < philox::kRounds; ++round) {
-    __m256i high0, low0, high1, low1;
-    multiply_high_low8(multiplier0, c[0], high0, low0);
-    multiply_high_low8(multiplier1, c[2], high1, low1);
-    c[0] = _mm256_xor_si256(_mm256_xor_si256(high1, c[1]), _mm256_set1_epi32(static_cast<int>(k0)));
-    c[2] = _mm256_xor_si256(_mm256_xor_si256(high0, c[3]), _mm256_set1_epi32(static_cast<int>(k1)));
-    c[1] = low1;
-    c[3] = low0;
-    k0 += philox::kWeyl0;
-    k1 += philox::kWeyl1;
-  }
-}
-
 // multipliers[j] = 1 / (1 - p) where dropout keeps (row, first_column + j) of (batch, head), else 0: the scalar
-// dropout_multipliers' contract, 32 columns (8 Philox calls) at a time.
+// dropout_multipliers' contract, 32 columns (8 Philox calls) at a time. With dropout 0.1 at B=4, T=512, H=12,
+// D=64 (2 threads) the forward took 52 ms with scalar calls and 30 with these (24 without dropout), forward +
+// backward 140 and 94 ms (83 without).
 inline void dropout_multipliers(const AttentionInputs& in, int64_t batch, int64_t head, int64_t row,
                                 int64_t first_column, int64_t columns, float* multipliers) {
   const __m256i threshold = _mm256_set1_epi32(static_cast<int>(in.dropout_threshold));
   const __m256 scale = _mm256_set1_ps(in.dropout_scale);
   const auto seed_low = static_cast<uint32_t>(in.seed), seed_high = static_cast<uint32_t>(in.seed >> 32);
   for (int64_t column = 0; column < columns; column += 32) {
-    __m256i words[4] = {
-        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>((first_column + column) / 4)),
-                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-        _mm256_set1_epi32(static_cast<int>(row)), _mm256_set1_epi32(static_cast<int>(head)),
-        _mm256_set1_epi32(static_cast<int>(batch))};
-    philox4x32_10_lanes8(words, seed_low, seed_high);
-    // kept[w] lane g: column 4 g + w. A word is kept when word >= threshold, unsigned: max(word, threshold) == word.
+    __m256i words[4];
+    cpu_isa::column_group_counters(words, static_cast<uint32_t>((first_column + column) / 4),
+                                   static_cast<uint32_t>(row), static_cast<uint32_t>(head),
+                                   static_cast<uint32_t>(batch));
+    cpu_isa::philox4x32_10_lanes8(words, seed_low, seed_high);
+    // A word is kept when word >= threshold, unsigned: max(word, threshold) == word.
     __m256 kept[4];
     for (int w = 0; w < 4; ++w) {
       const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(words[w], threshold), words[w]);
       kept[w] = _mm256_and_ps(_mm256_castsi256_ps(keep), scale);
     }
-    // Transpose 4 x 8 into the 32 columns in order: out[0] = columns 0-7 (calls 0 and 1), ...
-    const __m256 t0 = _mm256_unpacklo_ps(kept[0], kept[1]), t1 = _mm256_unpackhi_ps(kept[0], kept[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(kept[2], kept[3]), t3 = _mm256_unpackhi_ps(kept[2], kept[3]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 out[4] = {_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u2, u3, 0x20),
-                           _mm256_permute2f128_ps(u0, u1, 0x31), _mm256_permute2f128_ps(u2, u3, 0x31)};
-    if (columns - column >= 32) {
-      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(multipliers + column + 8 * v, out[v]);
-    } else {
-      float tail[32];
-      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(tail + 8 * v, out[v]);
-      std::copy(tail, tail + (columns - column), multipliers + column);
-    }
+    cpu_isa::store_column_groups(kept, multipliers + column, columns - column);
   }
 }
 
@@ -217,7 +177,7 @@ inline void transposed_dropout_multipliers(const AttentionInputs& in, int64_t ba
           _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_row + row)),
                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
           _mm256_set1_epi32(static_cast<int>(head)), _mm256_set1_epi32(static_cast<int>(batch))};
-      philox4x32_10_lanes8(words, seed_low, seed_high);
+      cpu_isa::philox4x32_10_lanes8(words, seed_low, seed_high);
       for (int64_t w = 0; w < 4 && 4 * group + w < columns; ++w) {
         const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(words[w], threshold), words[w]);
         const __m256 kept = _mm256_and_ps(_mm256_castsi256_ps(keep), scale);
