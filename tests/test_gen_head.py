@@ -210,6 +210,8 @@ def test_noise_is_the_philox_contract(provider):
                                       torch.full_like(row, GEN_HEAD_STREAM[1]), k0, k1), -1)
     word = words.gather(-1, (column % 4).unsqueeze(-1)).squeeze(-1)
     assert torch.equal(out.samples, (word >> 9).argmax(-1))
+    # Every logit ties: the prediction is the first column, as torch.argmax picks, so every target 0 is correct.
+    assert out.num_correct.item() == rows
 
 
 def test_disallow_correct_never_draws_the_target_and_seed_reproduces(provider):

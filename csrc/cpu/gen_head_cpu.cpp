@@ -173,6 +173,77 @@ void tile_gumbel(at::Tensor& noise, uint64_t seed, int64_t first_row, int64_t fi
   at::log_(noise).neg_();
 }
 
+// One row of a tile: the max logit and its first column, and the best Gumbel score x / temperature + noise and
+// its first column, column `excluded` (-1: none) never chosen. NaN never wins a comparison.
+struct RowScan {
+  float max = -kInfinity;
+  int64_t top = 0;
+  float best = -kInfinity;
+  int64_t best_column = 0;
+};
+
+// Columns [begin, width) continuing `scan`.
+RowScan scan_row(const float* x, const float* gumbel, int64_t begin, int64_t width, float inverse_temperature,
+                 int64_t excluded, RowScan scan) {
+  for (int64_t j = begin; j < width; ++j) {
+    if (x[j] > scan.max) {
+      scan.max = x[j];
+      scan.top = j;
+    }
+    // Two roundings, as the reference computes it (no FMA: ISO C++ mode leaves contraction off).
+    const float score = x[j] * inverse_temperature + gumbel[j];
+    if (score > scan.best && j != excluded) {
+      scan.best = score;
+      scan.best_column = j;
+    }
+  }
+  return scan;
+}
+
+#if ELECTRA_EXT_CPU_AVX2
+// scan_row on 8 lanes, each keeping its first maximum, then the lanes merged (ties to the lowest column) and the
+// tail scanned on: the same result. The scalar loop's two data-dependent branches per logit cost ~0.3 ms per
+// 128 x 1024 tile, as much as the noise's logs.
+ELECTRA_EXT_AVX2_FUNCTION RowScan scan_row_avx2(const float* x, const float* gumbel, int64_t width,
+                                                float inverse_temperature, int64_t excluded) {
+  const __m256 scale = _mm256_set1_ps(inverse_temperature), minus_infinity = _mm256_set1_ps(-kInfinity);
+  const __m256i excluded8 = _mm256_set1_epi32(static_cast<int>(excluded)), eight = _mm256_set1_epi32(8);
+  __m256 max8 = minus_infinity, best8 = minus_infinity;
+  __m256i column8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), top8 = _mm256_setzero_si256(), best_column8 = top8;
+  int64_t j = 0;
+  for (; j + 8 <= width; j += 8) {
+    const __m256 logit = _mm256_loadu_ps(x + j);
+    const __m256 larger = _mm256_cmp_ps(logit, max8, _CMP_GT_OQ);
+    max8 = _mm256_blendv_ps(max8, logit, larger);
+    top8 = _mm256_blendv_epi8(top8, column8, _mm256_castps_si256(larger));
+    __m256 score = _mm256_add_ps(_mm256_mul_ps(logit, scale), _mm256_loadu_ps(gumbel + j));
+    score = _mm256_blendv_ps(score, minus_infinity, _mm256_castsi256_ps(_mm256_cmpeq_epi32(column8, excluded8)));
+    const __m256 better = _mm256_cmp_ps(score, best8, _CMP_GT_OQ);
+    best8 = _mm256_blendv_ps(best8, score, better);
+    best_column8 = _mm256_blendv_epi8(best_column8, column8, _mm256_castps_si256(better));
+    column8 = _mm256_add_epi32(column8, eight);
+  }
+  alignas(32) float maxima[8], bests[8];
+  alignas(32) int32_t tops[8], best_columns[8];
+  _mm256_store_ps(maxima, max8);
+  _mm256_store_ps(bests, best8);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tops), top8);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(best_columns), best_column8);
+  RowScan scan{maxima[0], tops[0], bests[0], best_columns[0]};
+  for (int lane = 1; lane < 8; ++lane) {
+    if (maxima[lane] > scan.max || (maxima[lane] == scan.max && tops[lane] < scan.top)) {
+      scan.max = maxima[lane];
+      scan.top = tops[lane];
+    }
+    if (bests[lane] > scan.best || (bests[lane] == scan.best && best_columns[lane] < scan.best_column)) {
+      scan.best = bests[lane];
+      scan.best_column = best_columns[lane];
+    }
+  }
+  return scan_row(x, gumbel, j, width, inverse_temperature, excluded, scan);
+}
+#endif
+
 // What the forward carries for one row across its vocabulary tiles.
 struct RowState {
   float max = -kInfinity;    // running max of the logits
@@ -237,28 +308,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gen_head_cpu(
         const bool counted = target[i] != ignore_index;
         const int64_t local_target = counted ? target[i] - first_column : -1;
         const int64_t excluded = disallow_correct ? local_target : -1;
-        float tile_max = -kInfinity, tile_best = -kInfinity;
-        int64_t tile_top = 0, tile_best_column = 0;
-        for (int64_t j = 0; j < width; ++j) {
-          if (x[j] > tile_max) {
-            tile_max = x[j];
-            tile_top = j;
-          }
-          // Two roundings, as the reference computes it (no FMA: ISO C++ mode leaves contraction off).
-          const float score = x[j] * inverse_temperature + gumbel[j];
-          if (score > tile_best && j != excluded) {
-            tile_best = score;
-            tile_best_column = j;
-          }
-        }
+#if ELECTRA_EXT_CPU_AVX2
+        const RowScan scan = cpu_isa::use_avx2() ? scan_row_avx2(x, gumbel, width, inverse_temperature, excluded)
+                                                 : scan_row(x, gumbel, 0, width, inverse_temperature, excluded, {});
+#else
+        const RowScan scan = scan_row(x, gumbel, 0, width, inverse_temperature, excluded, {});
+#endif
         if (local_target >= 0 && local_target < width) row.target_logit = x[local_target];
         // Strict comparisons: ties go to the earlier tile, hence to the lowest column, as torch.argmax does.
-        if (tile_max > row.max) row.top = first_column + tile_top;
-        if (tile_best > row.best_score) {
-          row.best_score = tile_best;
-          row.best = first_column + tile_best_column;
+        if (scan.max > row.max) row.top = first_column + scan.top;
+        if (scan.best > row.best_score) {
+          row.best_score = scan.best;
+          row.best = first_column + scan.best_column;
         }
-        new_max_ptr[i] = std::max(row.max, tile_max);
+        new_max_ptr[i] = std::max(row.max, scan.max);
       }
       const at::Tensor tile_sum = logits.sub_(new_max).exp_().sum(1);
       const float* tile_sum_ptr = tile_sum.data_ptr<float>();
