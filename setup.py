@@ -79,8 +79,9 @@ def extension():
         link_flags.append("-fopenmp")
     if want_sanitizers():
         # -O1 keeps ASan's reports exact and the build short; any finding aborts (no recovery).
-        sanitizer_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-        cxx_flags = ["-O1", "-g"] + cxx_flags[1:] + sanitizer_flags
+        sanitizer_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                           "-fno-omit-frame-pointer"]
+        cxx_flags = [flag for flag in cxx_flags if flag != "-O3"] + ["-O1", "-g"] + sanitizer_flags
         link_flags += sanitizer_flags
     include_dirs = [os.path.join(HERE, "csrc")]
     if emulation_include is None:

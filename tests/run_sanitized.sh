@@ -20,7 +20,8 @@ rm -rf "$work/csrc" "$work/electra_ext"
 # cp -p keeps modification times, so the build directory left by an earlier run is reused.
 cp -pr "$repo/setup.py" "$repo/pyproject.toml" "$repo/csrc" "$repo/electra_ext" "$work/"
 rm -f "$work"/electra_ext/_C*.so
-(cd "$work" && ELECTRA_EXT_SANITIZE=1 ELECTRA_EXT_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" python setup.py -q build_ext --inplace)
+(cd "$work" &&
+  ELECTRA_EXT_SANITIZE=1 ELECTRA_EXT_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" python setup.py -q build_ext --inplace)
 
 export LD_PRELOAD="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1

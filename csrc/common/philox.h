@@ -34,7 +34,7 @@ ELECTRA_HOST_DEVICE void multiply_high_low(uint32_t a, uint32_t b, uint32_t& hig
   low = static_cast<uint32_t>(product);
 }
 
-// The Random123 constants (also used by the 8-lane CPU version in cpu/attention_cpu_kernels.h).
+// The Random123 constants (also used by the 8-lane CPU version in cpu/cpu_isa.h).
 constexpr uint32_t kMultiplier0 = 0xD2511F53u, kMultiplier1 = 0xCD9E8D57u;
 constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
 constexpr int kRounds = 10;

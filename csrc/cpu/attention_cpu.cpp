@@ -235,7 +235,9 @@ template <typename scalar_t>
 void attention_backward(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& out,
                         const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
 #if ELECTRA_EXT_CPU_AVX2
-  if (cpu_isa::use_avx2()) return avx2::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
+  if (cpu_isa::use_avx2()) {
+    return avx2::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
+  }
 #endif
   portable::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
 }

@@ -69,7 +69,8 @@ ELECTRA_EXT_AVX2_FUNCTION inline void philox4x32_10_lanes8(__m256i (&c)[4], uint
 // c0 = first_group + lane, c1..c3 the same for every lane.
 ELECTRA_EXT_AVX2_FUNCTION inline void column_group_counters(__m256i (&c)[4], uint32_t first_group, uint32_t c1,
                                                             uint32_t c2, uint32_t c3) {
-  c[0] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_group)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  c[0] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_group)),
+                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   c[1] = _mm256_set1_epi32(static_cast<int>(c1));
   c[2] = _mm256_set1_epi32(static_cast<int>(c2));
   c[3] = _mm256_set1_epi32(static_cast<int>(c3));
