@@ -47,6 +47,14 @@ def float64_expected(h, weight, bias, targets, ignore_index=-100):
     return loss.detach(), torch.logsumexp(logits, -1).detach(), num_correct, grads
 
 
+def pytorch_in_dtype(h, weight, bias, targets):
+    """PyTorch's own loss, lse and gradients in the inputs' dtype (logits rounded to it): the error the 2x rule
+    allows twice of."""
+    logits = F.linear(h, weight, bias)
+    loss = F.cross_entropy(logits, targets, ignore_index=-100)
+    return loss, torch.logsumexp(logits, -1), torch.autograd.grad(loss, (h, weight, bias))
+
+
 @pytest.mark.parametrize("rows", [1, 7, 130])
 def test_loss_lse_and_gradients_match_cross_entropy(rows):
     # float64 inputs run the reference.
@@ -95,11 +103,7 @@ def test_16_bit_inputs_within_twice_pytorchs_own_error(provider, dtype):
     h, weight, bias, targets = inputs(200, seed=5, dtype=dtype, vocab=1500, hidden=128)
     targets[::4] = -100
     loss, lse, _, expected_grads = float64_expected(h, weight, bias, targets)
-    # PyTorch in the same dtype: its logits, loss and gradients rounded to it.
-    logits = F.linear(h, weight, bias)
-    torch_loss = F.cross_entropy(logits, targets, ignore_index=-100)
-    torch_grads = torch.autograd.grad(torch_loss, (h, weight, bias))
-    torch_lse = torch.logsumexp(logits, -1)
+    torch_loss, torch_lse, torch_grads = pytorch_in_dtype(h, weight, bias, targets)
     out = gen_head(h, weight, bias, targets, backend=provider)
     grads = torch.autograd.grad(out.loss, (h, weight, bias))
     assert relative_error(out.loss, loss) <= 2 * relative_error(torch_loss, loss)
@@ -389,10 +393,7 @@ def test_device_kernels_within_twice_pytorchs_own_error(target, device, backend,
     h, weight, bias, targets = device_inputs(rows, vocab, hidden, dtype, device, seed=rows + vocab)
     targets[1::3] = -100
     loss, lse, num_correct, expected_grads = float64_expected(h, weight, bias, targets)
-    logits = F.linear(h, weight, bias)
-    torch_loss = F.cross_entropy(logits, targets, ignore_index=-100)
-    torch_grads = torch.autograd.grad(torch_loss, (h, weight, bias))
-    torch_lse = torch.logsumexp(logits, -1)
+    torch_loss, torch_lse, torch_grads = pytorch_in_dtype(h, weight, bias, targets)
     out = gen_head(h, weight, bias, targets, backend=backend)
     grads = torch.autograd.grad(out.loss, (h, weight, bias))
     assert out.loss.dtype == out.lse.dtype == torch.float32 and out.samples.dtype == torch.int64
