@@ -17,8 +17,8 @@ struct AttentionInputs {
   at::Tensor starts, seqlens;  // [batch] int32, contiguous
   int64_t max_seqlen;
   double softmax_scale;
-  uint32_t dropout_threshold;  // 0: no dropout
-  float dropout_scale;
+  uint32_t dropout_threshold;  // common/philox.h dropout_threshold(p), 0 .. 255; 0: no dropout
+  float dropout_scale;         // 256 / (256 - dropout_threshold)
   uint64_t seed;               // read from a CPU seed tensor (0 otherwise or without dropout)
   c10::optional<at::Tensor> seed_tensor;  // int64 [1] on q's device when dropout is on
 };
@@ -54,11 +54,16 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                     max_seqlen);
   TORCH_CHECK_VALUE(q.size(0) < INT32_MAX, op, ": at most 2^31 - 1 tokens, got ", q.size(0));
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  // The mask draws one byte per entry (common/philox.h): p is rounded to a multiple of 1/256, so 0 < p < 1/512
+  // would silently mean no dropout and p >= 511/512 would drop everything.
+  const uint32_t threshold = philox::dropout_threshold(float(dropout_p));
+  TORCH_CHECK_VALUE(dropout_p == 0.0 || (threshold > 0 && threshold < 256), op,
+                    ": dropout_p must be 0 or in [1/512, 511/512) (the mask's resolution is 1/256), got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0.0, op,
                     ": softmax_scale must be a positive number, got ", softmax_scale);
   AttentionInputs in{unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), starts.contiguous(),
-                     seqlens.contiguous(), max_seqlen, softmax_scale, philox::dropout_threshold(float(dropout_p)),
-                     float(1.0 / (1.0 - dropout_p)), 0, c10::nullopt};
+                     seqlens.contiguous(), max_seqlen, softmax_scale, threshold,
+                     philox::dropout_scale(threshold), 0, c10::nullopt};
   // Each sequence inside [0, max_seqlen] and inside the tokens: read where that costs no device synchronisation
   // (CPU tensors: the CPU kernel and the emulated CUDA kernels reject the same inputs); the CUDA kernels clamp
   // instead (tiles::sequence_extent), so a bad entry there can never reach memory outside q, k, v.

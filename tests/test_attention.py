@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from electra_ext.ops import attention, attention_varlen
-from electra_ext.ops.reference import attention_dropout_keep, philox4x32_10
+from electra_ext.ops.reference import (attention_dropout_draws, attention_dropout_keep, dropout_scale,
+                                       dropout_threshold, philox4x32_10)
 from op_testing import TARGETS, relative_error, run_on_baseline_cpu_build
 
 OP = torch.ops.electra_ext.attention.default
@@ -166,12 +167,25 @@ def test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p(target, devic
     assert torch.equal(kept, again) and not torch.equal(kept & region, other & region)
 
 
-def test_dropout_rate_over_many_draws():
-    # The contract itself: over 2^20 entries the kept fraction is within +-0.01 of 1 - p for several p.
+def test_dropout_draws_are_uniform_bytes_and_the_scale_unbiased():
+    # The contract itself, over 2^20 entries of one seed. The bytes are uniform on 0..255 (chi-square, 255
+    # degrees of freedom: 330.5 is the 0.999 quantile), so dropout keeps 1 - round(256 p) / 256 of the entries,
+    # p rounded by at most 1/512, and the kept ones scaled by 256 / (256 - round(256 p)) average to 1.
     seed = torch.tensor([123456789], dtype=torch.int64)
-    for dropout_p in (0.01, 0.1, 0.3, 0.9):
-        kept = attention_dropout_keep(seed, 4, 4, 256, dropout_p, "cpu")
-        assert abs(kept.float().mean().item() - (1 - dropout_p)) <= 0.01, dropout_p
+    draws = attention_dropout_draws(seed, 4, 4, 256, "cpu")
+    entries = draws.numel()
+    counts = torch.bincount(draws.flatten().long(), minlength=256).double()
+    expected = entries / 256
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 330.5, chi_square
+    for dropout_p in (1 / 512, 0.01, 0.1, 0.3, 0.9, 0.998):
+        threshold = dropout_threshold(dropout_p)
+        assert abs(threshold / 256 - dropout_p) <= 1 / 512, dropout_p
+        keep = attention_dropout_keep(seed, 4, 4, 256, dropout_p, "cpu").double()
+        keep_probability = 1 - threshold / 256
+        bound = 6 * (keep_probability * (1 - keep_probability) / entries) ** 0.5  # 6 sigma of a proportion
+        assert abs(keep.mean().item() - keep_probability) <= bound, dropout_p
+        assert abs((keep * dropout_scale(dropout_p)).mean().item() - 1) <= bound / keep_probability, dropout_p
 
 
 def test_philox_known_answers():
@@ -346,6 +360,8 @@ BAD = [
     (lambda q: (q, q, q), {"seqlens": torch.tensor([1, 6])}, ValueError, "seqlens must lie in \\[0, 5\\]"),
     (lambda q: (q, q, q), {"seqlens": torch.tensor([-1, 2])}, ValueError, "seqlens must lie in \\[0, 5\\]"),
     (lambda q: (q, q, q), {"dropout_p": 1.0}, ValueError, "dropout_p must be in \\[0, 1\\)"),
+    (lambda q: (q, q, q), {"dropout_p": 0.001}, ValueError, "dropout_p must be 0 or in \\[1/512, 511/512\\)"),
+    (lambda q: (q, q, q), {"dropout_p": 0.999}, ValueError, "dropout_p must be 0 or in \\[1/512, 511/512\\)"),
     (lambda q: (q, q, q), {"softmax_scale": -1.0}, ValueError, "softmax_scale must be a positive number"),
     (lambda q: (q, q, q), {"backend": "emulated"}, ValueError, "float16/bfloat16"),
     (lambda q: (q, q, q), {"backend": "gpu"}, ValueError, "backend must be one of"),
@@ -386,6 +402,10 @@ def test_op_checks_name_the_argument(target, device, backend):
     with pytest.raises(ValueError, match="seed must be an int64 tensor with one element"):
         OP(q, k, v, starts, seqlens, max_seqlen, 0.1, scale, torch.zeros(2, dtype=torch.int64, device=device),
            **emulated)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    for dropout_p in (0.0019, 0.999):  # below 1/512 and from 511/512 on: no dropout, or all dropped, at 1/256
+        with pytest.raises(ValueError, match="dropout_p must be 0 or in \\[1/512, 511/512\\)"):
+            OP(q, k, v, starts, seqlens, max_seqlen, dropout_p, scale, seed, **emulated)
     out, lse = OP(q, k, v, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
     with pytest.raises(ValueError, match="lse must be float32 \\[heads, tokens\\]"):
         BACKWARD_OP(out, q, k, v, out, lse.t(), starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)

@@ -1,12 +1,17 @@
 // Counter-based random numbers (Philox4x32-10, Salmon et al., SC'11) shared by the CPU kernels, the CUDA
 // kernels and their SIMT emulation, so that every path draws the same bits for the same key. Torch-free.
 //
-// Attention dropout keys one 32-bit word per (batch, head, query row, key column) of a sequence, all positions
-// counted inside that sequence (so the padded and the packed variable-length layouts drop the same entries):
+// Attention dropout keys one byte per (batch, head, query row, key column) of a sequence, all positions counted
+// inside that sequence (so the padded and the packed variable-length layouts drop the same entries):
 //   key     = (seed & 0xffffffff, seed >> 32)
-//   counter = (column / 4, row, head, batch)      -> four words; the entry takes word column % 4.
-// An entry is kept when its word >= dropout_threshold(p) = floor(p * 2^32); kept probabilities are scaled by
-// 1 / (1 - p).
+//   counter = (column / 16, row, head, batch)     -> four words, 16 bytes; column c takes byte c % 16, i.e.
+//             bits 8 (c % 4) .. 8 (c % 4) + 7 of word (c % 16) / 4.
+// An entry is kept when its byte >= dropout_threshold(p) = round(256 p) (1 .. 255 for p in [1/512, 511/512));
+// kept probabilities are scaled by 256 / (256 - threshold), the inverse of the exact keep probability, so the
+// expectation is unbiased and the dropout rate is p rounded to a multiple of 1/256 (0.1 drops 26/256 = 10.16%).
+// Why bytes, not 32-bit words: one Philox4x32-10 (~60 integer instructions on a GPU) per 16 entries instead of
+// per 4, the draw FlashAttention and PyTorch's flash backend use; with 32-bit words the Philox math outweighed
+// the matrix products of a tensor-core attention kernel ~2.5x (cuda/attention_forward_device.cuh).
 //
 // The generator head's Gumbel noise keys one word per (row, vocabulary column) of the logits, so a sample depends
 // only on (seed, row, column), never on tiling or threads:
@@ -57,22 +62,49 @@ ELECTRA_HOST_DEVICE Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, u
   return Words{{c0, c1, c2, c3}};
 }
 
-// floor(p * 2^32) for p in [0, 1): an entry whose word is below it is dropped.
+// Attention dropout's byte threshold: round(256 p), p rounded to float32 first (as the Python reference does).
+// 0 means no dropout; 256 (p >= 511/512) would drop everything, which the argument checks reject.
 ELECTRA_HOST_DEVICE uint32_t dropout_threshold(float p) {
-  return static_cast<uint32_t>(static_cast<double>(p) * 4294967296.0);
+  return static_cast<uint32_t>(static_cast<double>(p) * 256.0 + 0.5);
 }
 
-// The four words of attention-dropout columns 4 * column_group .. 4 * column_group + 3 of one row.
+// 256 / (256 - threshold): the scale of kept probabilities, the inverse of the keep probability.
+ELECTRA_HOST_DEVICE float dropout_scale(uint32_t threshold) {
+  return 256.0f / static_cast<float>(256 - threshold);
+}
+
+// Columns of one attention-dropout Philox call.
+constexpr int kDropoutColumnsPerCall = 16;
+
+// The four words (16 bytes) of attention-dropout columns 16 * column_chunk .. 16 * column_chunk + 15 of one row.
 ELECTRA_HOST_DEVICE Words attention_dropout_words(uint64_t seed, uint32_t batch, uint32_t head, uint32_t row,
-                                                  uint32_t column_group) {
-  return philox4x32_10(column_group, row, head, batch, static_cast<uint32_t>(seed),
+                                                  uint32_t column_chunk) {
+  return philox4x32_10(column_chunk, row, head, batch, static_cast<uint32_t>(seed),
                        static_cast<uint32_t>(seed >> 32));
+}
+
+// Keep bits of the 4 entries whose bytes `word` holds: bit j is (byte j >= threshold), threshold < 256. SWAR:
+// per byte, the low 7 bits compare through the top bit of (x | 0x80) - (t & 0x7f) (no borrow between bytes), the
+// top bits decide where they differ; a multiply gathers the 4 result bits (bits 7, 15, 23, 31 -> 21 .. 24, every
+// partial product on its own bit, so no carries). ~10 integer instructions per 4 entries.
+ELECTRA_HOST_DEVICE uint32_t dropout_keep_bits(uint32_t word, uint32_t threshold) {
+  const uint32_t t = threshold * 0x01010101u, high = 0x80808080u;
+  const uint32_t low_ge = (word | high) - (t & ~high);
+  const uint32_t ge = ((word & ~t) | (~(word ^ t) & low_ge)) & high;
+  return (((ge >> 7) * 0x00204081u) >> 21) & 0xFu;
+}
+
+// Keep bits of the 16 columns of one call: bit c for column 16 * column_chunk + c.
+ELECTRA_HOST_DEVICE uint32_t dropout_keep_bits(const Words& words, uint32_t threshold) {
+  return dropout_keep_bits(words.x[0], threshold) | dropout_keep_bits(words.x[1], threshold) << 4 |
+         dropout_keep_bits(words.x[2], threshold) << 8 | dropout_keep_bits(words.x[3], threshold) << 12;
 }
 
 // Whether attention dropout keeps entry (batch, head, row, column).
 ELECTRA_HOST_DEVICE bool attention_dropout_keep(uint64_t seed, uint32_t batch, uint32_t head, uint32_t row,
                                                 uint32_t column, uint32_t threshold) {
-  return attention_dropout_words(seed, batch, head, row, column / 4).x[column % 4] >= threshold;
+  const Words words = attention_dropout_words(seed, batch, head, row, column / kDropoutColumnsPerCall);
+  return ((words.x[column % 16 / 4] >> (8 * (column % 4))) & 0xFFu) >= threshold;
 }
 
 // The generator head's counter words c2 and c3 (see the top of this file).

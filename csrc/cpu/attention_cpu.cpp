@@ -69,8 +69,9 @@ constexpr int64_t kBackwardKeyColumns = 64;
 // reduction only when it is written as 8 separate lanes (two SSE registers).
 constexpr int64_t kLanes = 8;
 
-static_assert(kForwardKeyColumns % 4 == 0 && kBackwardKeyColumns % 4 == 0,
-              "key blocks start on a Philox group of 4 columns");
+static_assert(kForwardKeyColumns % philox::kDropoutColumnsPerCall == 0 &&
+                  kBackwardKeyColumns % philox::kDropoutColumnsPerCall == 0,
+              "key blocks start on a dropout Philox call's 16 columns");
 
 // C[m, n] = A[m, k] B[k, n] (+ C when accumulate), row-major float32 with leading dimensions.
 void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
@@ -116,15 +117,19 @@ inline float exp_vectorizable(float x) {
   return float_of(bits_of(p * power_of_two) & (underflows ? 0u : ~0u));
 }
 
-// multipliers[j] = 1 / (1 - p) where dropout keeps (row, first_column + j) of (batch, head), else 0.
+// multipliers[j] = dropout_scale where dropout keeps (row, first_column + j) of (batch, head), else 0;
+// first_column a multiple of 16 (one Philox call per 16 columns).
 void dropout_multipliers(const AttentionInputs& in, int64_t batch, int64_t head, int64_t row, int64_t first_column,
                          int64_t columns, float* multipliers) {
-  for (int64_t group = 0; 4 * group < columns; ++group) {
-    const philox::Words words =
+  constexpr int64_t kPerCall = philox::kDropoutColumnsPerCall;
+  for (int64_t chunk = 0; kPerCall * chunk < columns; ++chunk) {
+    const uint32_t keep = philox::dropout_keep_bits(
         philox::attention_dropout_words(in.seed, static_cast<uint32_t>(batch), static_cast<uint32_t>(head),
-                                        static_cast<uint32_t>(row), static_cast<uint32_t>(first_column / 4 + group));
-    for (int64_t lane = 0; lane < 4 && 4 * group + lane < columns; ++lane) {
-      multipliers[4 * group + lane] = words.x[lane] >= in.dropout_threshold ? in.dropout_scale : 0.0f;
+                                        static_cast<uint32_t>(row),
+                                        static_cast<uint32_t>(first_column / kPerCall + chunk)),
+        in.dropout_threshold);
+    for (int64_t c = 0; c < kPerCall && kPerCall * chunk + c < columns; ++c) {
+      multipliers[kPerCall * chunk + c] = (keep >> c) & 1u ? in.dropout_scale : 0.0f;
     }
   }
 }

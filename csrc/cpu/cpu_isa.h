@@ -65,8 +65,8 @@ ELECTRA_EXT_AVX2_FUNCTION inline void philox4x32_10_lanes8(__m256i (&c)[4], uint
   }
 }
 
-// The counters of 8 consecutive column groups (4 columns each, the layout of common/philox.h) of one row:
-// c0 = first_group + lane, c1..c3 the same for every lane.
+// The counters of 8 consecutive Philox calls along a row (gen_head: column groups of 4 columns, attention dropout:
+// chunks of 16; common/philox.h): c0 = first_group + lane, c1..c3 the same for every lane.
 ELECTRA_EXT_AVX2_FUNCTION inline void column_group_counters(__m256i (&c)[4], uint32_t first_group, uint32_t c1,
                                                             uint32_t c2, uint32_t c3) {
   c[0] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_group)),

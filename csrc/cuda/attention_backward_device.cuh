@@ -50,8 +50,8 @@
 //   Shared tiles are XOR-swizzled in 16-byte chunks so that ldmatrix's 8 row addresses hit 8 distinct bank
 //     groups (unswizzled 128-byte rows would be an 8-way conflict); cp.async fills them without registers,
 //     the next tile's copy overlapping the current tile's math.
-// Dropout: a tile's keep bits are drawn once per block into shared memory (Philox gives 4 columns per call;
-//   each thread draws 32 consecutive columns of one row, one 32-bit word), then read per element.
+// Dropout: a tile's keep bits are drawn once per block into shared memory (Philox gives 16 columns per call;
+//   each thread draws 32 consecutive columns of one row, one 32-bit word of bits), then read per element.
 #pragma once
 
 #include <cmath>
@@ -223,21 +223,22 @@ __device__ __forceinline__ void product_xb(float (&acc)[kM][D / 8][4], const flo
   }
 }
 
-// Dropout keep bits of queries row0 .. row0 + kRows - 1 and keys col0 .. col0 + kCols - 1 (col0 a multiple of 4):
-// bit (key % 32) of bits[query * (kCols / 32) + key / 32]. Positions past the sequence draw harmless bits.
+// Dropout keep bits of queries row0 .. row0 + kRows - 1 and keys col0 .. col0 + kCols - 1 (col0 a multiple of 32):
+// bit (key % 32) of bits[query * (kCols / 32) + key / 32], one word (two 16-column Philox calls) per thread at a
+// time. Positions past the sequence draw harmless bits.
 template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void dropout_bits(uint32_t* bits, uint64_t seed, int b, int h, int row0, int col0,
                                              uint32_t threshold) {
   constexpr int kWordsPerRow = kCols / 32;
   for (int w = threadIdx.x; w < kRows * kWordsPerRow; w += kThreads) {
-    const int r = w / kWordsPerRow, group0 = (col0 + 32 * (w % kWordsPerRow)) / 4;
+    const int r = w / kWordsPerRow;
+    const auto chunk = static_cast<uint32_t>((col0 + 32 * (w % kWordsPerRow)) / philox::kDropoutColumnsPerCall);
     uint32_t word = 0;
 #pragma unroll
-    for (int g = 0; g < 8; ++g) {
+    for (int half = 0; half < 2; ++half) {
       const philox::Words x = philox::attention_dropout_words(seed, uint32_t(b), uint32_t(h), uint32_t(row0 + r),
-                                                              uint32_t(group0 + g));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) word |= uint32_t(x.x[j] >= threshold) << (4 * g + j);
+                                                              chunk + half);
+      word |= philox::dropout_keep_bits(x, threshold) << (16 * half);
     }
     bits[w] = word;
   }

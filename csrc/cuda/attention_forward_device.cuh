@@ -14,7 +14,7 @@
 //   columns >= seqlen -> -inf (last tile only); online softmax per row in fp32: running max m, rescale
 //   factor exp2((m_old - m_new) * scale * log2 e) on the accumulator and the running sum, P = exp2(S * c - m * c)
 //   (scale and log2 e folded into one FFMA per score, then one MUFU.EX2); the row sum takes P before dropout;
-//   Philox dropout zeroes entries of P (1 / (1 - p) is applied once at the end)
+//   Philox dropout zeroes entries of P (dropout_scale is applied once at the end)
 //   O (16R x D) += P V                            P's C fragments become A fragments in registers (no shared
 //                                                 memory round trip), V by D/4 ldmatrix.x4.trans, each used by
 //                                                 R row tiles: D/2 x R mma
@@ -44,10 +44,11 @@
 //     pipe does 1 FFMA (scale and max folded), 1/2 FMNMX, 1 FADD (row sum) and 1/2 F2F pack: ~3 instructions,
 //     1/43 clk at 128/clk/SM. The exp2 is exp2_ftz (MUFU.EX2 alone): exp2f's subnormal fix-up would add 3 FP32
 //     instructions per score, doubling that for P entries below 2^-126 that no bf16/fp16 sum can see.
-//   Dropout: the contract draws one 32-bit Philox word per entry, one Philox4x32-10 (~80 integer ops) per 4
-//     entries, shared by lane pairs (attention_tiles.cuh): ~20 ALU issue slots per score against 128/clk/SM,
-//     ~0.16 clk per score: with dropout the forward is bound by Philox integer math, ~2.5x the mma time.
-//     (FlashAttention takes 8-bit draws, 16 per Philox call, for this reason.)
+//   Dropout: the contract draws one byte per entry, one Philox4x32-10 (~60 integer ops) per 16 entries
+//     (attention_tiles.cuh dropout_c_fragments): ~8 ALU issue slots per score with the byte compares and the
+//     masking, against 128/clk/SM, ~0.06 clk per score, on par with the mma time. With the first contract's
+//     32-bit word per entry it was ~20 slots, ~0.16 clk: the forward with dropout was bound by Philox integer
+//     math at ~2.5x the mma time (FlashAttention takes 8-bit draws for the same reason).
 // Shared memory per block: (kBlockM Q + 2 x 64 K + 2 x 64 V) rows x (D + 8) x 2 B = 30,720 B (D=32, 128 rows),
 //   55,296 B (D=64, 128 rows), 87,040 B (D=128, 64 rows); above 48 KB the launcher opts in. 2 blocks per SM fit
 //   all three (228 KB per H100 SM).
@@ -293,13 +294,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
     }
 
     if (dropout) {
+      static_assert(kSTiles == 8, "dropout_c_fragments takes a 16 x 64 block");
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt) {
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t) {
-          tiles::dropout_c_fragment(s[rt][t], seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
-                                    warp_m0 + rt * 16, n0 + 8 * t, shape.dropout_threshold, lane);
-        }
+        tiles::dropout_c_fragments(s[rt], seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+                                   warp_m0 + rt * 16, n0, shape.dropout_threshold, lane);
       }
     }
 

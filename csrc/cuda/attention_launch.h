@@ -9,8 +9,8 @@
 //   starts[b] .. starts[b] + seqlens[b] - 1; positions inside a sequence (0 .. seqlens[b] - 1) are the rows and
 //   columns of its attention matrix. Tokens outside every sequence (padding) are never read or written.
 // - Non-causal: row i attends to every column j < seqlens[b], with probabilities
-//   P = softmax(softmax_scale * q_i . k_j); out_i = sum_j P_ij * dropout_ij * v_j, dropout_ij = keep_ij / (1 - p)
-//   where keep_ij is common/philox.h's attention_dropout_keep(seed, b, h, i, j, threshold).
+//   P = softmax(softmax_scale * q_i . k_j); out_i = sum_j P_ij * dropout_ij * v_j, dropout_ij = keep_ij *
+//   dropout_scale where keep_ij is common/philox.h's attention_dropout_keep(seed, b, h, i, j, threshold).
 // - lse is [heads, tokens] float32: the natural-log log-sum-exp of row i's scaled scores (before dropout),
 //   saved by the forward for the backward.
 // - Outputs (out, grad_q, grad_k, grad_v) are contiguous [tokens, heads, head_dim] in the inputs' dtype and
@@ -32,8 +32,8 @@ struct AttentionShape {
   int max_seqlen;          // >= every seqlens[b] (sizes the grid)
   int64_t tokens;          // rows of out, lse's row stride
   float softmax_scale;
-  uint32_t dropout_threshold;  // common/philox.h dropout_threshold(p); 0: no dropout
-  float dropout_scale;         // 1 / (1 - p)
+  uint32_t dropout_threshold;  // common/philox.h dropout_threshold(p), a byte threshold; 0: no dropout
+  float dropout_scale;         // 256 / (256 - dropout_threshold): 1 / the keep probability
   const int64_t* seed;         // [1] on the kernels' device; read only when dropout_threshold > 0
 };
 

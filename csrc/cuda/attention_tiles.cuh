@@ -1,6 +1,6 @@
 // Tile helpers specific to the fused attention kernels (forward and backward), on top of the shared tensor-core
-// building blocks of cuda/mma_tiles.cuh (re-exported here): exp2, Philox attention dropout applied to one
-// C fragment of P (common/philox.h keys), and the clamped extent of a sequence.
+// building blocks of cuda/mma_tiles.cuh (re-exported here): exp2, Philox attention dropout applied to a
+// 16 x 64 block of P's C fragments (common/philox.h keys), and the clamped extent of a sequence.
 #pragma once
 
 #include <cmath>
@@ -22,20 +22,41 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
-// Attention dropout of one 16x8 C fragment whose element (r, c) is (row0 + r, col0 + c) of the (batch, head)
-// attention matrix (positions inside the sequence; col0 a multiple of 8): zeroes the dropped entries (the caller
-// applies 1 / (1 - p)). Lane (group, pair) holds columns 2 pair, 2 pair + 1 of column group col0 / 4 + pair / 2;
-// one Philox call per 4 entries (c_fragment_words). Full-warp collective.
-__device__ __forceinline__ void dropout_c_fragment(float (&c)[4], uint64_t seed, uint32_t batch, uint32_t head,
-                                                   int row0, int col0, uint32_t threshold, int lane) {
+// Attention dropout of a 16 x 64 block of P held as 8 C fragments, fragment t being columns col0 + 8 t .. + 7
+// and the block rows row0 .. row0 + 15 of the (batch, head) attention matrix (positions inside the sequence; col0
+// a multiple of 16): zeroes the dropped entries (the caller applies dropout_scale). One Philox call covers 16
+// columns of a row (common/philox.h), so the block takes 16 rows x 4 calls, 2 per lane: lane (group, pair) draws
+// row group + 8 (pair % 2), chunks pair / 2 and pair / 2 + 2, as two 16-bit keep masks in one word; the 4 lanes
+// of a group then read each other's words (4 shuffles) and take the bits of their own columns (8 h + 2 pair + e
+// of chunk c for fragment 2 c + h). Per entry ~4 integer instructions of Philox, ~2.5 of byte compares and ~2
+// to apply, against ~20 for a 32-bit word per entry. Full-warp collective.
+__device__ __forceinline__ void dropout_c_fragments(float (&c)[8][4], uint64_t seed, uint32_t batch, uint32_t head,
+                                                    int row0, int col0, uint32_t threshold, int lane) {
   const int group = lane / 4, pair = lane % 4;
-  uint32_t words[4];
-  c_fragment_words(words, lane, [&](int r) {
-    return philox::attention_dropout_words(seed, batch, head, static_cast<uint32_t>(row0 + group + r),
-                                           static_cast<uint32_t>(col0 / 4 + pair / 2));
-  });
+  const auto row = static_cast<uint32_t>(row0 + group + 8 * (pair % 2));
+  const auto chunk0 = static_cast<uint32_t>(col0 / philox::kDropoutColumnsPerCall + pair / 2);
+  const uint32_t mine =
+      philox::dropout_keep_bits(philox::attention_dropout_words(seed, batch, head, row, chunk0), threshold) |
+      philox::dropout_keep_bits(philox::attention_dropout_words(seed, batch, head, row, chunk0 + 2), threshold)
+          << 16;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) c[i] = words[i] >= threshold ? c[i] : 0.0f;
+  for (int source = 0; source < 4; ++source) {
+    const uint32_t masks = __shfl_sync(0xffffffffu, mine, (lane & ~3) | source);
+    const int r = source % 2;  // the source lane's row: group + 8 r
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int chunk = source / 2 + 2 * half;
+      const uint32_t mask = masks >> (16 * half);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& entry = c[2 * chunk + h][2 * r + e];
+          entry = (mask >> (8 * h + 2 * pair + e)) & 1u ? entry : 0.0f;
+        }
+      }
+    }
+  }
 }
 
 // A sequence's tokens, clamped for memory safety: a start outside [0, tokens] makes it empty, and its length is

@@ -10,7 +10,9 @@ log-sum-exp and the backward recomputes the probabilities from it.
 
 Dropout on the attention probabilities is keyed by (seed, batch, head, row, column) with Philox
 (csrc/common/philox.h), the seed drawn from `generator`; the backward regenerates the same mask, and the CPU,
-emulated and CUDA kernels and the reference drop exactly the same entries for one seed.
+emulated and CUDA kernels and the reference drop exactly the same entries for one seed. Each entry draws one
+byte (16 per Philox call, as FlashAttention does): dropout_p is rounded to a multiple of 1/256 (0.1 drops
+26/256 = 10.16% of the entries) and kept entries are scaled by the inverse of the exact keep probability.
 
 Kernels: CPU float32, bfloat16 and float16, any head dim; CUDA float16 and bfloat16 with head dim 32, 64 or 128.
 Other dtypes (float64) and head dims run the pure-PyTorch reference (electra_ext/ops/reference.py), which
@@ -69,6 +71,11 @@ def _check_qkv(q, k, v, layout):
 def _check_options(q, dropout_p, softmax_scale):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if 0.0 < dropout_p < 1 / 512 or dropout_p >= 511 / 512:
+        # One byte per entry (csrc/common/philox.h): p is rounded to a multiple of 1/256, so these would mean no
+        # dropout at all, or every entry dropped.
+        raise ValueError(f"attention: dropout_p must be 0 or in [1/512, 511/512) (the mask's resolution is "
+                         f"1/256), got {dropout_p!r}")
     if softmax_scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):

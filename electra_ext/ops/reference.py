@@ -54,21 +54,35 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 def dropout_threshold(dropout_p):
-    """floor(p * 2^32) of p rounded to float32, as the kernels compute it: entries below it are dropped."""
-    return int(float(torch.tensor(dropout_p, dtype=torch.float32)) * 4294967296.0)
+    """round(256 p) of p rounded to float32, as the kernels compute it: entries whose byte is below it are
+    dropped (0: no dropout)."""
+    return int(float(torch.tensor(dropout_p, dtype=torch.float32)) * 256.0 + 0.5)
+
+
+def dropout_scale(dropout_p):
+    """256 / (256 - threshold): the scale of kept attention probabilities, 1 / the exact keep probability."""
+    return 256.0 / (256 - dropout_threshold(dropout_p))
+
+
+def attention_dropout_draws(seed, batch, heads, seq_len, device):
+    """[batch, heads, seq_len, seq_len] uint8: the byte attention dropout draws per (seed, batch, head, row,
+    column), as in csrc/common/philox.h: the Philox call of counter (column / 16, row, head, batch) gives 16
+    bytes and column c takes byte c % 16 (little-endian within the four words). seed: int64 tensor, one element."""
+    seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    k0, k1 = seed & _UINT32, (seed >> 32) & _UINT32
+    chunks = (seq_len + 15) // 16
+    b, h, row, chunk = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.int64)
+                                        for n in (batch, heads, seq_len, chunks)), indexing="ij")
+    words = torch.stack(philox4x32_10(chunk, row, h, b, k0, k1), dim=-1)  # [B, H, T, chunks, 4]
+    shifts = torch.arange(0, 32, 8, device=device, dtype=torch.int64)
+    draws = ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)  # [B, H, T, chunks, 4 words, 4 bytes]
+    return draws.reshape(batch, heads, seq_len, chunks * 16)[..., :seq_len]
 
 
 def attention_dropout_keep(seed, batch, heads, seq_len, dropout_p, device):
-    """[batch, heads, seq_len, seq_len] bool: which attention probabilities dropout keeps, keyed by
-    (seed, batch, head, row, column) as in csrc/common/philox.h. seed: int64 tensor with one element."""
-    seed = seed.reshape(()).to(device=device, dtype=torch.int64)
-    k0, k1 = seed & _UINT32, (seed >> 32) & _UINT32
-    groups = (seq_len + 3) // 4
-    b, h, row, group = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.int64)
-                                        for n in (batch, heads, seq_len, groups)), indexing="ij")
-    words = torch.stack(philox4x32_10(group, row, h, b, k0, k1), dim=-1)  # [B, H, T, groups, 4]
-    words = words.reshape(batch, heads, seq_len, groups * 4)[..., :seq_len]
-    return words >= dropout_threshold(dropout_p)
+    """[batch, heads, seq_len, seq_len] bool: which attention probabilities dropout keeps, those whose byte
+    (attention_dropout_draws) is >= dropout_threshold(p)."""
+    return attention_dropout_draws(seed, batch, heads, seq_len, device) >= dropout_threshold(dropout_p)
 
 
 def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed):
@@ -76,7 +90,8 @@ def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed):
 
     q, k, v: [B, T, H, D]; seqlens: [B] or None (no padding). Dropout on the attention probabilities keeps
     entry (b, h, i, j) where attention_dropout_keep says so (seed: int64 tensor, the kernels' key) and scales
-    the kept ones by 1 / (1 - p). Returns [B, T, H, D] in q's dtype."""
+    the kept ones by dropout_scale(p) (1 / (1 - p) with p rounded to a multiple of 1/256). Returns [B, T, H, D]
+    in q's dtype."""
     compute_dtype = _compute_dtype(q)
     qh, kh, vh = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
@@ -89,7 +104,7 @@ def attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed):
         probabilities = probabilities.masked_fill(~(valid[:, None, :, None] & valid[:, None, None, :]), 0.0)
     if dropout_p > 0.0:
         keep = attention_dropout_keep(seed, q.shape[0], q.shape[2], q.shape[1], dropout_p, q.device)
-        probabilities = probabilities * keep / (1.0 - dropout_p)
+        probabilities = probabilities * keep * dropout_scale(dropout_p)
     return torch.matmul(probabilities, vh).transpose(1, 2).to(q.dtype)
 
 

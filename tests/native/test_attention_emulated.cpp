@@ -62,7 +62,7 @@ void check(int head_dim, std::vector<int> lengths, float dropout_p, std::mt19937
   for (auto& x : grad_out_values) x = __float2bfloat16_rn(normal(rng));
   const float scale = 1.0f / std::sqrt(float(head_dim));
   const uint32_t threshold = philox::dropout_threshold(dropout_p);
-  const double keep_scale = 1.0 / (1.0 - dropout_p);
+  const double keep_scale = 256.0 / (256.0 - threshold);  // 1 / the keep probability of a byte draw
 
   auto element = [&](int which, int token, int h, int d) {
     return double(__bfloat162float(qkv[size_t(token) * token_stride + (which * kHeads + h) * head_dim + d]));
