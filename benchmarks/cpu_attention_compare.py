@@ -1,4 +1,5 @@
-"""ops.attention's CPU kernel against PyTorch's SDPA (CPU flash), timed interleaved, and their peak memory.
+"""ops.attention's CPU kernel (its packed-QKV form, as the encoder calls it) against PyTorch's SDPA (CPU flash) on the
+views of the same fused QKV tensor, timed interleaved, and their peak memory.
 
     python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory] [--dropout P]
 
@@ -30,20 +31,20 @@ LENGTHS = [512, 400, 300, 200]
 
 def make_inputs(padded, dtype=torch.float32):
     generator = torch.Generator().manual_seed(0)
-    # One fused projection output, as the encoder produces: q, k, v are strided views of it.
+    # One fused projection output [B, T, 3, H, D], as the encoder produces.
     qkv = torch.randn(B, T, 3, H, D, dtype=dtype, generator=generator).requires_grad_()
-    q, k, v = qkv.unbind(2)
     seqlens = torch.tensor(LENGTHS, dtype=torch.int32) if padded else None
     grad_out = torch.randn(B, T, H, D, dtype=dtype, generator=generator)
-    return qkv, (q, k, v), seqlens, grad_out
+    return qkv, seqlens, grad_out
 
 
-def ours(q, k, v, seqlens, dropout_p):
+def ours(qkv, seqlens, dropout_p):
     from electra_ext import ops
-    return ops.attention(q, k, v, seqlens=seqlens, dropout_p=dropout_p)
+    return ops.attention_qkvpacked(qkv, seqlens=seqlens, dropout_p=dropout_p)
 
 
-def sdpa(q, k, v, seqlens, dropout_p):
+def sdpa(qkv, seqlens, dropout_p):
+    q, k, v = qkv.unbind(2)
     mask = None
     if seqlens is not None:
         mask = (torch.arange(q.shape[1]) < seqlens.unsqueeze(1))[:, None, None, :]
@@ -57,15 +58,15 @@ CASES = [(mode, padded) for mode in ("fwd", "fwd_bwd") for padded in (False, Tru
 
 
 def make_call(provider, mode, padded, dropout_p):
-    qkv, (q, k, v), seqlens, grad_out = make_inputs(padded)
+    qkv, seqlens, grad_out = make_inputs(padded)
     attend = PROVIDERS[provider]
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return attend(q, k, v, seqlens, dropout_p)
+                return attend(qkv, seqlens, dropout_p)
     else:
         def call():
-            return torch.autograd.grad(attend(q, k, v, seqlens, dropout_p), qkv, grad_out)
+            return torch.autograd.grad(attend(qkv, seqlens, dropout_p), qkv, grad_out)
     return call
 
 

@@ -23,13 +23,13 @@ def main():
         raise SystemExit("profile_attention.py needs a CUDA device")
     batch, seq_len, heads, head_dim = SHAPES[args.shape]
     qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    q, k, v = qkv.unbind(2)
     fraction = torch.linspace(1.0 - 2 * args.padding, 1.0, batch, device="cuda")
     seqlens = (fraction * seq_len).round().to(torch.int32)
-    grad_out = torch.randn_like(q)
+    grad_out = torch.randn(batch, seq_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        return torch.autograd.grad(ops.attention(q, k, v, seqlens=seqlens, dropout_p=args.dropout), qkv, grad_out)
+        out = ops.attention_qkvpacked(qkv, seqlens=seqlens, dropout_p=args.dropout)
+        return torch.autograd.grad(out, qkv, grad_out)
 
     for _ in range(3):
         step()

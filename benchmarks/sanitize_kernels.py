@@ -34,10 +34,11 @@ def attention(device, dtype):
     for head_dim in (32, 64, 128):
         for seq_len, lengths, dropout_p in [(70, [70, 1, 0], 0.0), (130, [129, 64, 65], 0.1)]:
             qkv = torch.randn(len(lengths), seq_len, 3, 2, head_dim, device=device, dtype=dtype, requires_grad=True)
-            q, k, v = qkv.unbind(2)  # strided views of a fused projection
             seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-            out = ops.attention(q, k, v, seqlens=seqlens, dropout_p=dropout_p)
-            finite("attention", out, *torch.autograd.grad(out.float().square().sum(), qkv))
+            # q, k, v read in place from the packed tensor (token stride 3 H D) and from three separate ones (H D).
+            for out in (ops.attention_qkvpacked(qkv, seqlens=seqlens, dropout_p=dropout_p),
+                        ops.attention(*(t.contiguous() for t in qkv.unbind(2)), seqlens=seqlens, dropout_p=dropout_p)):
+                finite("attention", out, *torch.autograd.grad(out.float().square().sum(), qkv))
 
 
 def gen_head(device, dtype):

@@ -1,4 +1,5 @@
-"""ops.attention against PyTorch's scaled_dot_product_attention and the math reference.
+"""ops.attention (its packed-QKV form, as the encoder calls it) against PyTorch's scaled_dot_product_attention and
+the math reference, each on one fused QKV projection's output.
 
 SDPA with a padding mask (a boolean attn_mask) can only use its memory-efficient or cuDNN backends; without one
 it also has flash. Each case runs with no padding and with ~15% padding (lengths spread evenly from 70% to 100%
@@ -33,8 +34,10 @@ DEVICES = [
 ]
 
 
-def sdpa(q, k, v, seqlens):
-    """PyTorch's attention on [B, T, H, D] views; padding as a boolean key mask (None: no mask, flash allowed)."""
+def sdpa(qkv, seqlens):
+    """PyTorch's attention on the [B, T, H, D] views of qkv; padding as a boolean key mask (None: no mask, flash
+    allowed)."""
+    q, k, v = qkv.unbind(2)
     mask = None
     if seqlens is not None:
         mask = (torch.arange(q.shape[1], device=q.device) < seqlens.unsqueeze(1))[:, None, None, :]
@@ -42,10 +45,12 @@ def sdpa(q, k, v, seqlens):
     return out.transpose(1, 2)
 
 
+# Each provider as an encoder calls it on its fused QKV projection's output [B, T, 3, H, D].
 PROVIDERS = {
-    "electra_ext": lambda q, k, v, seqlens: ops.attention(q, k, v, seqlens=seqlens),
+    "electra_ext": lambda qkv, seqlens: ops.attention_qkvpacked(qkv, seqlens=seqlens),
     "sdpa": sdpa,
-    "reference": lambda q, k, v, seqlens: attention_reference(q, k, v, seqlens, 0.0, q.shape[-1] ** -0.5, None),
+    "reference": lambda qkv, seqlens: attention_reference(*qkv.unbind(2), seqlens, 0.0, qkv.shape[-1] ** -0.5,
+                                                          None),
 }
 
 
@@ -53,14 +58,13 @@ def make_inputs(device, shape, padding):
     batch, seq_len, heads, head_dim = SHAPES[device][shape]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator = torch.Generator(device).manual_seed(0)
-    # One fused projection output, as the encoder produces: q, k, v are strided views of it.
+    # One fused projection output, as the encoder produces.
     qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device, dtype=dtype, generator=generator)
-    q, k, v = (t.requires_grad_() for t in qkv.requires_grad_().unbind(2))
     seqlens = None
     if PADDINGS[padding]:
         fraction = torch.linspace(1.0 - 2 * PADDINGS[padding], 1.0, batch, device=device)
         seqlens = (fraction * seq_len).round().to(torch.int32)
-    return qkv, (q, k, v), seqlens
+    return qkv.requires_grad_(), seqlens
 
 
 def forward_flops(seq_len, heads, head_dim, batch, seqlens):
@@ -74,34 +78,34 @@ def forward_flops(seq_len, heads, head_dim, batch, seqlens):
 @pytest.mark.parametrize("shape", ["small", "base"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention(timed_benchmark, device, shape, padding, mode, provider):
-    qkv, (q, k, v), seqlens = make_inputs(device, shape, padding)
+    qkv, seqlens = make_inputs(device, shape, padding)
     attend = PROVIDERS[provider]
-    grad_out = torch.randn_like(q)
+    batch, seq_len, _, heads, head_dim = qkv.shape
+    grad_out = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=qkv.dtype)
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return attend(q, k, v, seqlens)
+                return attend(qkv, seqlens)
     elif mode == "bwd":
-        out = attend(q, k, v, seqlens)
+        out = attend(qkv, seqlens)
 
         def call():
             return torch.autograd.grad(out, qkv, grad_out, retain_graph=True)
     else:
         def call():
-            return torch.autograd.grad(attend(q, k, v, seqlens), qkv, grad_out)
+            return torch.autograd.grad(attend(qkv, seqlens), qkv, grad_out)
 
-    batch, seq_len, heads, head_dim = q.shape
     flops = forward_flops(seq_len, heads, head_dim, batch, seqlens)
     flops *= {"fwd": 1.0, "bwd": BACKWARD_FLOPS_FACTOR, "fwd_bwd": 1.0 + BACKWARD_FLOPS_FACTOR}[mode]
     timed_benchmark(
         call,
         device=device,
-        bytes_per_call=4 * q.numel() * q.element_size(),  # q, k, v read and out written once
+        bytes_per_call=4 * grad_out.numel() * qkv.element_size(),  # q, k, v read and out written once
         flops=flops,
         op="attention",
         provider=provider,
         shape=f"{shape}-{padding}",
         mode=mode,
-        dtype=str(q.dtype),
+        dtype=str(qkv.dtype),
         B=batch, T=seq_len, H=heads, D=head_dim,
     )

@@ -32,10 +32,29 @@ inline void check_attention_sequences(const char* op, const at::Tensor& q, const
   TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D [batch], got shape ", t.sizes());
 }
 
-inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const at::Tensor& starts,
+struct QkvViews {
+  at::Tensor q, k, v;
+};
+
+// q, k, v as given, or, with k and v None, the three [tokens, heads, head_dim] views of q = [tokens, 3, heads,
+// head_dim] (a fused QKV projection's output, which the backward's gradient then matches: no copy either way).
+inline QkvViews qkv_views(const char* op, const at::Tensor& q, const c10::optional<at::Tensor>& k,
+                          const c10::optional<at::Tensor>& v) {
+  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), op,
+                    ": k and v must both be tensors, or both None with q packing q, k, v as [tokens, 3, heads, "
+                    "head_dim]");
+  if (k.has_value()) return {q, *k, *v};
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(1) == 3, op,
+                    ": with k and v None, q must be [tokens, 3, heads, head_dim], got shape ", q.sizes());
+  return {q.select(1, 0), q.select(1, 1), q.select(1, 2)};
+}
+
+inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor& q_in,
+                                                const c10::optional<at::Tensor>& k_in,
+                                                const c10::optional<at::Tensor>& v_in, const at::Tensor& starts,
                                                 const at::Tensor& seqlens, int64_t max_seqlen, double dropout_p,
                                                 double softmax_scale, const c10::optional<at::Tensor>& seed) {
+  const auto [q, k, v] = qkv_views(op, q_in, k_in, v_in);
   TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be 3-D [tokens, heads, head_dim], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ",
                     q.sizes(), ", got ", k.sizes(), " and ", v.sizes());
@@ -106,9 +125,10 @@ inline void check_attention_backward_inputs(const char* op, const AttentionInput
                     op, ": grad_out, out and lse must be on q's device (", q.device(), ")");
 }
 
-// rowsum(grad_out * out) per (head, token) in float32: the backward's D term.
-inline at::Tensor attention_delta(const at::Tensor& grad_out, const at::Tensor& out) {
-  return (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
+// The backward's result: the gradients of q, k and v as one zero-filled [tokens, 3, heads, head_dim] tensor (the
+// kernels write the sequences' rows), so that a fused QKV projection takes it as is; select(1, i) are the three.
+inline at::Tensor attention_grad_qkv(const AttentionInputs& in) {
+  return at::zeros({in.q.size(0), 3, in.q.size(1), in.q.size(2)}, in.q.options());
 }
 
 }  // namespace electra_ext

@@ -58,8 +58,10 @@ inline void check_cuda_head_dim(const char* op, const at::Tensor& q) {
 }
 
 template <typename Launchers>
-std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                               const at::Tensor& v_in, const at::Tensor& starts,
+std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor& q_in,
+                                                               const c10::optional<at::Tensor>& k_in,
+                                                               const c10::optional<at::Tensor>& v_in,
+                                                               const at::Tensor& starts,
                                                                const at::Tensor& seqlens, int64_t max_seqlen,
                                                                double dropout_p, double softmax_scale,
                                                                const c10::optional<at::Tensor>& seed) {
@@ -84,8 +86,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
 }
 
 template <typename Launchers>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_on_device(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+at::Tensor attention_backward_on_device(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const c10::optional<at::Tensor>& k_in,
+    const c10::optional<at::Tensor>& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
     int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
@@ -98,10 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_on_device(
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor grad_q = at::zeros(in.q.sizes(), in.q.options());
-  at::Tensor grad_k = at::zeros(in.q.sizes(), in.q.options());
-  at::Tensor grad_v = at::zeros(in.q.sizes(), in.q.options());
-  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {grad_q, grad_k, grad_v};
+  at::Tensor grad_qkv = attention_grad_qkv(in);
+  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return grad_qkv;
   at::Tensor delta = at::empty({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   const AttentionBackwardArgs args{dtype,
                                    attention_shape(in),
@@ -112,11 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_on_device(
                                    out.data_ptr(),
                                    lse.data_ptr<float>(),
                                    delta.data_ptr<float>(),
-                                   grad_q.data_ptr(),
-                                   grad_k.data_ptr(),
-                                   grad_v.data_ptr()};
+                                   grad_qkv.select(1, 0).data_ptr(),
+                                   grad_qkv.select(1, 1).data_ptr(),
+                                   grad_qkv.select(1, 2).data_ptr(),
+                                   grad_qkv.stride(0)};
   Launchers::check(Launchers::attention_backward(args, Launchers::stream()));
-  return {grad_q, grad_k, grad_v};
+  return grad_qkv;
 }
 
 }  // namespace electra_ext

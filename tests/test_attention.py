@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from electra_ext.ops import attention, attention_varlen
+from electra_ext.ops import attention, attention_qkvpacked, attention_varlen
 from electra_ext.ops.reference import (attention_dropout_draws, attention_dropout_keep, dropout_scale,
                                        dropout_threshold, philox4x32_10)
 from op_testing import TARGETS, relative_error, run_on_baseline_cpu_build
@@ -225,6 +225,25 @@ def test_varlen_equals_padded(target, device, backend):
             assert torch.equal(a, e[valid]), (name, dropout_p)
 
 
+def test_qkvpacked_equals_attention_on_the_unbound_views(target, device, backend):
+    # The encoder's path: one [B, T, 3, H, D] projection output in, its gradient out as one tensor, bit for bit what
+    # attention on the three views computes, and with no stack of three gradients in the graph.
+    dtype = DTYPES[target][-1]
+    qkv = torch.randn(3, 70, 3, 2, 64, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    seqlens = torch.tensor([70, 33, 0], dtype=torch.int32, device=device)
+    grad_out = torch.randn(3, 70, 2, 64, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    for dropout_p in (0.0, 0.2):
+        options = {"seqlens": seqlens, "dropout_p": dropout_p, "backend": backend}
+        packed_input = qkv.detach().clone().requires_grad_()
+        packed = attention_qkvpacked(packed_input, generator=torch.Generator(device).manual_seed(3), **options)
+        assert "Unbind" not in type(packed.grad_fn.next_functions[0][0]).__name__
+        (packed_grad,) = torch.autograd.grad(packed, packed_input, grad_out)
+        views_input = qkv.detach().clone().requires_grad_()
+        views = attention(*views_input.unbind(2), generator=torch.Generator(device).manual_seed(3), **options)
+        (views_grad,) = torch.autograd.grad(views, views_input, grad_out)
+        assert torch.equal(packed, views) and torch.equal(packed_grad, views_grad), dropout_p
+
+
 def test_varlen_reference_equals_padded_reference():
     q, k, v = make_qkv(3, 20, 2, 16, "cpu", torch.float64, seed=9)
     seqlens = torch.tensor([20, 7, 0], dtype=torch.int32)
@@ -314,9 +333,12 @@ def packed_op_inputs(device, dtype, dropout_p):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_opcheck(target, device, backend, dropout_p):
-    torch.library.opcheck(OP, packed_op_inputs(device, DTYPES[target][0], dropout_p),
-                          {"emulated": backend == "emulated"})
+@pytest.mark.parametrize("layout", ["q, k, v", "qkv packed"])
+def test_opcheck(target, device, backend, dropout_p, layout):
+    inputs = packed_op_inputs(device, DTYPES[target][0], dropout_p)
+    if layout == "qkv packed":  # q = [tokens, 3, H, D], k = v = None
+        inputs = (torch.stack(inputs[:3], dim=1).detach().requires_grad_(), None, None) + inputs[3:]
+    torch.library.opcheck(OP, inputs, {"emulated": backend == "emulated"})
 
 
 def test_torch_compile_fullgraph_no_graph_breaks(target, device, op):
@@ -375,6 +397,23 @@ def test_bad_inputs_name_the_argument(make, kwargs, error, message):
         attention(*make(q), **kwargs)
 
 
+_SAMPLE = torch.randn(2, 5, 2, 8)
+# The rows of BAD whose q, k, v are fine and whose options are not: the packed layout checks them the same way.
+BAD_OPTIONS = [(kwargs, error, message) for make, kwargs, error, message in BAD
+               if all(t is _SAMPLE for t in make(_SAMPLE))]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_OPTIONS)
+def test_bad_qkvpacked_options_name_the_argument(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        attention_qkvpacked(torch.randn(2, 5, 3, 2, 8), **kwargs)
+
+
+def test_bad_qkvpacked_shape_names_the_argument():
+    with pytest.raises(ValueError, match="qkv must be \\[batch, seq, 3, heads, head_dim\\]"):
+        attention_qkvpacked(torch.randn(2, 5, 2, 2, 8))
+
+
 BAD_VARLEN = [
     ({"cu_seqlens": torch.tensor([0.0, 5.0])}, "cu_seqlens must be a 1-D int32/int64"),
     ({"cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)}, "cu_seqlens must run from 0 to tokens = 5"),
@@ -402,6 +441,10 @@ def test_op_checks_name_the_argument(target, device, backend):
     with pytest.raises(ValueError, match="seed must be an int64 tensor with one element"):
         OP(q, k, v, starts, seqlens, max_seqlen, 0.1, scale, torch.zeros(2, dtype=torch.int64, device=device),
            **emulated)
+    with pytest.raises(ValueError, match="k and v must both be tensors, or both None"):
+        OP(q, k, None, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match="with k and v None, q must be \\[tokens, 3, heads, head_dim\\]"):
+        OP(q, None, None, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     for dropout_p in (0.0019, 0.999):  # below 1/512 and from 511/512 on: no dropout, or all dropped, at 1/256
         with pytest.raises(ValueError, match="dropout_p must be 0 or in \\[1/512, 511/512\\)"):

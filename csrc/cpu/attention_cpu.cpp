@@ -247,7 +247,7 @@ void attention_backward(const AttentionInputs& in, const at::Tensor& grad_out, c
   portable::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
                                                   const at::Tensor& starts, const at::Tensor& seqlens,
                                                   int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed) {
@@ -265,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const at:
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_aten(
-    const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+at::Tensor attention_backward_aten(
+    const at::Tensor& grad_out_in, const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
     const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
     int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
@@ -277,20 +277,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_aten(
   const at::Tensor grad_out = unit_last_stride(grad_out_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor out_contiguous = unit_last_stride(out);
-  at::Tensor grad_q = at::zeros(in.q.sizes(), in.q.options());
-  at::Tensor grad_k = at::zeros(in.q.sizes(), in.q.options());
-  at::Tensor grad_v = at::zeros(in.q.sizes(), in.q.options());
-  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {grad_q, grad_k, grad_v};
+  at::Tensor grad_qkv = attention_grad_qkv(in);
+  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return grad_qkv;
+  at::Tensor grad_q = grad_qkv.select(1, 0), grad_k = grad_qkv.select(1, 1), grad_v = grad_qkv.select(1, 2);
 #define ELECTRA_ATTENTION_BACKWARD_KERNEL \
   [&] { attention_backward<scalar_t>(in, grad_out, out_contiguous, lse, grad_q, grad_k, grad_v); }
   AT_DISPATCH_SWITCH(in.q.scalar_type(), "attention_backward_cpu",
                      AT_DISPATCH_CASE(at::kFloat, ELECTRA_ATTENTION_BACKWARD_KERNEL)
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(ELECTRA_ATTENTION_BACKWARD_KERNEL));
 #undef ELECTRA_ATTENTION_BACKWARD_KERNEL
-  return {grad_q, grad_k, grad_v};
+  return grad_qkv;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
                                                  const at::Tensor& starts, const at::Tensor& seqlens,
                                                  int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                  const c10::optional<at::Tensor>& seed, bool emulated) {
@@ -299,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                        attention_emulated(q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+at::Tensor attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& starts, const at::Tensor& seqlens, int64_t max_seqlen,
     double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
   if (!emulated) {

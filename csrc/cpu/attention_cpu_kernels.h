@@ -475,7 +475,7 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
   const int32_t* seqlens = in.seqlens.data_ptr<int32_t>();
   const float scale = static_cast<float>(in.softmax_scale);
   const float* lse_data = lse.data_ptr<float>();
-  const int64_t grad_token_stride = heads * head_dim;
+  const int64_t grad_token_stride = grad_q.stride(0);  // grad_q, grad_k, grad_v: views of one [tokens, 3, H, D]
   const bool dropout = in.dropout_threshold > 0;
 
   // One task per (sequence, head), longest first.

@@ -64,7 +64,8 @@ cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t s
   if (s.batch > 65535 || s.heads > 65535) return cudaErrorInvalidValue;
   if (s.dropout_threshold > 0 && s.seed == nullptr) return cudaErrorInvalidValue;
   if (!rows_aligned(args.q) || !rows_aligned(args.k) || !rows_aligned(args.v) || !aligned16(args.grad_out) ||
-      !aligned16(args.out) || !aligned16(args.grad_q) || !aligned16(args.grad_k) || !aligned16(args.grad_v)) {
+      !aligned16(args.out) || !aligned16(args.grad_q) || !aligned16(args.grad_k) || !aligned16(args.grad_v) ||
+      args.grad_token_stride % 8 != 0) {
     return cudaErrorInvalidValue;
   }
   switch (args.dtype) {

@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   float* sDelta = sLse + kQ;
   uint32_t* sBits = reinterpret_cast<uint32_t*>(sDelta + kQ);  // [kQ][64 / 32]
 
-  const int64_t row_stride = int64_t(s.heads) * D;  // grad_out, grad_q/k/v
+  const int64_t row_stride = int64_t(s.heads) * D;  // grad_out
   const T* q = static_cast<const T*>(args.q.data) + seq.start * args.q.token_stride + h * args.q.head_stride;
   const T* k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride + h * args.k.head_stride;
   const T* v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
@@ -421,10 +421,11 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
     __syncthreads();
   }
 
-  T* dk_out = static_cast<T*>(args.grad_k) + seq.start * row_stride + h * D;
-  T* dv_out = static_cast<T*>(args.grad_v) + seq.start * row_stride + h * D;
-  store_rows<T, D, kM, kThreads>(dk, s.softmax_scale, sK, dk_out, row_stride, key0, len);
-  store_rows<T, D, kM, kThreads>(dv, 1.0f, sV, dv_out, row_stride, key0, len);
+  const int64_t grad_stride = args.grad_token_stride;
+  T* dk_out = static_cast<T*>(args.grad_k) + seq.start * grad_stride + h * D;
+  T* dv_out = static_cast<T*>(args.grad_v) + seq.start * grad_stride + h * D;
+  store_rows<T, D, kM, kThreads>(dk, s.softmax_scale, sK, dk_out, grad_stride, key0, len);
+  store_rows<T, D, kM, kThreads>(dv, 1.0f, sV, dv_out, grad_stride, key0, len);
 }
 
 // Kernel 2: dQ of queries blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
@@ -507,8 +508,8 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize) dq_kernel(const Attentio
     __syncthreads();
   }
 
-  T* dq_out = static_cast<T*>(args.grad_q) + seq.start * row_stride + h * D;
-  store_rows<T, D, 1, kThreads>(dq, s.softmax_scale, sQ, dq_out, row_stride, query0, len);
+  T* dq_out = static_cast<T*>(args.grad_q) + seq.start * args.grad_token_stride + h * D;
+  store_rows<T, D, 1, kThreads>(dq, s.softmax_scale, sQ, dq_out, args.grad_token_stride, query0, len);
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_backward_device

@@ -13,8 +13,9 @@
 //   dropout_scale where keep_ij is common/philox.h's attention_dropout_keep(seed, b, h, i, j, threshold).
 // - lse is [heads, tokens] float32: the natural-log log-sum-exp of row i's scaled scores (before dropout),
 //   saved by the forward for the backward.
-// - Outputs (out, grad_q, grad_k, grad_v) are contiguous [tokens, heads, head_dim] in the inputs' dtype and
-//   arrive zero-filled: kernels write the rows of sequences only.
+// - Outputs are [tokens, heads, head_dim] in the inputs' dtype and arrive zero-filled: kernels write the rows of
+//   sequences only. out is contiguous; grad_q, grad_k and grad_v share a token stride (views of one
+//   [tokens, 3, heads, head_dim] gradient).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -59,9 +60,10 @@ struct AttentionBackwardArgs {
   const float* lse;      // [heads, tokens], from the forward
   float* delta;          // [heads, tokens] float32 workspace: the launcher writes rowsum(grad_out * out) of the
                          // sequences' rows there (padding tokens' entries are left as they are)
-  void* grad_q;          // [tokens, heads, head_dim] contiguous, zero-filled
-  void* grad_k;
-  void* grad_v;
+  void* grad_q;          // [tokens, heads, head_dim], zero-filled, unit head stride (head_dim elements) and
+  void* grad_k;          // token stride grad_token_stride: the three views of one [tokens, 3, heads, head_dim]
+  void* grad_v;          // gradient (grad_token_stride = 3 heads head_dim)
+  int64_t grad_token_stride;
 };
 
 // Head dims the CUDA kernels are instantiated for (the glue checks before launching).

@@ -7,7 +7,7 @@ LN(word + type + position) -> dropout -> `embeddings_project` (only when embeddi
 layers of [attention -> dense -> dropout -> LN(+residual)] -> [dense -> GELU -> dense -> dropout ->
 LN(+residual)], GELU in erf form, LayerNorm eps 1e-12 computed in float32.
 
-Attention goes through `electra_ext.ops.attention`, the discriminator head through `ops.disc_head` and the
+Attention goes through `electra_ext.ops.attention_qkvpacked`, the discriminator head through `ops.disc_head` and the
 generator head, in pre-training, through `ops.gen_head` on the masked rows only.
 """
 from typing import NamedTuple, Optional
@@ -20,7 +20,7 @@ from electra_ext.modules.config import ElectraConfig
 from electra_ext.modules.discriminator_head import DiscriminatorHead
 from electra_ext.modules.gdes import GradientDisentangledEmbedding
 from electra_ext.modules.hf_io import HFCheckpointMixin
-from electra_ext.ops import GenHeadOutput, attention, gen_head
+from electra_ext.ops import GenHeadOutput, attention_qkvpacked, gen_head
 from electra_ext.ops.reference import key_padding_mask
 
 
@@ -69,12 +69,13 @@ class ElectraSelfAttention(nn.Module):
 
     def forward(self, hidden_states, seqlens):
         batch, seq_len, hidden = hidden_states.shape
-        # One [3H, H] projection instead of three: q, k, v are strided views of its output, as ops.attention
-        # accepts; the weight concatenation copies 3H² values, nothing next to the B·T·3H activations.
+        # One [3H, H] projection instead of three, its output read in place by the attention kernels, which write
+        # its gradient as one tensor too; the weight concatenation copies 3H² values, nothing next to the B·T·3H
+        # activations.
         qkv = F.linear(hidden_states, torch.cat((self.query.weight, self.key.weight, self.value.weight)),
                        torch.cat((self.query.bias, self.key.bias, self.value.bias)))
-        q, k, v = qkv.view(batch, seq_len, 3, self.num_heads, self.head_dim).unbind(2)
-        context = attention(q, k, v, seqlens=seqlens, dropout_p=self.dropout_p if self.training else 0.0)
+        context = attention_qkvpacked(qkv.view(batch, seq_len, 3, self.num_heads, self.head_dim), seqlens=seqlens,
+                                      dropout_p=self.dropout_p if self.training else 0.0)
         return context.reshape(batch, seq_len, hidden)
 
 

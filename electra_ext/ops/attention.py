@@ -1,8 +1,10 @@
 """attention: non-causal multi-head attention over sequences with padding, fused (FlashAttention-2 style).
 
-Two layouts share one custom op, torch.ops.electra_ext.attention (schema and layout: csrc/electra_ext.cpp and
+Three layouts share one custom op, torch.ops.electra_ext.attention (schema and layout: csrc/electra_ext.cpp and
 csrc/cuda/attention_launch.h):
 - `attention(q, k, v, seqlens=...)`: a padded batch [B, T, H, D], valid tokens first in each sequence;
+- `attention_qkvpacked(qkv, seqlens=...)`: the same with q, k, v packed in one [B, T, 3, H, D] tensor, a fused
+  QKV projection's output, whose gradient the backward writes in place of three (no stack of dq, dk, dv);
 - `attention_varlen(q, k, v, cu_seqlens, max_seqlen)`: sequences packed back to back in [tokens, H, D], so an
   encoder can drop its padding tokens altogether.
 Both run the same kernels, which never hold a [T, T] matrix in memory: the forward saves each row's
@@ -104,6 +106,25 @@ def attention(q, k, v, *, seqlens=None, dropout_p=0.0, softmax_scale=None, gener
     None). softmax_scale: default 1/sqrt(D). backend: see electra_ext.ops.backend (None: the default).
     Returns [B, T, H, D] in q's dtype."""
     _check_qkv(q, k, v, ("batch", "seq", "heads", "head_dim"))
+    return _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, backend)
+
+
+def attention_qkvpacked(qkv, *, seqlens=None, dropout_p=0.0, softmax_scale=None, generator=None, backend=None):
+    """`attention` on q, k, v = qkv.unbind(2), qkv: [B, T, 3, H, D] (the output of a fused QKV projection viewed
+    so; unit stride along D). The kernels read the three in place and their backward writes qkv's gradient as
+    one [B, T, 3, H, D] tensor, where `attention` on the unbound views ends in a stack of three gradients (a
+    copy of the whole projection's gradient per layer). Same options; returns [B, T, H, D]."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention_qkvpacked: qkv must be [batch, seq, 3, heads, head_dim], got shape "
+                         f"{tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    _check_qkv(q, k, v, ("batch", "seq", "heads", "head_dim"))
+    return _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, backend, qkv=qkv)
+
+
+def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, backend, qkv=None):
+    """attention on checked [B, T, H, D] q, k, v; with qkv ([B, T, 3, H, D], q, k, v its views) the op takes the
+    packed tensor, so that its gradient comes back packed."""
     if seqlens is not None:
         if seqlens.shape != q.shape[:1] or seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"attention: seqlens must be an int32/int64 tensor of shape [{q.shape[0]}], "
@@ -121,9 +142,11 @@ def attention(q, k, v, *, seqlens=None, dropout_p=0.0, softmax_scale=None, gener
     starts = torch.arange(batch, dtype=torch.int32, device=q.device) * seq_len
     lengths = (torch.full((batch,), seq_len, dtype=torch.int32, device=q.device) if seqlens is None
                else seqlens.to(torch.int32))
-    # A fused QKV projection's views keep token stride 3HD after flattening (B, T): no copy.
-    out, _ = _OP(*(t.reshape(tokens, heads, head_dim) for t in (q, k, v)), starts, lengths, seq_len,
-                 dropout_p, softmax_scale, seed, emulated=implementation == "emulated")
+    # A fused QKV projection's output (or views of it) keeps its token stride 3HD after flattening (B, T): no copy.
+    tensors = ((qkv.reshape(tokens, 3, heads, head_dim), None, None) if qkv is not None
+               else tuple(t.reshape(tokens, heads, head_dim) for t in (q, k, v)))
+    out, _ = _OP(*tensors, starts, lengths, seq_len, dropout_p, softmax_scale, seed,
+                 emulated=implementation == "emulated")
     return out.view(batch, seq_len, heads, head_dim)
 
 
@@ -167,16 +190,22 @@ def _varlen_reference(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_s
     return torch.zeros_like(q).index_put((tokens[valid],), padded[valid])
 
 
+def _tokens_heads_dim(q, k):
+    """(tokens, heads, head_dim) of the op's q: [tokens, H, D], or [tokens, 3, H, D] packed when k is None."""
+    return (q.shape[0], q.shape[2], q.shape[3]) if k is None else tuple(q.shape)
+
+
 @torch.library.register_fake("electra_ext::attention")
 def _attention_fake(q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed, *, emulated=False):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+    tokens, heads, head_dim = _tokens_heads_dim(q, k)
+    return (q.new_empty((tokens, heads, head_dim)), q.new_empty((heads, tokens), dtype=torch.float32))
 
 
 @torch.library.register_fake("electra_ext::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p, softmax_scale,
                              seed, *, emulated=False):
-    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    tokens, heads, head_dim = _tokens_heads_dim(q, k)
+    return q.new_empty((tokens, 3, heads, head_dim))
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -190,9 +219,10 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, starts, seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale = ctx.options
-    grad_q, grad_k, grad_v = _BACKWARD_OP(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p,
-                                          softmax_scale, seed, emulated=ctx.emulated)
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+    grad_qkv = _BACKWARD_OP(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p, softmax_scale,
+                            seed, emulated=ctx.emulated)
+    grads = (grad_qkv, None, None) if k is None else grad_qkv.unbind(1)
+    return *grads, None, None, None, None, None, None
 
 
 torch.library.register_autograd("electra_ext::attention", _backward, setup_context=_setup_context)

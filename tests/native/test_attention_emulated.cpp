@@ -127,7 +127,7 @@ void check(int head_dim, std::vector<int> lengths, float dropout_p, std::mt19937
   expect(relative_error(to_double(out_kernel.data, size), out) <= 6e-3, "out", head_dim, dropout_p);
   const AttentionBackwardArgs backward{FloatType::kBFloat16, shape, q, k, v, grad_out_values.data(),
                                        out_kernel.data, lse.data, delta.data, grad_q_kernel.data,
-                                       grad_k_kernel.data, grad_v_kernel.data};
+                                       grad_k_kernel.data, grad_v_kernel.data, int64_t(kHeads) * head_dim};
   expect(emulated::attention_backward(backward, nullptr) == cudaSuccess, "backward launch", head_dim, dropout_p);
   expect(relative_error(to_double(grad_q_kernel.data, size), grad_q) <= 1e-2, "grad_q", head_dim, dropout_p);
   expect(relative_error(to_double(grad_k_kernel.data, size), grad_k) <= 1e-2, "grad_k", head_dim, dropout_p);
