@@ -108,6 +108,11 @@ run_step tests "$LOG_DIR/tests.log" "${PYTEST[@]}" "${test_paths[@]}" "${test_fi
 run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" -q -k "${ELECTRA_EXT_GPU_CHECK_BENCH_K:-cuda}" \
     --benchmark-json "$LOG_DIR/bench.json" --benchmark-min-rounds 5
 
+# Attention's kernels by time at Base, without and with ELECTRA's dropout 0.1 (the benchmarks have no dropout case;
+# 7f25193's profile: dropout cost the backward kernels +30% and +41% before the byte draws).
+run_step attention-profile "$LOG_DIR/attention_profile.log" bash -c \
+    "python3 '$REPO/benchmarks/profile_attention.py' && python3 '$REPO/benchmarks/profile_attention.py' --dropout 0.1"
+
 # Convergence parity in bf16: ELECTRA-Small trained 300 steps on the kernels and on the reference path (two
 # reference seeds set the tolerance); the curves (JSON) and their plot go to $LOG_DIR.
 run_step parity "$LOG_DIR/parity.log" python3 "$REPO/benchmarks/convergence.py" --device cuda --out-dir "$LOG_DIR"
