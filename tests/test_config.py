@@ -50,6 +50,7 @@ BAD_CONFIGS = [
     (dict(hidden_act="relu"), "hidden_act must be 'gelu'"),
     (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob must be in [0, 1)"),
     (dict(attention_probs_dropout_prob=-0.1), "attention_probs_dropout_prob must be in [0, 1)"),
+    (dict(attention_probs_dropout_prob=0.001), "attention_probs_dropout_prob must be 0 or in [1/512, 511/512)"),
     (dict(layer_norm_eps=0.0), "layer_norm_eps must be a positive number"),
     (dict(initializer_range=float("nan")), "initializer_range must be a positive number"),
     (dict(pad_token_id=30522), "pad_token_id must be an integer in [0, vocab_size=30522)"),

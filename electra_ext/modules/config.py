@@ -51,6 +51,10 @@ class ElectraConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ElectraConfig.{name} must be in [0, 1), got {value!r}")
+        if 0.0 < self.attention_probs_dropout_prob < 1 / 512 or self.attention_probs_dropout_prob >= 511 / 512:
+            raise ValueError(f"ElectraConfig.attention_probs_dropout_prob must be 0 or in [1/512, 511/512): the "
+                             f"attention kernels draw its mask with 1/256 resolution (ops.attention), got "
+                             f"{self.attention_probs_dropout_prob!r}")
         for name in ("initializer_range", "layer_norm_eps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
