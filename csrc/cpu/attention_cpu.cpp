@@ -247,7 +247,8 @@ void attention_backward(const AttentionInputs& in, const at::Tensor& grad_out, c
   portable::attention_backward_kernel<scalar_t>(in, grad_out, out, lse, grad_q, grad_k, grad_v);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
+std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10::optional<at::Tensor>& k,
+                                                  const c10::optional<at::Tensor>& v,
                                                   const at::Tensor& starts, const at::Tensor& seqlens,
                                                   int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed) {
@@ -266,7 +267,8 @@ std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10
 }
 
 at::Tensor attention_backward_aten(
-    const at::Tensor& grad_out_in, const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
+    const at::Tensor& grad_out_in, const at::Tensor& q, const c10::optional<at::Tensor>& k,
+    const c10::optional<at::Tensor>& v,
     const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
     int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
@@ -289,7 +291,8 @@ at::Tensor attention_backward_aten(
   return grad_qkv;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& k,
+                                                 const c10::optional<at::Tensor>& v,
                                                  const at::Tensor& starts, const at::Tensor& seqlens,
                                                  int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                  const c10::optional<at::Tensor>& seed, bool emulated) {
@@ -299,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10:
 }
 
 at::Tensor attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v, const at::Tensor& out,
+    const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k,
+    const c10::optional<at::Tensor>& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& starts, const at::Tensor& seqlens, int64_t max_seqlen,
     double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
   if (!emulated) {

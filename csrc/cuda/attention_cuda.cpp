@@ -21,7 +21,8 @@ struct CudaLaunchers {
   static void check(cudaError_t error) { C10_CUDA_CHECK(error); }
 };
 
-std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10::optional<at::Tensor>& k,
+                                                  const c10::optional<at::Tensor>& v,
                                                   const at::Tensor& starts, const at::Tensor& seqlens,
                                                   int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed, bool emulated) {
@@ -32,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10
 }
 
 at::Tensor attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v, const at::Tensor& out,
+    const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k,
+    const c10::optional<at::Tensor>& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& starts, const at::Tensor& seqlens, int64_t max_seqlen,
     double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
   check_not_emulated("attention_backward", emulated);

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from electra_ext._io import atomic_output
+from electra_ext.ops.attention import dropout_p_is_drawable
 
 CONFIG_NAME = "config.json"
 
@@ -51,7 +52,7 @@ class ElectraConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ElectraConfig.{name} must be in [0, 1), got {value!r}")
-        if 0.0 < self.attention_probs_dropout_prob < 1 / 512 or self.attention_probs_dropout_prob >= 511 / 512:
+        if not dropout_p_is_drawable(self.attention_probs_dropout_prob):
             raise ValueError(f"ElectraConfig.attention_probs_dropout_prob must be 0 or in [1/512, 511/512): the "
                              f"attention kernels draw its mask with 1/256 resolution (ops.attention), got "
                              f"{self.attention_probs_dropout_prob!r}")

@@ -70,12 +70,17 @@ def _check_qkv(q, k, v, layout):
         raise ValueError(f"attention: q must have heads > 0 and head_dim > 0, got shape {tuple(q.shape)}")
 
 
+def dropout_p_is_drawable(dropout_p):
+    """Whether the mask's one byte per entry (csrc/common/philox.h) can draw dropout_p: 0, or in [1/512, 511/512).
+    p is rounded to a multiple of 1/256, so a smaller p would mean no dropout at all and a larger one every entry
+    dropped."""
+    return dropout_p == 0.0 or 1 / 512 <= dropout_p < 511 / 512
+
+
 def _check_options(q, dropout_p, softmax_scale):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p!r}")
-    if 0.0 < dropout_p < 1 / 512 or dropout_p >= 511 / 512:
-        # One byte per entry (csrc/common/philox.h): p is rounded to a multiple of 1/256, so these would mean no
-        # dropout at all, or every entry dropped.
+    if not dropout_p_is_drawable(dropout_p):
         raise ValueError(f"attention: dropout_p must be 0 or in [1/512, 511/512) (the mask's resolution is "
                          f"1/256), got {dropout_p!r}")
     if softmax_scale is None:
