@@ -14,7 +14,10 @@ namespace electra_ext {
 
 struct AttentionInputs {
   at::Tensor q, k, v;         // [tokens, heads, head_dim], unit stride along head_dim
-  at::Tensor starts, seqlens;  // [batch] int32, contiguous
+  // [batch] int32, contiguous. starts undefined: the padded layout (sequence b at tokens b * max_seqlen ..,
+  // tokens = batch * max_seqlen), where the device kernels write every row of their outputs, padding as zeros.
+  at::Tensor starts, seqlens;
+  int64_t batch;
   int64_t max_seqlen;
   double softmax_scale;
   uint32_t dropout_threshold;  // common/philox.h dropout_threshold(p), 0 .. 255; 0: no dropout
@@ -51,7 +54,8 @@ inline QkvViews qkv_views(const char* op, const at::Tensor& q, const c10::option
 
 inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor& q_in,
                                                 const c10::optional<at::Tensor>& k_in,
-                                                const c10::optional<at::Tensor>& v_in, const at::Tensor& starts,
+                                                const c10::optional<at::Tensor>& v_in,
+                                                const c10::optional<at::Tensor>& starts,
                                                 const at::Tensor& seqlens, int64_t max_seqlen, double dropout_p,
                                                 double softmax_scale, const c10::optional<at::Tensor>& seed) {
   const auto [q, k, v] = qkv_views(op, q_in, k_in, v_in);
@@ -65,12 +69,19 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                    v.scalar_type());
   TORCH_CHECK_VALUE(q.size(2) > 0 && q.size(1) > 0, op, ": q must have heads > 0 and head_dim > 0, got shape ",
                     q.sizes());
-  check_attention_sequences(op, q, starts, "starts");
   check_attention_sequences(op, q, seqlens, "seqlens");
-  TORCH_CHECK_VALUE(starts.size(0) == seqlens.size(0), op, ": starts and seqlens must have one entry per sequence,",
-                    " got ", starts.size(0), " and ", seqlens.size(0));
   TORCH_CHECK_VALUE(max_seqlen >= 0 && max_seqlen <= INT32_MAX, op, ": max_seqlen must be in [0, 2^31), got ",
                     max_seqlen);
+  if (starts.has_value()) {
+    check_attention_sequences(op, q, *starts, "starts");
+    TORCH_CHECK_VALUE(starts->size(0) == seqlens.size(0), op,
+                      ": starts and seqlens must have one entry per sequence, got ", starts->size(0), " and ",
+                      seqlens.size(0));
+  } else {
+    TORCH_CHECK_VALUE(q.size(0) == seqlens.size(0) * max_seqlen, op,
+                      ": with starts None (the padded layout), q must hold batch * max_seqlen = ", seqlens.size(0),
+                      " * ", max_seqlen, " tokens, got ", q.size(0));
+  }
   TORCH_CHECK_VALUE(q.size(0) < INT32_MAX, op, ": at most 2^31 - 1 tokens, got ", q.size(0));
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   // The mask draws one byte per entry (common/philox.h): p is rounded to a multiple of 1/256, so 0 < p < 1/512
@@ -80,21 +91,31 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                     ": dropout_p must be 0 or in [1/512, 511/512) (the mask's resolution is 1/256), got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0.0, op,
                     ": softmax_scale must be a positive number, got ", softmax_scale);
-  AttentionInputs in{unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), starts.contiguous(),
-                     seqlens.contiguous(), max_seqlen, softmax_scale, threshold,
-                     philox::dropout_scale(threshold), 0, c10::nullopt};
+  AttentionInputs in{unit_last_stride(q),
+                     unit_last_stride(k),
+                     unit_last_stride(v),
+                     starts.has_value() ? starts->contiguous() : at::Tensor(),
+                     seqlens.contiguous(),
+                     seqlens.size(0),
+                     max_seqlen,
+                     softmax_scale,
+                     threshold,
+                     philox::dropout_scale(threshold),
+                     0,
+                     c10::nullopt};
   // Each sequence inside [0, max_seqlen] and inside the tokens: read where that costs no device synchronisation
   // (CPU tensors: the CPU kernel and the emulated CUDA kernels reject the same inputs); the CUDA kernels clamp
   // instead (tiles::sequence_extent), so a bad entry there can never reach memory outside q, k, v.
   if (q.device().is_cpu()) {
-    const int32_t* start = in.starts.data_ptr<int32_t>();
+    const int32_t* start = in.starts.defined() ? in.starts.data_ptr<int32_t>() : nullptr;
     const int32_t* length = in.seqlens.data_ptr<int32_t>();
-    for (int64_t b = 0; b < in.starts.size(0); ++b) {
+    for (int64_t b = 0; b < in.batch; ++b) {
       TORCH_CHECK_VALUE(length[b] >= 0 && length[b] <= max_seqlen, op, ": seqlens[", b, "] = ", length[b],
                         " is outside [0, max_seqlen = ", max_seqlen, "]");
-      TORCH_CHECK_VALUE(length[b] == 0 || (start[b] >= 0 && int64_t(start[b]) + length[b] <= q.size(0)), op,
-                        ": sequence ", b, " (tokens ", start[b], " .. ", int64_t(start[b]) + length[b] - 1,
-                        ") is outside the ", q.size(0), " tokens");
+      const int64_t first = start != nullptr ? start[b] : b * max_seqlen;
+      TORCH_CHECK_VALUE(length[b] == 0 || (first >= 0 && first + length[b] <= q.size(0)), op, ": sequence ", b,
+                        " (tokens ", first, " .. ", first + length[b] - 1, ") is outside the ", q.size(0),
+                        " tokens");
     }
   }
   if (in.dropout_threshold > 0) {
@@ -125,10 +146,24 @@ inline void check_attention_backward_inputs(const char* op, const AttentionInput
                     op, ": grad_out, out and lse must be on q's device (", q.device(), ")");
 }
 
-// The backward's result: the gradients of q, k and v as one zero-filled [tokens, 3, heads, head_dim] tensor (the
-// kernels write the sequences' rows), so that a fused QKV projection takes it as is; select(1, i) are the three.
-inline at::Tensor attention_grad_qkv(const AttentionInputs& in) {
-  return at::zeros({in.q.size(0), 3, in.q.size(1), in.q.size(2)}, in.q.options());
+// An output of the kernels: left uninitialised where they write every row (kernels_write_padding), zero-filled
+// where they write the sequences' rows only.
+inline at::Tensor attention_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                   bool kernels_write_padding) {
+  return kernels_write_padding ? at::empty(sizes, options) : at::zeros(sizes, options);
+}
+
+// The backward's result: the gradients of q, k and v as one [tokens, 3, heads, head_dim] tensor, so that a fused
+// QKV projection takes it as is; select(1, i) are the three.
+inline at::Tensor attention_grad_qkv(const AttentionInputs& in, bool kernels_write_padding) {
+  return attention_output({in.q.size(0), 3, in.q.size(1), in.q.size(2)}, in.q.options(), kernels_write_padding);
+}
+
+// The CPU kernels read starts[b] in either layout: the padded layout's b * max_seqlen, made here (a CPU tensor).
+inline void make_padded_starts(AttentionInputs& in) {
+  if (!in.starts.defined()) {
+    in.starts = at::arange(in.batch, in.seqlens.options()).mul_(static_cast<int32_t>(in.max_seqlen));
+  }
 }
 
 }  // namespace electra_ext

@@ -26,9 +26,9 @@ inline FloatType attention_float_type(const char* op, const at::Tensor& q) {
 }
 
 inline AttentionShape attention_shape(const AttentionInputs& in) {
-  return AttentionShape{in.starts.data_ptr<int32_t>(),
+  return AttentionShape{in.starts.defined() ? in.starts.data_ptr<int32_t>() : nullptr,
                         in.seqlens.data_ptr<int32_t>(),
-                        static_cast<int>(in.starts.size(0)),
+                        static_cast<int>(in.batch),
                         static_cast<int>(in.q.size(1)),
                         static_cast<int>(in.q.size(2)),
                         static_cast<int>(in.max_seqlen),
@@ -61,7 +61,7 @@ template <typename Launchers>
 std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor& q_in,
                                                                const c10::optional<at::Tensor>& k_in,
                                                                const c10::optional<at::Tensor>& v_in,
-                                                               const at::Tensor& starts,
+                                                               const c10::optional<at::Tensor>& starts,
                                                                const at::Tensor& seqlens, int64_t max_seqlen,
                                                                double dropout_p, double softmax_scale,
                                                                const c10::optional<at::Tensor>& seed) {
@@ -71,9 +71,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
   const FloatType dtype = attention_float_type(op, in.q);
   check_cuda_head_dim(op, in.q);
   const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
-  at::Tensor out = at::zeros(in.q.sizes(), in.q.options());
-  at::Tensor lse = at::zeros({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
-  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {out, lse};
+  // The padded layout's kernels write every row (padding as zeros): no fill kernel before them.
+  const bool padded_layout = !in.starts.defined();
+  at::Tensor out = attention_output(in.q.sizes(), in.q.options(), padded_layout);
+  at::Tensor lse = attention_output({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat), padded_layout);
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {out, lse};
   const AttentionForwardArgs args{dtype,
                                   attention_shape(in),
                                   attention_tensor(q),
@@ -88,9 +90,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
 template <typename Launchers>
 at::Tensor attention_backward_on_device(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const c10::optional<at::Tensor>& k_in,
-    const c10::optional<at::Tensor>& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
-    int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
+    const c10::optional<at::Tensor>& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens, int64_t max_seqlen, double dropout_p,
+    double softmax_scale, const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
   const AttentionInputs in =
       prepare_attention_inputs(op, q_in, k_in, v_in, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
@@ -101,8 +103,8 @@ at::Tensor attention_backward_on_device(
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor grad_qkv = attention_grad_qkv(in);
-  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return grad_qkv;
+  at::Tensor grad_qkv = attention_grad_qkv(in, /*kernels_write_padding=*/!in.starts.defined());
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;
   at::Tensor delta = at::empty({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   const AttentionBackwardArgs args{dtype,
                                    attention_shape(in),

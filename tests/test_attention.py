@@ -333,12 +333,50 @@ def packed_op_inputs(device, dtype, dropout_p):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("layout", ["q, k, v", "qkv packed"])
+@pytest.mark.parametrize("layout", ["q, k, v", "qkv packed", "padded (starts None)"])
 def test_opcheck(target, device, backend, dropout_p, layout):
     inputs = packed_op_inputs(device, DTYPES[target][0], dropout_p)
     if layout == "qkv packed":  # q = [tokens, 3, H, D], k = v = None
         inputs = (torch.stack(inputs[:3], dim=1).detach().requires_grad_(), None, None) + inputs[3:]
+    if layout == "padded (starts None)":  # the inputs' starts are b * max_seqlen already
+        inputs = inputs[:3] + (None,) + inputs[4:]
     torch.library.opcheck(OP, inputs, {"emulated": backend == "emulated"})
+
+
+@pytest.fixture
+def uninitialised_memory_is_nan():
+    """PyTorch's deterministic mode fills every new uninitialised tensor (at::empty) with NaN: an output row a
+    kernel should write and does not then shows up."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(was_on)
+
+
+def test_padded_layout_equals_explicit_starts_and_writes_every_row(target, device, backend,
+                                                                   uninitialised_memory_is_nan):
+    # starts None: outputs start uninitialised and the device kernels write the padding rows as zeros. Lengths:
+    # full, short (a forward block of padding rows only from position 128 on) and all padding.
+    dtype, seq_len, dropout_p = DTYPES[target][0], 130, 0.2
+    q, k, v = (t.reshape(-1, 2, 64) for t in make_qkv(3, seq_len, 2, 64, device, dtype, seed=12, fused=False))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    seqlens = torch.tensor([seq_len, 5, 0], dtype=torch.int32, device=device)
+    starts = torch.arange(3, dtype=torch.int32, device=device) * seq_len
+    seed = torch.tensor([7], dtype=torch.int64, device=device)
+    results = []
+    for sequence_starts in (starts, None):
+        options = (sequence_starts, seqlens, seq_len, dropout_p, 0.125, seed)
+        out, lse = OP(q, k, v, *options, emulated=backend == "emulated")
+        grad_qkv = BACKWARD_OP(grad_out, q, k, v, out, lse, *options, emulated=backend == "emulated")
+        results.append((out, lse, grad_qkv))
+    for explicit, padded in zip(*results):
+        assert torch.equal(explicit, padded)
+    out, lse, grad_qkv = results[1]
+    for b, length in enumerate(seqlens.tolist()):
+        padding = slice(b * seq_len + length, (b + 1) * seq_len)
+        assert torch.count_nonzero(out[padding]) == 0 and torch.count_nonzero(lse[:, padding]) == 0
+        assert torch.count_nonzero(grad_qkv[padding]) == 0
 
 
 def test_torch_compile_fullgraph_no_graph_breaks(target, device, op):
@@ -441,6 +479,8 @@ def test_op_checks_name_the_argument(target, device, backend):
     with pytest.raises(ValueError, match="seed must be an int64 tensor with one element"):
         OP(q, k, v, starts, seqlens, max_seqlen, 0.1, scale, torch.zeros(2, dtype=torch.int64, device=device),
            **emulated)
+    with pytest.raises(ValueError, match=r"with starts None \(the padded layout\), q must hold batch \* max_seqlen"):
+        OP(q, k, v, None, seqlens, max_seqlen - 1, 0.0, scale, None, **emulated)
     with pytest.raises(ValueError, match="k and v must both be tensors, or both None"):
         OP(q, k, None, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
     with pytest.raises(ValueError, match="with k and v None, q must be \\[tokens, 3, heads, head_dim\\]"):

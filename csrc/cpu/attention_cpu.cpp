@@ -249,16 +249,18 @@ void attention_backward(const AttentionInputs& in, const at::Tensor& grad_out, c
 
 std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10::optional<at::Tensor>& k,
                                                   const c10::optional<at::Tensor>& v,
-                                                  const at::Tensor& starts, const at::Tensor& seqlens,
+                                                  const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
                                                   int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention";
-  const AttentionInputs in =
+  AttentionInputs in =
       prepare_attention_inputs(op, q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
   check_cpu_dtype(op, in.q);
+  make_padded_starts(in);
+  // The CPU kernels write the sequences' rows only.
   at::Tensor out = at::zeros(in.q.sizes(), in.q.options());
   at::Tensor lse = at::zeros({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
-  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return {out, lse};
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {out, lse};
   AT_DISPATCH_SWITCH(in.q.scalar_type(), "attention_cpu",
                      AT_DISPATCH_CASE(at::kFloat, [&] { attention_forward<scalar_t>(in, out, lse); })
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(
@@ -269,18 +271,19 @@ std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10
 at::Tensor attention_backward_aten(
     const at::Tensor& grad_out_in, const at::Tensor& q, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v,
-    const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& starts, const at::Tensor& seqlens,
+    const at::Tensor& out, const at::Tensor& lse_in, const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
     int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
-  const AttentionInputs in =
+  AttentionInputs in =
       prepare_attention_inputs(op, q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
   check_attention_backward_inputs(op, in, grad_out_in, out, lse_in);
   check_cpu_dtype(op, in.q);
+  make_padded_starts(in);
   const at::Tensor grad_out = unit_last_stride(grad_out_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor out_contiguous = unit_last_stride(out);
-  at::Tensor grad_qkv = attention_grad_qkv(in);
-  if (in.q.size(0) == 0 || in.starts.size(0) == 0 || in.max_seqlen == 0) return grad_qkv;
+  at::Tensor grad_qkv = attention_grad_qkv(in, /*kernels_write_padding=*/false);
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;
   at::Tensor grad_q = grad_qkv.select(1, 0), grad_k = grad_qkv.select(1, 1), grad_v = grad_qkv.select(1, 2);
 #define ELECTRA_ATTENTION_BACKWARD_KERNEL \
   [&] { attention_backward<scalar_t>(in, grad_out, out_contiguous, lse, grad_q, grad_k, grad_v); }
@@ -293,7 +296,7 @@ at::Tensor attention_backward_aten(
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& k,
                                                  const c10::optional<at::Tensor>& v,
-                                                 const at::Tensor& starts, const at::Tensor& seqlens,
+                                                 const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
                                                  int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                  const c10::optional<at::Tensor>& seed, bool emulated) {
   if (!emulated) return attention_aten(q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
@@ -304,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10:
 at::Tensor attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& starts, const at::Tensor& seqlens, int64_t max_seqlen,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens, int64_t max_seqlen,
     double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
   if (!emulated) {
     return attention_backward_aten(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p,

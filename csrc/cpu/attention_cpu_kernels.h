@@ -329,7 +329,7 @@ void run_tasks(int64_t count, const MakeState& make_state, const Run& run) {
 template <typename scalar_t>
 void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
   const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
-  const int64_t batches = in.starts.size(0);
+  const int64_t batches = in.batch;
   const int64_t query_blocks = blocks_of(in.max_seqlen, kForwardQueryRows);
   const int64_t key_blocks = blocks_of(in.max_seqlen, kForwardKeyColumns);
   const int32_t* starts = in.starts.data_ptr<int32_t>();
@@ -467,7 +467,7 @@ template <typename scalar_t>
 void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& out,
                                const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
-  const int64_t batches = in.starts.size(0);
+  const int64_t batches = in.batch;
   const int64_t max_seqlen = in.max_seqlen;
   const int64_t query_blocks = blocks_of(max_seqlen, kBackwardQueryRows);
   const int64_t key_blocks = blocks_of(max_seqlen, kBackwardKeyColumns);

@@ -56,12 +56,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/philox.h"
 #include "cuda/attention_launch.h"
+#include "cuda/attention_tiles.cuh"
 #include "simt/primitives.cuh"
 
 namespace electra_ext::ELECTRA_BACKEND::attention_backward_device {
+
+namespace tiles = attention_tiles;
 
 constexpr int kWarpSize = 32;
 constexpr int kBlockRows = 64;  // keys per dK/dV block, queries per dQ block
@@ -112,22 +116,14 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
   return (row * kChunks + (chunk ^ swizzle)) * 8;
 }
 
-struct Sequence {
-  int64_t start;
-  int len;
-};
+__device__ __forceinline__ tiles::SequenceExtent sequence_of(const AttentionShape& s, int b) {
+  return tiles::sequence_extent(s.starts, s.seqlens, b, s.max_seqlen, s.tokens);
+}
 
-// Sequence b with its length clamped to [0, min(max_seqlen, tokens - start)]; a start outside [0, tokens] is
-// an empty sequence.
-__device__ __forceinline__ Sequence sequence_of(const AttentionShape& s, int b) {
-  const int64_t start = s.starts[b];
-  if (start < 0 || start > s.tokens) return Sequence{0, 0};
-  int64_t len = s.seqlens[b];
-  const int64_t room = s.tokens - start;
-  if (len > room) len = room;
-  if (len > s.max_seqlen) len = s.max_seqlen;
-  if (len < 0) len = 0;
-  return Sequence{start, static_cast<int>(len)};
+// Head h's rows of the sequence starting at token `start` in one of the gradients.
+template <typename T, int D>
+__device__ __forceinline__ T* gradient_rows(void* gradient, const AttentionBackwardArgs& args, int64_t start, int h) {
+  return static_cast<T*>(gradient) + start * args.grad_token_stride + h * D;
 }
 
 // Rows row0 .. row0 + kRows - 1 of a [rows, D] matrix (row stride `stride` elements, row 0 at `base`) into a
@@ -244,18 +240,93 @@ __device__ __forceinline__ void dropout_bits(uint32_t* bits, uint64_t seed, int 
   }
 }
 
-template <int kCols>
-__device__ __forceinline__ bool kept(const uint32_t* bits, int query, int key) {
-  return (bits[query * (kCols / 32) + key / 32] >> (key % 32)) & 1u;
+// The element-wise steps of both kernels. Whether the tile has dropout and whether some of its keys lie past the
+// sequence are uniform over a tile, so they are template switches and the common tile (no dropout, every key
+// inside) runs no per-element test: an FFMA and one MUFU.EX2 for P (exp2_ftz: exp2f's subnormal fix-up would add
+// 3 FP32 instructions per score, for P entries below 2^-126 that no sum can see), then 2 for dS. The keep bits of
+// a row are read once per tile (one 32-bit word per 32 keys). Keys past the sequence are zero rows of K: their P
+// is zeroed (exp(-lse) can overflow fp16).
+
+// f(kDropout, kMaskKeys) with the two as std::bool_constant: the tile-uniform switches made compile-time.
+template <typename F>
+__device__ __forceinline__ void with_tile_switches(bool dropout, bool mask_keys, F&& f) {
+  if (dropout) {
+    if (mask_keys) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (mask_keys) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
+
+// dkdv_kernel, one kSlice-query slice: rows are the warp's keys (slice m: warp_key0 + 16 m + group, + 8),
+// columns the queries q1 + 8 n + 2 pair (+ 1). In place: st <- (P o Z~)^T, dpt <- dS^T = P^T o (dP^T o Z~ -
+// delta). lse (pre-scaled by log2 e) and delta are per query of the tile; bits: [tile queries][2] words, 64 keys.
+template <bool kDropout, bool kMaskKeys, int kM, int kSlice>
+__device__ __forceinline__ void dkdv_elementwise(float (&st)[kM][kSlice / 8][4], float (&dpt)[kM][kSlice / 8][4],
+                                                 float scale_log2, float dropout_scale, const float* lse,
+                                                 const float* delta, const uint32_t* bits, int q1, int warp_key0,
+                                                 int valid_keys) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
+#pragma unroll
+  for (int n = 0; n < kSlice / 8; ++n) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int query = q1 + 8 * n + 2 * pair + c;
+      const float lse_q = lse[query], delta_q = delta[query];
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        const int key16 = warp_key0 + 16 * m;  // the slice's first key; its 16 keys share a keep word
+        const uint32_t keep = kDropout ? bits[query * 2 + key16 / 32] >> (key16 % 32 + group) : 0u;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = 2 * half + c;
+          float p = exp2_ftz(st[m][n][i] * scale_log2 - lse_q);
+          if (kMaskKeys && key16 + group + 8 * half >= valid_keys) p = 0.0f;
+          const float z = kDropout ? ((keep >> (8 * half)) & 1u ? dropout_scale : 0.0f) : 1.0f;
+          st[m][n][i] = p * z;
+          dpt[m][n][i] = p * (dpt[m][n][i] * z - delta_q);
+        }
+      }
+    }
+  }
+}
+
+// dq_kernel, one kK-key tile: rows are the warp's 16 queries (the thread's two: warp_query0 + group, + 8, with
+// row_lse pre-scaled by log2 e and row_delta), columns the keys 8 n + 2 pair (+ 1). In place: dp <- dS = P o
+// (dP o Z~ - delta). bits: [64 block queries][kK / 32] words.
+template <bool kDropout, bool kMaskKeys, int kK>
+__device__ __forceinline__ void dq_elementwise(float (&dp)[1][kK / 8][4], const float (&st)[1][kK / 8][4],
+                                               float scale_log2, float dropout_scale, const float (&row_lse)[2],
+                                               const float (&row_delta)[2], const uint32_t* bits, int warp_query0,
+                                               int valid_keys) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
+  uint32_t keep[2][kK / 32];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int w = 0; w < kK / 32; ++w) {
+      keep[half][w] = kDropout ? bits[(warp_query0 + group + 8 * half) * (kK / 32) + w] : 0u;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kK / 8; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = 8 * n + 2 * pair + i % 2, half = i / 2;
+      float p = exp2_ftz(st[0][n][i] * scale_log2 - row_lse[half]);
+      if (kMaskKeys && key >= valid_keys) p = 0.0f;
+      const float z = kDropout ? ((keep[half][key / 32] >> (key % 32)) & 1u ? dropout_scale : 0.0f) : 1.0f;
+      dp[0][n][i] = p * (dp[0][n][i] * z - row_delta[half]);
+    }
+  }
 }
 
 // Writes rows 0 .. kBlockRows - 1 of the per-warp accumulators (warp w: rows 16 kM w .. + 16 kM - 1, slice m
 // of them in acc[m]), times `scale`, as T into the swizzled tile `stage`, then (after a barrier) rows
-// row0 + r < len to dst (row stride `stride`) with 16-byte stores. The caller's last barrier must precede
-// (stage may alias tiles still being read).
+// row0 + r < len to dst (row stride `stride`) with 16-byte stores, and rows len <= row0 + r < rows (the padded
+// layout's padding) as zeros. The caller's last barrier must precede (stage may alias tiles still being read).
 template <typename T, int D, int kM, int kThreads>
 __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], float scale, T* stage, T* dst,
-                                           int64_t stride, int row0, int len) {
+                                           int64_t stride, int row0, int len, int rows) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int group = lane / 4, pair = lane % 4;
 #pragma unroll
@@ -272,11 +343,12 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
   }
   __syncthreads();
   constexpr int kChunks = D / 8;
+  const uint4 zero = {0u, 0u, 0u, 0u};
   for (int i = threadIdx.x; i < kBlockRows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
-    if (row0 + r < len) {
+    if (row0 + r < rows) {
       *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * stride + c * 8) =
-          *reinterpret_cast<const uint4*>(stage + tile_offset<D>(r, c));
+          row0 + r < len ? *reinterpret_cast<const uint4*>(stage + tile_offset<D>(r, c)) : zero;
     }
   }
 }
@@ -302,12 +374,12 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBac
   constexpr int kChunks = D / 8;
   const AttentionShape& s = args.shape;
   const int b = blockIdx.z, h = blockIdx.y;
-  const Sequence seq = sequence_of(s, b);
+  const tiles::SequenceExtent seq = sequence_of(s, b);
   const int token0 = blockIdx.x * kDeltaTokens<D>;
-  if (token0 >= seq.len) return;
+  if (token0 >= seq.length) return;
   const int token = token0 + threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
   float sum = 0.0f;
-  if (token < seq.len) {
+  if (token < seq.length) {
     const int64_t offset = (seq.start + token) * int64_t(s.heads) * D + h * D + chunk * 8;
     const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.grad_out) + offset);
     const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.out) + offset);
@@ -320,7 +392,7 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBac
   }
 #pragma unroll
   for (int lanes = kChunks / 2; lanes > 0; lanes /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
-  if (token < seq.len && chunk == 0) args.delta[int64_t(h) * s.tokens + seq.start + token] = sum;
+  if (token < seq.length && chunk == 0) args.delta[int64_t(h) * s.tokens + seq.start + token] = sum;
 }
 
 // Kernel 1: dK and dV of keys blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
@@ -329,9 +401,16 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   constexpr int kM = Dkdv<D>::kM, kQ = Dkdv<D>::kQ, kSlice = Dkdv<D>::kSlice, kThreads = Dkdv<D>::kThreads;
   const AttentionShape& s = args.shape;
   const int b = blockIdx.z, h = blockIdx.y, key0 = blockIdx.x * kBlockRows;
-  const Sequence seq = sequence_of(s, b);
-  if (key0 >= seq.len) return;
-  const int len = seq.len;
+  const tiles::SequenceExtent seq = sequence_of(s, b);
+  if (key0 >= seq.length) {  // padding keys at most (padded layout): their dK and dV rows are zeros
+    const int last = key0 + kBlockRows < seq.rows ? key0 + kBlockRows : seq.rows;
+    tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_k, args, seq.start, h), args.grad_token_stride,
+                                  key0, last, threadIdx.x);
+    tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_v, args, seq.start, h), args.grad_token_stride,
+                                  key0, last, threadIdx.x);
+    return;
+  }
+  const int len = seq.length;
 
   ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
   T* sK = reinterpret_cast<T*>(attention_shared);
@@ -361,17 +440,11 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   const float dropout_scale = dropout ? s.dropout_scale : 1.0f;
   const float scale_log2 = s.softmax_scale * kLog2e;
 
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int group = lane / 4, pair = lane % 4;
+  const int warp = threadIdx.x / kWarpSize;
   // The warp's keys (rows of its fragments): slice m holds 16 (kM warp + m) + group and + 8; past the sequence
-  // their P is zeroed.
+  // (the sequence's last block only) their P is zeroed.
   const int warp_key0 = 16 * kM * warp;
-  bool key_valid[kM][2];
-#pragma unroll
-  for (int m = 0; m < kM; ++m) {
-    key_valid[m][0] = key0 + warp_key0 + 16 * m + group < len;
-    key_valid[m][1] = key0 + warp_key0 + 16 * m + group + 8 < len;
-  }
+  const int valid_keys = len - key0;
 
   float dv[kM][D / 8][4] = {}, dk[kM][D / 8][4] = {};
   const int tiles = (len + kQ - 1) / kQ;
@@ -401,42 +474,38 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
       float st[kM][kSlice / 8][4] = {}, dpt[kM][kSlice / 8][4] = {};
       product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(st, sK, warp_key0, cQ + q1 * D);
       product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(dpt, sV, warp_key0, cdO + q1 * D);
-#pragma unroll
-      for (int m = 0; m < kM; ++m) {
-#pragma unroll
-        for (int n = 0; n < kSlice / 8; ++n) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int query = q1 + 8 * n + 2 * pair + i % 2, key = warp_key0 + 16 * m + group + 8 * (i / 2);
-            const float p = key_valid[m][i / 2] ? exp2f(st[m][n][i] * scale_log2 - sLse[query]) : 0.0f;
-            const float z = (!dropout || kept<kBlockRows>(sBits, query, key)) ? dropout_scale : 0.0f;
-            st[m][n][i] = p * z;                                     // (P o Z~)^T
-            dpt[m][n][i] = p * (dpt[m][n][i] * z - sDelta[query]);   // dS^T
-          }
-        }
-      }
+      with_tile_switches(dropout, valid_keys < kBlockRows, [&](auto with_dropout, auto mask_keys) {
+        dkdv_elementwise<decltype(with_dropout)::value, decltype(mask_keys)::value, kM, kSlice>(
+            st, dpt, scale_log2, dropout_scale, sLse, sDelta, sBits, q1, warp_key0, valid_keys);
+      });
       product_xb<T, D, kM, kSlice>(dv, st, cdO + q1 * D);
       product_xb<T, D, kM, kSlice>(dk, dpt, cQ + q1 * D);
     }
     __syncthreads();
   }
 
-  const int64_t grad_stride = args.grad_token_stride;
-  T* dk_out = static_cast<T*>(args.grad_k) + seq.start * grad_stride + h * D;
-  T* dv_out = static_cast<T*>(args.grad_v) + seq.start * grad_stride + h * D;
-  store_rows<T, D, kM, kThreads>(dk, s.softmax_scale, sK, dk_out, grad_stride, key0, len);
-  store_rows<T, D, kM, kThreads>(dv, 1.0f, sV, dv_out, grad_stride, key0, len);
+  store_rows<T, D, kM, kThreads>(dk, s.softmax_scale, sK, gradient_rows<T, D>(args.grad_k, args, seq.start, h),
+                                 args.grad_token_stride, key0, len, seq.rows);
+  store_rows<T, D, kM, kThreads>(dv, 1.0f, sV, gradient_rows<T, D>(args.grad_v, args, seq.start, h),
+                                 args.grad_token_stride, key0, len, seq.rows);
 }
 
 // Kernel 2: dQ of queries blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
+// 3 resident blocks per SM (167 registers at D = 64 without the bound; 168 is the cap): on the H200 the dQ kernel
+// at 177 registers, 2 blocks per SM, took 271 us at Base, and 231 us when bounded to 3.
 template <typename T, int D>
-__global__ void __launch_bounds__(kDqWarps * kWarpSize) dq_kernel(const AttentionBackwardArgs args) {
+__global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const AttentionBackwardArgs args) {
   constexpr int kK = dq_inner_rows<D>(), kThreads = kDqWarps * kWarpSize;
   const AttentionShape& s = args.shape;
   const int b = blockIdx.z, h = blockIdx.y, query0 = blockIdx.x * kBlockRows;
-  const Sequence seq = sequence_of(s, b);
-  if (query0 >= seq.len) return;
-  const int len = seq.len;
+  const tiles::SequenceExtent seq = sequence_of(s, b);
+  if (query0 >= seq.length) {  // padding queries at most (padded layout): their dQ rows are zeros
+    const int last = query0 + kBlockRows < seq.rows ? query0 + kBlockRows : seq.rows;
+    tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_q, args, seq.start, h), args.grad_token_stride,
+                                  query0, last, threadIdx.x);
+    return;
+  }
+  const int len = seq.length;
 
   ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
   T* sQ = reinterpret_cast<T*>(attention_shared);
@@ -462,8 +531,7 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize) dq_kernel(const Attentio
   const float dropout_scale = dropout ? s.dropout_scale : 1.0f;
   const float scale_log2 = s.softmax_scale * kLog2e;
 
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int group = lane / 4, pair = lane % 4;
+  const int warp = threadIdx.x / kWarpSize, group = threadIdx.x % kWarpSize / 4;
   // The thread's two query rows: 16 warp + group and + 8 (past the sequence: lse = +inf, P = 0).
   float row_lse[2], row_delta[2];
 #pragma unroll
@@ -492,24 +560,17 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize) dq_kernel(const Attentio
     float st[1][kK / 8][4] = {}, dp[1][kK / 8][4] = {};  // S and dP: rows = the warp's 16 queries, columns = keys
     product_abt<T, D, 1, kK>(st, sQ, 16 * warp, cK);
     product_abt<T, D, 1, kK>(dp, sdO, 16 * warp, cV);
-    const bool last = k0 + kK > len;
-#pragma unroll
-    for (int n = 0; n < kK / 8; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = 8 * n + 2 * pair + i % 2, query = 16 * warp + group + 8 * (i / 2);
-        // Keys past the sequence (zero rows of K) must not enter dS: exp(-lse) can overflow fp16.
-        const float p = (!last || k0 + key < len) ? exp2f(st[0][n][i] * scale_log2 - row_lse[i / 2]) : 0.0f;
-        const float z = (!dropout || kept<kK>(sBits, query, key)) ? dropout_scale : 0.0f;
-        dp[0][n][i] = p * (dp[0][n][i] * z - row_delta[i / 2]);  // dS
-      }
-    }
+    const int valid_keys = len - k0;
+    with_tile_switches(dropout, valid_keys < kK, [&](auto with_dropout, auto mask_keys) {
+      dq_elementwise<decltype(with_dropout)::value, decltype(mask_keys)::value, kK>(
+          dp, st, scale_log2, dropout_scale, row_lse, row_delta, sBits, 16 * warp, valid_keys);
+    });
     product_xb<T, D, 1, kK>(dq, dp, cK);
     __syncthreads();
   }
 
-  T* dq_out = static_cast<T*>(args.grad_q) + seq.start * args.grad_token_stride + h * D;
-  store_rows<T, D, 1, kThreads>(dq, s.softmax_scale, sQ, dq_out, args.grad_token_stride, query0, len);
+  store_rows<T, D, 1, kThreads>(dq, s.softmax_scale, sQ, gradient_rows<T, D>(args.grad_q, args, seq.start, h),
+                                args.grad_token_stride, query0, len, seq.rows);
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_backward_device

@@ -23,7 +23,7 @@ struct CudaLaunchers {
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10::optional<at::Tensor>& k,
                                                   const c10::optional<at::Tensor>& v,
-                                                  const at::Tensor& starts, const at::Tensor& seqlens,
+                                                  const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
                                                   int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed, bool emulated) {
   check_not_emulated("attention", emulated);
@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10
 at::Tensor attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& starts, const at::Tensor& seqlens, int64_t max_seqlen,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens, int64_t max_seqlen,
     double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
   check_not_emulated("attention_backward", emulated);
   const c10::cuda::CUDAGuard guard(q.device());

@@ -20,7 +20,8 @@
 //                                                 R row tiles: D/2 x R mma
 // The end: the quad (4 lanes of a row) reduces the row sums, O *= dropout_scale / l, lse = m * scale + ln l;
 // each warp stages its O rows as T in its own (already consumed) rows of the Q tile and writes them with
-// 16-byte coalesced stores; rows >= seqlen are never written.
+// 16-byte coalesced stores. Rows past the sequence are not written, except in the padded layout (starts null),
+// where the slot's padding rows are written as zeros (blocks of padding rows only write those zeros).
 //
 // Napkin math (per head: 4 T^2 D FLOPs = QK^T and PV, 2 T^2 D each; bytes = q, k, v read + out written,
 // 4 T D x 2 B; lse 4 T B):
@@ -127,7 +128,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
   const tiles::SequenceExtent seq =
       tiles::sequence_extent(shape.starts, shape.seqlens, b, shape.max_seqlen, shape.tokens);
   const int m0 = blockIdx.x * kBlockM;
-  if (m0 >= seq.length) return;  // the whole block: no barrier is skipped by part of it
+  T* const out = static_cast<T*>(args.out) + seq.start * shape.heads * kHeadDim + int64_t(h) * kHeadDim;
+  float* const lse = args.lse + int64_t(h) * shape.tokens + seq.start;
+  if (m0 >= seq.length) {  // the whole block (no barrier is skipped by part of it): padding rows at most
+    const int last = m0 + kBlockM < seq.rows ? m0 + kBlockM : seq.rows;
+    tiles::zero_rows<kHeadDim, kThreads>(out, int64_t(shape.heads) * kHeadDim, m0, last, threadIdx.x);
+    for (int row = m0 + threadIdx.x; row < last; row += kThreads) lse[row] = 0.0f;
+    return;
+  }
 
   ELECTRA_DYNAMIC_SHARED(uint4, shared_raw);
   T* const shared = reinterpret_cast<T*>(shared_raw);
@@ -333,9 +341,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const float factor = sum > 0.0f ? shape.dropout_scale / sum : 0.0f;
       const int position = warp_m0 + rt * 16 + group + 8 * r;
-      if (pair == 0 && position < seq.length) {
-        args.lse[int64_t(h) * shape.tokens + seq.start + position] =
-            row_max[rt][r] * shape.softmax_scale + logf(sum);
+      if (pair == 0 && position < seq.rows) {
+        lse[position] = position < seq.length ? row_max[rt][r] * shape.softmax_scale + logf(sum) : 0.0f;
       }
       row_sum[rt][r] = factor;
     }
@@ -355,16 +362,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
   }
   __syncwarp();
   constexpr int kChunksPerRow = kHeadDim / tiles::kChunkElements;
-  T* const out = static_cast<T*>(args.out);
+  const uint4 zero = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int i = 0; i < kWarpRows * kChunksPerRow / tiles::kWarpSize; ++i) {
     const int chunk = lane + i * tiles::kWarpSize;
     const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * tiles::kChunkElements;
     const int position = warp_m0 + row;
-    if (position < seq.length) {
-      const int64_t token = seq.start + position;
-      *reinterpret_cast<uint4*>(out + (token * shape.heads + h) * kHeadDim + col) =
-          *reinterpret_cast<const uint4*>(QTile::at(o_stage, row, col));
+    if (position < seq.rows) {  // the padded layout's padding rows as zeros
+      *reinterpret_cast<uint4*>(out + int64_t(position) * shape.heads * kHeadDim + col) =
+          position < seq.length ? *reinterpret_cast<const uint4*>(QTile::at(o_stage, row, col)) : zero;
     }
   }
 }

@@ -59,21 +59,35 @@ __device__ __forceinline__ void dropout_c_fragments(float (&c)[8][4], uint64_t s
   }
 }
 
-// A sequence's tokens, clamped for memory safety: a start outside [0, tokens] makes it empty, and its length is
-// clamped to [0, min(max_seqlen, tokens - start)] (grids are sized by max_seqlen).
+// Sequence b's tokens, clamped for memory safety: a start outside [0, tokens] makes it empty, and its length is
+// clamped to [0, min(max_seqlen, tokens - start)] (grids are sized by max_seqlen). `rows`: the output rows its
+// blocks write from its start. That is its length, or, in the padded layout (starts null: sequence b at token
+// b * max_seqlen), its whole slot of max_seqlen rows (clamped likewise), the padding ones as zeros, so that
+// those outputs need no zero fill beforehand.
 struct SequenceExtent {
   int64_t start;
-  int length;
+  int length, rows;
 };
 __device__ __forceinline__ SequenceExtent sequence_extent(const int32_t* starts, const int32_t* seqlens, int b,
                                                           int max_seqlen, int64_t tokens) {
-  const int64_t start = starts[b];
-  if (start < 0 || start > tokens) return {0, 0};
+  const int64_t start = starts != nullptr ? starts[b] : int64_t(b) * max_seqlen;
+  if (start < 0 || start > tokens) return {0, 0, 0};
+  const int64_t room = tokens - start < max_seqlen ? tokens - start : max_seqlen;
   int64_t length = seqlens[b];
   length = length < 0 ? 0 : length;
-  length = length < max_seqlen ? length : max_seqlen;
-  length = length < tokens - start ? length : tokens - start;
-  return {start, static_cast<int>(length)};
+  length = length < room ? length : room;
+  return {start, static_cast<int>(length), static_cast<int>(starts != nullptr ? length : room)};
+}
+
+// Rows first .. last - 1 of a [rows, kCols] matrix of 2-byte elements (row stride `stride` elements, 16-byte
+// aligned rows) set to zero with 16-byte stores by kThreads threads: the padded layout's padding rows.
+template <int kCols, int kThreads, typename T>
+__device__ __forceinline__ void zero_rows(T* base, int64_t stride, int first, int last, int thread) {
+  constexpr int kChunks = kCols / kChunkElements;
+  const uint4 zero = {0u, 0u, 0u, 0u};
+  for (int i = thread; i < (last - first) * kChunks; i += kThreads) {
+    *reinterpret_cast<uint4*>(base + int64_t(first + i / kChunks) * stride + (i % kChunks) * kChunkElements) = zero;
+  }
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_tiles

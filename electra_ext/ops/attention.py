@@ -144,13 +144,14 @@ def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, bac
         return attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed)
     batch, seq_len, heads, head_dim = q.shape
     tokens = batch * seq_len
-    starts = torch.arange(batch, dtype=torch.int32, device=q.device) * seq_len
     lengths = (torch.full((batch,), seq_len, dtype=torch.int32, device=q.device) if seqlens is None
                else seqlens.to(torch.int32))
     # A fused QKV projection's output (or views of it) keeps its token stride 3HD after flattening (B, T): no copy.
     tensors = ((qkv.reshape(tokens, 3, heads, head_dim), None, None) if qkv is not None
                else tuple(t.reshape(tokens, heads, head_dim) for t in (q, k, v)))
-    out, _ = _OP(*tensors, starts, lengths, seq_len, dropout_p, softmax_scale, seed,
+    # starts None: the op's padded layout (sequence b at token b * seq_len), whose kernels also write the padding
+    # rows, so that no output needs a zero fill first.
+    out, _ = _OP(*tensors, None, lengths, seq_len, dropout_p, softmax_scale, seed,
                  emulated=implementation == "emulated")
     return out.view(batch, seq_len, heads, head_dim)
 
@@ -219,9 +220,14 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, starts, seqlens, seed)
     ctx.options = (max_seqlen, dropout_p, softmax_scale)
     ctx.emulated = keyword_only_inputs["emulated"]
+    # lse's gradient is always None (it only feeds the backward): not materialised, no zero-filled [H, tokens]
+    # float32 tensor and fill kernel per call.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None, None
     q, k, v, out, lse, starts, seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale = ctx.options
     grad_qkv = _BACKWARD_OP(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p, softmax_scale,
