@@ -71,10 +71,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
   const FloatType dtype = attention_float_type(op, in.q);
   check_cuda_head_dim(op, in.q);
   const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
-  // The padded layout's kernels write every row (padding as zeros): no fill kernel before them.
-  const bool padded_layout = !in.starts.defined();
-  at::Tensor out = attention_output(in.q.sizes(), in.q.options(), padded_layout);
-  at::Tensor lse = attention_output({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat), padded_layout);
+  at::Tensor out = attention_output(in, in.q.sizes(), in.q.options());
+  at::Tensor lse = attention_output(in, {in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {out, lse};
   const AttentionForwardArgs args{dtype,
                                   attention_shape(in),
@@ -103,7 +101,7 @@ at::Tensor attention_backward_on_device(
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor grad_qkv = attention_grad_qkv(in, /*kernels_write_padding=*/!in.starts.defined());
+  at::Tensor grad_qkv = attention_grad_qkv(in);
   if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;
   at::Tensor delta = at::empty({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   const AttentionBackwardArgs args{dtype,

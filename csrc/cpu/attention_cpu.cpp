@@ -213,6 +213,22 @@ void check_cpu_dtype(const char* op, const at::Tensor& q) {
 
 int64_t blocks_of(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
+// The padded layout's padding tokens (b * max_seqlen + seqlens[b] .. (b + 1) * max_seqlen - 1) of an output
+// allocated uninitialised (attention_output), contiguous and viewed as [outer, tokens, inner], set to zero: the
+// CPU kernels write the sequences' rows only.
+void zero_padding_tokens(const AttentionInputs& in, at::Tensor& t, int64_t outer) {
+  if (!in.padded_layout) return;
+  const int64_t tokens = in.q.size(0), inner_bytes = t.numel() / (outer * tokens) * t.element_size();
+  const int32_t* lengths = in.seqlens.data_ptr<int32_t>();
+  char* base = static_cast<char*>(t.data_ptr());
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t b = 0; b < in.batch; ++b) {
+      const int64_t first = b * in.max_seqlen + lengths[b];
+      std::memset(base + (o * tokens + first) * inner_bytes, 0, (in.max_seqlen - lengths[b]) * inner_bytes);
+    }
+  }
+}
+
 namespace portable {
 #include "cpu/attention_cpu_kernels.h"
 }  // namespace portable
@@ -257,14 +273,15 @@ std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10
       prepare_attention_inputs(op, q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
   check_cpu_dtype(op, in.q);
   make_padded_starts(in);
-  // The CPU kernels write the sequences' rows only.
-  at::Tensor out = at::zeros(in.q.sizes(), in.q.options());
-  at::Tensor lse = at::zeros({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
+  at::Tensor out = attention_output(in, in.q.sizes(), in.q.options());
+  at::Tensor lse = attention_output(in, {in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {out, lse};
   AT_DISPATCH_SWITCH(in.q.scalar_type(), "attention_cpu",
                      AT_DISPATCH_CASE(at::kFloat, [&] { attention_forward<scalar_t>(in, out, lse); })
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(
                              [&] { attention_forward<scalar_t>(in, out, lse); }));
+  zero_padding_tokens(in, out, 1);
+  zero_padding_tokens(in, lse, in.q.size(1));
   return {out, lse};
 }
 
@@ -282,7 +299,7 @@ at::Tensor attention_backward_aten(
   const at::Tensor grad_out = unit_last_stride(grad_out_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor out_contiguous = unit_last_stride(out);
-  at::Tensor grad_qkv = attention_grad_qkv(in, /*kernels_write_padding=*/false);
+  at::Tensor grad_qkv = attention_grad_qkv(in);
   if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;
   at::Tensor grad_q = grad_qkv.select(1, 0), grad_k = grad_qkv.select(1, 1), grad_v = grad_qkv.select(1, 2);
 #define ELECTRA_ATTENTION_BACKWARD_KERNEL \
@@ -291,6 +308,7 @@ at::Tensor attention_backward_aten(
                      AT_DISPATCH_CASE(at::kFloat, ELECTRA_ATTENTION_BACKWARD_KERNEL)
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(ELECTRA_ATTENTION_BACKWARD_KERNEL));
 #undef ELECTRA_ATTENTION_BACKWARD_KERNEL
+  zero_padding_tokens(in, grad_qkv, 1);
   return grad_qkv;
 }
 
