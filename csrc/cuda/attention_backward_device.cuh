@@ -34,8 +34,10 @@
 //     (16 KB) plus lse/delta/dropout bits (0.5 KB) = 33 KB, 4 blocks per SM = 130 KB; kernel 2 holds Q, dO
 //     (16 KB) and double-buffered 64-row K, V tiles (32 KB) + 0.5 KB = 49 KB. D=128: kernel 1 keeps 4 warps
 //     and 32-row tiles (65 KB), kernel 2 32-row tiles (65 KB); D=32: 25 KB each.
-//   Registers (ptxas, sm_90, no spills): dkdv 253 (D=64), 250 (D=128), 246 (D=32); dq 174 (D=64), 182
-//     (D=128), 133 (D=32); delta 21: registers, not shared memory, cap residency at 8 warps per SM.
+//   Registers (ptxas 13.0, sm_90, no spills): dkdv 233 (D=64), 249 (D=128), 224 (D=32); dq 168 at each D
+//     (bounded to 3 blocks per SM); delta 24. Registers, not shared memory, cap dkdv's residency at 8 warps per
+//     SM, dq's at 12. On an H200 at Base both kernels issue on only ~50% of the cycles, stalled on dependent
+//     instructions (benchmarks/NOTES.md): the element-wise step, not the tensor cores, set their pace.
 //   Shared-memory bandwidth is the next limit (an H100 SM reads 128 B/clock against a ~4096 FLOP/clock
 //     tensor peak: 32 FLOP per shared byte to keep up). Kernel 1, D=64, per warp and 16-query slice of its
 //     32 keys: 32 ldmatrix.x4 (K and V A fragments 8 + 8, Q and dO as B for S^T and dP^T 4 + 4, transposed
@@ -51,7 +53,8 @@
 //     groups (unswizzled 128-byte rows would be an 8-way conflict); cp.async fills them without registers,
 //     the next tile's copy overlapping the current tile's math.
 // Dropout: a tile's keep bits are drawn once per block into shared memory (Philox gives 16 columns per call;
-//   each thread draws 32 consecutive columns of one row, one 32-bit word of bits), then read per element.
+//   each thread draws 32 consecutive columns of one row, one 32-bit word of bits), then read once per row and
+//   32 keys by the element-wise step.
 #pragma once
 
 #include <cmath>
@@ -69,7 +72,7 @@ namespace tiles = attention_tiles;
 
 constexpr int kWarpSize = 32;
 constexpr int kBlockRows = 64;  // keys per dK/dV block, queries per dQ block
-constexpr int kDqWarps = 4;     // dq_kernel: 16 queries (the mma's M) per warp
+constexpr int kDqWarps = 4;     // dq_kernel: 16 queries (the mma's M) per warp (32 measured no faster on an H200)
 constexpr float kLog2e = 1.4426950408889634f;
 
 // dkdv_kernel's shape per head dim. Each warp owns kM * 16 keys, so every Q or dO fragment it loads from shared

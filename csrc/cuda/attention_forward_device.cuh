@@ -54,8 +54,8 @@
 //   55,296 B (D=64, 128 rows), 87,040 B (D=128, 64 rows); above 48 KB the launcher opts in. 2 blocks per SM fit
 //   all three (228 KB per H100 SM).
 // Registers per lane: Q A fragments D R / 4 (when kept), O accumulators D R / 2 fp32, S/P 32 R fp32, m and l
-//   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 252 / 252
-//   / 254 registers at D = 32 / 64 / 128 under 2 resident blocks per SM (__launch_bounds__ below); with 16 rows
+//   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 234 / 245
+//   / 250 registers at D = 32 / 64 / 128 under 2 resident blocks per SM (__launch_bounds__ below); with 16 rows
 //   per warp at all three it was 128 / 168 / 252 under 4 / 3 / 2 blocks per SM.
 // Why this tiling: 32 query rows per warp (FlashAttention-2's kBlockM = 128 with 4 warps) makes each K / V
 //   fragment loaded from shared memory feed two mma's, which moves the D = 32 and D = 64 inner loops from the
@@ -84,7 +84,7 @@ constexpr int kThreads = kWarps * tiles::kWarpSize;
 constexpr int kBlockN = 64;   // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 // Resident blocks per SM that __launch_bounds__ asks registers for: 2, i.e. up to 255 per lane (65,536 /
-// (128 threads x 2)). ptxas (CUDA 13, sm_90) takes 252 / 252 / 254 at D = 32 / 64 / 128 as launched; at 3 blocks
+// (128 threads x 2)). ptxas (CUDA 13, sm_90) takes 234 / 245 / 250 at D = 32 / 64 / 128 as launched; at 3 blocks
 // (168 registers) D = 32 with 32 rows per warp spills 184 bytes.
 constexpr int kMinBlocks = 2;
 
