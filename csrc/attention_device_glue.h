@@ -26,7 +26,7 @@ inline FloatType attention_float_type(const char* op, const at::Tensor& q) {
 }
 
 inline AttentionShape attention_shape(const AttentionInputs& in) {
-  return AttentionShape{in.starts.defined() ? in.starts.data_ptr<int32_t>() : nullptr,
+  return AttentionShape{in.padded_layout ? nullptr : in.starts.data_ptr<int32_t>(),
                         in.seqlens.data_ptr<int32_t>(),
                         static_cast<int>(in.batch),
                         static_cast<int>(in.q.size(1)),

@@ -356,7 +356,7 @@ def uninitialised_memory_is_nan():
 
 def test_padded_layout_equals_explicit_starts_and_writes_every_row(target, device, backend,
                                                                    uninitialised_memory_is_nan):
-    # starts None: outputs start uninitialised and the device kernels write the padding rows as zeros. Lengths:
+    # starts None: outputs start uninitialised and every backend writes the padding rows as zeros. Lengths:
     # full, short (a forward block of padding rows only from position 128 on) and all padding.
     dtype, seq_len, dropout_p = DTYPES[target][0], 130, 0.2
     q, k, v = (t.reshape(-1, 2, 64) for t in make_qkv(3, seq_len, 2, 64, device, dtype, seed=12, fused=False))
