@@ -25,6 +25,7 @@ import math
 import torch
 
 from electra_ext.ops import backend as backends
+from electra_ext.ops.eager_autograd import register_autograd
 from electra_ext.ops.reference import attention_reference, philox_seed
 
 _OP = torch.ops.electra_ext.attention
@@ -151,8 +152,8 @@ def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, bac
                else tuple(t.reshape(tokens, heads, head_dim) for t in (q, k, v)))
     # starts None: the op's padded layout (sequence b at token b * seq_len), whose kernels also write the padding
     # rows, so that no output needs a zero fill first.
-    out, _ = _OP(*tensors, None, lengths, seq_len, dropout_p, softmax_scale, seed,
-                 emulated=implementation == "emulated")
+    out, _ = _ATTENTION(*tensors, None, lengths, seq_len, dropout_p, softmax_scale, seed,
+                        emulated=implementation == "emulated")
     return out.view(batch, seq_len, heads, head_dim)
 
 
@@ -182,8 +183,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, softmax_
     starts = cu_seqlens[:-1].to(torch.int32)
     if implementation == "reference":
         return _varlen_reference(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_scale, seed)
-    out, _ = _OP(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_scale, seed,
-                 emulated=implementation == "emulated")
+    out, _ = _ATTENTION(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_scale, seed,
+                        emulated=implementation == "emulated")
     return out
 
 
@@ -236,4 +237,4 @@ def _backward(ctx, grad_out, grad_lse):
     return *grads, None, None, None, None, None, None
 
 
-torch.library.register_autograd("electra_ext::attention", _backward, setup_context=_setup_context)
+_ATTENTION = register_autograd(_OP, _backward, _setup_context)

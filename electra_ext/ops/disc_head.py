@@ -11,6 +11,7 @@ float32 logits and loss. Gradients come back in the dtypes of x, w and b.
 import torch
 
 from electra_ext.ops import backend as backends
+from electra_ext.ops.eager_autograd import register_autograd
 from electra_ext.ops.reference import disc_head_reference
 
 _OP = torch.ops.electra_ext.disc_head
@@ -32,7 +33,7 @@ def disc_head(x, w, b, labels, valid, *, backend=None):
     implementation = _SELECT(backend, device)
     if implementation == "reference":
         return disc_head_reference(x, w, b, labels, valid)
-    return _OP(x, w, b, labels, valid, emulated=implementation == "emulated")
+    return _DISC_HEAD(x, w, b, labels, valid, emulated=implementation == "emulated")
 
 
 def disc_head_from_ids(x, w, b, corrupted_ids, original_ids, valid, *, backend=None):
@@ -74,4 +75,4 @@ def _backward(ctx, grad_logits, grad_loss):
     return grad_x, grad_w.to(w.dtype), grad_b.to(ctx.b_dtype), None, None
 
 
-torch.library.register_autograd("electra_ext::disc_head", _backward, setup_context=_setup_context)
+_DISC_HEAD = register_autograd(_OP, _backward, _setup_context)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from electra_ext.ops import backend as backends
+from electra_ext.ops.eager_autograd import register_autograd
 from electra_ext.ops.reference import gen_head_reference, philox_seed
 
 _OP = torch.ops.electra_ext.gen_head
@@ -100,8 +101,8 @@ def gen_head(h, weight, bias, targets, *, temperature=1.0, generator=None, disal
     if implementation == "reference":
         return GenHeadOutput(*gen_head_reference(h, weight, bias, targets, temperature, seed, disallow_correct,
                                                  ignore_index))
-    return GenHeadOutput(*_OP(h, weight, bias, targets, seed, float(temperature), bool(disallow_correct),
-                              int(ignore_index), emulated=implementation == "emulated"))
+    return GenHeadOutput(*_GEN_HEAD(h, weight, bias, targets, seed, float(temperature), bool(disallow_correct),
+                                    int(ignore_index), emulated=implementation == "emulated"))
 
 
 @torch.library.register_fake("electra_ext::gen_head")
@@ -132,4 +133,4 @@ def _backward(ctx, grad_loss, grad_samples, grad_lse, grad_num_correct):
     return grad_h, grad_weight, grad_bias, None, None, None, None, None
 
 
-torch.library.register_autograd("electra_ext::gen_head", _backward, setup_context=_setup_context)
+_GEN_HEAD = register_autograd(_OP, _backward, _setup_context)
