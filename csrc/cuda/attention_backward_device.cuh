@@ -30,11 +30,11 @@
 //     q, k, v, dO are 256 KB). Compute bound: the tensor pipe's efficiency is what counts.
 //   delta_kernel reads dO and out once (50 MB at Base, ~15 us at HBM rate) and writes 0.8 MB; ATen's
 //     (dO.float() * out.float()).sum(-1).t().contiguous() took 4-5 kernels and ~150 MB of fp32 temporaries.
-//   Shared memory (D=64): kernel 1 (2 warps) holds K, V (16 KB) and double-buffered Q, dO tiles of 32 rows
-//     (16 KB) plus lse/delta/dropout bits (0.5 KB) = 33 KB, 4 blocks per SM = 130 KB; kernel 2 holds Q, dO
-//     (16 KB) and double-buffered 64-row K, V tiles (32 KB) + 0.5 KB = 49 KB. D=128: kernel 1 keeps 4 warps
-//     and 32-row tiles (65 KB), kernel 2 32-row tiles (65 KB); D=32: 25 KB each.
-//   Registers (ptxas 13.0, sm_90, no spills): dkdv 233 (D=64), 249 (D=128), 224 (D=32); dq 168 at each D
+//   Shared memory (D=64, 144-byte padded rows): kernel 1 (2 warps) holds K, V (18 KB) and double-buffered Q,
+//     dO tiles of 32 rows (18 KB) plus lse/delta/dropout bits (0.5 KB) = 36.5 KB, 4 blocks per SM = 146 KB;
+//     kernel 2 holds Q, dO (18 KB) and double-buffered 64-row K, V tiles (36 KB) + 1 KB = 55 KB. D=128:
+//     kernel 1 keeps 4 warps and 32-row tiles (68.5 KB), kernel 2 32-row tiles (68.5 KB); D=32: 31 KB each.
+//   Registers (ptxas 13.0, sm_90, no spills): dkdv 247 (D=64), 244 (D=128), 252 (D=32); dq 168 at each D
 //     (bounded to 3 blocks per SM); delta 24. Registers, not shared memory, cap dkdv's residency at 8 warps per
 //     SM, dq's at 12. On an H200 at Base both kernels issue on only ~50% of the cycles, stalled on dependent
 //     instructions (benchmarks/NOTES.md): the element-wise step, not the tensor cores, set their pace.
@@ -49,9 +49,13 @@
 //   Why 64-key blocks: the accumulators (dK and dV: 2 x 16 kM x D fp32 per warp) live in registers and a warp
 //     owns whole mma rows, so no accumulator is ever shared between warps; 64-row blocks give 8 x 384 = 3072
 //     blocks at Base (over 5 waves on 132 SMs) and keep the tail small at Small and with padding.
-//   Shared tiles are XOR-swizzled in 16-byte chunks so that ldmatrix's 8 row addresses hit 8 distinct bank
-//     groups (unswizzled 128-byte rows would be an 8-way conflict); cp.async fills them without registers,
-//     the next tile's copy overlapping the current tile's math.
+//   Shared tiles are tiles::PaddedTile, as in the forward: rows padded by 16 bytes, so that ldmatrix's 8 row
+//     addresses hit 8 distinct bank groups (unpadded 128-byte rows would be an 8-way conflict), and a fragment's
+//     address is a per-lane base plus a compile-time offset. The XOR swizzle used before saved the padding's
+//     12% of shared memory but recomputed 4-5 integer instructions per ldmatrix; padded, the sm_90 code has
+//     23% (dkdv) and 32% (dq) fewer instructions at D=64 (3152 and 2224 in all, from 4080 and 3256; static
+//     counts, no GPU run yet). cp.async fills the tiles without registers, the next tile's copy overlapping the
+//     current tile's math.
 // Dropout: a tile's keep bits are drawn once per block into shared memory (Philox gives 16 columns per call;
 //   each thread draws 32 consecutive columns of one row, one 32-bit word of bits), then read once per row and
 //   32 keys by the element-wise step.
@@ -80,8 +84,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // with kM = 2, as at D=128 with kM = 1, the most that fits). A block is still 64 keys (2 warps at kM = 2),
 // looping over tiles of kQ queries, processed kSlice queries at a time: S^T and dP^T of a slice take
 // 2 x kM x kSlice / 2 fp32 per thread next to the accumulators. kUnrollK: k-slices of S^T, dP^T unrolled; fully
-// unrolled, ptxas loads later k-slices' fragments ahead and spills (sm_90: 36 to 60 bytes at D=64 fully
-// unrolled, 116 at D=32 unrolled by 2).
+// unrolled at D=64, ptxas loads later k-slices' fragments ahead and spills (sm_90: 16 bytes).
 template <int D>
 struct Dkdv {
   static constexpr int kM = D >= 128 ? 1 : 2;
@@ -89,7 +92,7 @@ struct Dkdv {
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kQ = D >= 64 ? 32 : 64;
   static constexpr int kSlice = kM == 1 ? kQ : kQ / 2;
-  static constexpr int kUnrollK = kM == 1 ? D / 16 : (D >= 64 ? 2 : 1);
+  static constexpr int kUnrollK = D == 64 ? 2 : D / 16;
 };
 
 // Rows of the key tiles dq_kernel loops over.
@@ -98,25 +101,16 @@ constexpr int dq_inner_rows() {
   return D >= 128 ? 32 : 64;
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_floats(float low, float high) {
-  return pack_pair<T>(from_float<T>(low), from_float<T>(high));
-}
-
-// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][D] shared tile, XOR-swizzled so that the
-// 8 rows one ldmatrix matrix reads (same chunk, consecutive rows) fall in 8 different 16-byte bank groups.
+// Shared tiles are tiles::PaddedTile rows of D elements (cuda/mma_tiles.cuh: rows padded by 16 bytes, so the
+// 8 rows one ldmatrix matrix reads fall in 8 different bank groups); only the row stride matters for addressing,
+// so one type addresses tiles of any row count.
 template <int D>
-__device__ __forceinline__ int tile_offset(int row, int chunk) {
-  constexpr int kChunks = D / 8;
-  const int swizzle = kChunks >= 8 ? (row & 7) : ((row >> 1) & (kChunks - 1));
-  return (row * kChunks + (chunk ^ swizzle)) * 8;
+using Rows = tiles::PaddedTile<kBlockRows, D>;
+
+// Element offset of tile row `row` (the first row of a slice, or of the next buffer of a double-buffered tile).
+template <int D>
+constexpr int row_offset(int row) {
+  return row * Rows<D>::kRowStride;
 }
 
 __device__ __forceinline__ tiles::SequenceExtent sequence_of(const AttentionShape& s, int b) {
@@ -129,43 +123,11 @@ __device__ __forceinline__ T* gradient_rows(void* gradient, const AttentionBackw
   return static_cast<T*>(gradient) + start * args.grad_token_stride + h * D;
 }
 
-// Rows row0 .. row0 + kRows - 1 of a [rows, D] matrix (row stride `stride` elements, row 0 at `base`) into a
-// swizzled shared tile; rows >= len are zero-filled and not read. One cp.async group's worth (not committed).
+// Rows row0 .. row0 + kRows - 1 of a [len, D] matrix (row stride `stride` elements, row 0 at `base`) into a
+// padded shared tile; rows >= len are zero-filled and not read. One cp.async group's worth (not committed).
 template <int D, int kRows, int kThreads, typename T>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, int row0, int len) {
-  constexpr int kChunks = D / 8;
-#pragma unroll
-  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool valid = row0 + r < len;
-    const T* source = valid ? base + int64_t(row0 + r) * stride + c * 8 : base;
-    cp_async_16_or_zero(tile + tile_offset<D>(r, c), source, valid);
-  }
-}
-
-// A fragment (16 x 16) of a row-major [rows][D] tile: rows row0.., columns k0.. (k0 a multiple of 16).
-template <int D, typename T>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int k0) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int row = row0 + (lane % 8) + 8 * ((lane / 8) % 2);
-  ldmatrix<4, false>(a, tile + tile_offset<D>(row, k0 / 8 + lane / 16));
-}
-
-// B fragments (k x n = 16 x 8) of two n-tiles n0.., n0 + 8.. from a tile stored [n][k] (row n holds B's column
-// n): b[0..1] for the first n-tile, b[2..3] for the second.
-template <int D, typename T>
-__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const T* tile, int n0, int k0) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int row = n0 + (lane % 8) + 8 * (lane / 16);
-  ldmatrix<4, false>(b, tile + tile_offset<D>(row, k0 / 8 + (lane / 8) % 2));
-}
-
-// The same from a tile stored [k][n] (row-major B), through ldmatrix.trans.
-template <int D, typename T>
-__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k0, int n0) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int row = k0 + (lane % 8) + 8 * ((lane / 8) % 2);
-  ldmatrix<4, true>(b, tile + tile_offset<D>(row, n0 / 8 + lane / 16));
+  tiles::load_tile_async<kRows, D, kThreads>(tile, base + row0 * stride, stride, len - row0, threadIdx.x);
 }
 
 template <typename T>
@@ -181,15 +143,18 @@ __device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const u
 template <typename T, int D, int kM, int kN, int kUnroll = D / 16>
 __device__ __forceinline__ void product_abt(float (&acc)[kM][kN / 8][4], const T* tile_a, int row0,
                                             const T* tile_b) {
+  const int lane = threadIdx.x % kWarpSize;
 #pragma unroll(kUnroll)
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[kM][4];
 #pragma unroll
-    for (int m = 0; m < kM; ++m) load_a<D>(a[m], tile_a, row0 + 16 * m, 16 * kk);
+    for (int m = 0; m < kM; ++m) {
+      ldmatrix<4, false>(a[m], tiles::a_fragment_row<Rows<D>>(tile_a, row0 + 16 * m, 16 * kk, lane));
+    }
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       uint32_t b[4];
-      load_b_nk<D>(b, tile_b, 16 * nn, 16 * kk);
+      ldmatrix<4, false>(b, tiles::b_fragment_row_nk<Rows<D>>(tile_b, 16 * nn, 16 * kk, lane));
 #pragma unroll
       for (int m = 0; m < kM; ++m) mma_pair<T>(acc[m][2 * nn], acc[m][2 * nn + 1], a[m], b);
     }
@@ -202,20 +167,16 @@ __device__ __forceinline__ void product_abt(float (&acc)[kM][kN / 8][4], const T
 template <typename T, int D, int kM, int kK>
 __device__ __forceinline__ void product_xb(float (&acc)[kM][D / 8][4], const float (&x)[kM][kK / 8][4],
                                            const T* tile_b) {
+  const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
   for (int j = 0; j < kK / 16; ++j) {
     uint32_t a[kM][4];
 #pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      a[m][0] = pack_floats<T>(x[m][2 * j][0], x[m][2 * j][1]);
-      a[m][1] = pack_floats<T>(x[m][2 * j][2], x[m][2 * j][3]);
-      a[m][2] = pack_floats<T>(x[m][2 * j + 1][0], x[m][2 * j + 1][1]);
-      a[m][3] = pack_floats<T>(x[m][2 * j + 1][2], x[m][2 * j + 1][3]);
-    }
+    for (int m = 0; m < kM; ++m) tiles::c_fragments_to_a<T>(a[m], x[m][2 * j], x[m][2 * j + 1]);
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t b[4];
-      load_b_kn<D>(b, tile_b, 16 * j, 16 * dn);
+      ldmatrix<4, true>(b, tiles::b_fragment_row_kn<Rows<D>>(tile_b, 16 * j, 16 * dn, lane));
 #pragma unroll
       for (int m = 0; m < kM; ++m) mma_pair<T>(acc[m][2 * dn], acc[m][2 * dn + 1], a[m], b);
     }
@@ -339,8 +300,9 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = 16 * (kM * warp + m) + group + 8 * half;
-        const uint32_t value = pack_floats<T>(acc[m][n][2 * half] * scale, acc[m][n][2 * half + 1] * scale);
-        *reinterpret_cast<uint32_t*>(stage + tile_offset<D>(row, n) + 2 * pair) = value;
+        const uint32_t value =
+            tiles::float2_to_pair<T>(acc[m][n][2 * half] * scale, acc[m][n][2 * half + 1] * scale);
+        *reinterpret_cast<uint32_t*>(Rows<D>::at(stage, row, 8 * n + 2 * pair)) = value;
       }
     }
   }
@@ -351,7 +313,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
     const int r = i / kChunks, c = i % kChunks;
     if (row0 + r < rows) {
       *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * stride + c * 8) =
-          row0 + r < len ? *reinterpret_cast<const uint4*>(stage + tile_offset<D>(r, c)) : zero;
+          row0 + r < len ? *reinterpret_cast<const uint4*>(Rows<D>::at(stage, r, 8 * c)) : zero;
     }
   }
 }
@@ -359,8 +321,8 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
 // Dynamic shared memory of either kernel with inner tiles of kInner rows.
 template <int D, int kInner>
 constexpr size_t shared_bytes() {
-  return size_t(2) * kBlockRows * D * 2          // the block's own two tiles (K, V or Q, dO)
-         + size_t(4) * kInner * D * 2            // two double-buffered inner tiles
+  return size_t(2) * row_offset<D>(kBlockRows) * 2  // the block's own two tiles (K, V or Q, dO)
+         + size_t(4) * row_offset<D>(kInner) * 2    // two double-buffered inner tiles
          + size_t(2) * kInner * sizeof(float)    // lse, delta of the inner tile (kernel 1)
          + size_t(kBlockRows) * kInner / 8;      // dropout bits
 }
@@ -417,10 +379,10 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
 
   ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
   T* sK = reinterpret_cast<T*>(attention_shared);
-  T* sV = sK + kBlockRows * D;
-  T* sQ = sV + kBlockRows * D;  // [2][kQ][D]
-  T* sdO = sQ + 2 * kQ * D;     // [2][kQ][D]
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * kQ * D);
+  T* sV = sK + row_offset<D>(kBlockRows);
+  T* sQ = sV + row_offset<D>(kBlockRows);  // [2][kQ] rows
+  T* sdO = sQ + row_offset<D>(2 * kQ);     // [2][kQ] rows
+  float* sLse = reinterpret_cast<float*>(sdO + row_offset<D>(2 * kQ));
   float* sDelta = sLse + kQ;
   uint32_t* sBits = reinterpret_cast<uint32_t*>(sDelta + kQ);  // [kQ][64 / 32]
 
@@ -454,8 +416,8 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   for (int t = 0; t < tiles; ++t) {
     const int q0 = t * kQ;
     if (t + 1 < tiles) {
-      load_tile<D, kQ, kThreads>(sQ + ((t + 1) & 1) * kQ * D, q, args.q.token_stride, q0 + kQ, len);
-      load_tile<D, kQ, kThreads>(sdO + ((t + 1) & 1) * kQ * D, dout, row_stride, q0 + kQ, len);
+      load_tile<D, kQ, kThreads>(sQ + row_offset<D>(((t + 1) & 1) * kQ), q, args.q.token_stride, q0 + kQ, len);
+      load_tile<D, kQ, kThreads>(sdO + row_offset<D>(((t + 1) & 1) * kQ), dout, row_stride, q0 + kQ, len);
     }
     cp_async_commit();
     for (int i = threadIdx.x; i < kQ; i += kThreads) {
@@ -467,22 +429,22 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
     cp_async_wait<1>();
     __syncthreads();
 
-    const T* cQ = sQ + (t & 1) * kQ * D;
-    const T* cdO = sdO + (t & 1) * kQ * D;
+    const T* cQ = sQ + row_offset<D>((t & 1) * kQ);
+    const T* cdO = sdO + row_offset<D>((t & 1) * kQ);
     // kSlice queries at a time (see Dkdv): S^T and dP^T (rows = the warp's keys, columns = queries), then
     // dS^T = P^T o (dP^T o Z~ - delta), dV += (P^T o Z~) dO and dK += dS^T Q. Rows q1 + r of a tile keep their
     // swizzle (q1 is a multiple of 16): a slice is a tile of its own.
 #pragma unroll
     for (int q1 = 0; q1 < kQ; q1 += kSlice) {
       float st[kM][kSlice / 8][4] = {}, dpt[kM][kSlice / 8][4] = {};
-      product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(st, sK, warp_key0, cQ + q1 * D);
-      product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(dpt, sV, warp_key0, cdO + q1 * D);
+      product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(st, sK, warp_key0, cQ + row_offset<D>(q1));
+      product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(dpt, sV, warp_key0, cdO + row_offset<D>(q1));
       with_tile_switches(dropout, valid_keys < kBlockRows, [&](auto with_dropout, auto mask_keys) {
         dkdv_elementwise<decltype(with_dropout)::value, decltype(mask_keys)::value, kM, kSlice>(
             st, dpt, scale_log2, dropout_scale, sLse, sDelta, sBits, q1, warp_key0, valid_keys);
       });
-      product_xb<T, D, kM, kSlice>(dv, st, cdO + q1 * D);
-      product_xb<T, D, kM, kSlice>(dk, dpt, cQ + q1 * D);
+      product_xb<T, D, kM, kSlice>(dv, st, cdO + row_offset<D>(q1));
+      product_xb<T, D, kM, kSlice>(dk, dpt, cQ + row_offset<D>(q1));
     }
     __syncthreads();
   }
@@ -512,10 +474,10 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
 
   ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
   T* sQ = reinterpret_cast<T*>(attention_shared);
-  T* sdO = sQ + kBlockRows * D;
-  T* sK = sdO + kBlockRows * D;  // [2][kK][D]
-  T* sV = sK + 2 * kK * D;       // [2][kK][D]
-  uint32_t* sBits = reinterpret_cast<uint32_t*>(sV + 2 * kK * D);  // [64][kK / 32]
+  T* sdO = sQ + row_offset<D>(kBlockRows);
+  T* sK = sdO + row_offset<D>(kBlockRows);  // [2][kK] rows
+  T* sV = sK + row_offset<D>(2 * kK);       // [2][kK] rows
+  uint32_t* sBits = reinterpret_cast<uint32_t*>(sV + row_offset<D>(2 * kK));  // [64][kK / 32]
 
   const int64_t row_stride = int64_t(s.heads) * D;
   const T* q = static_cast<const T*>(args.q.data) + seq.start * args.q.token_stride + h * args.q.head_stride;
@@ -550,16 +512,16 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
   for (int t = 0; t < tiles; ++t) {
     const int k0 = t * kK;
     if (t + 1 < tiles) {
-      load_tile<D, kK, kThreads>(sK + ((t + 1) & 1) * kK * D, k, args.k.token_stride, k0 + kK, len);
-      load_tile<D, kK, kThreads>(sV + ((t + 1) & 1) * kK * D, v, args.v.token_stride, k0 + kK, len);
+      load_tile<D, kK, kThreads>(sK + row_offset<D>(((t + 1) & 1) * kK), k, args.k.token_stride, k0 + kK, len);
+      load_tile<D, kK, kThreads>(sV + row_offset<D>(((t + 1) & 1) * kK), v, args.v.token_stride, k0 + kK, len);
     }
     cp_async_commit();
     if (dropout) dropout_bits<kBlockRows, kK, kThreads>(sBits, seed, b, h, query0, k0, s.dropout_threshold);
     cp_async_wait<1>();
     __syncthreads();
 
-    const T* cK = sK + (t & 1) * kK * D;
-    const T* cV = sV + (t & 1) * kK * D;
+    const T* cK = sK + row_offset<D>((t & 1) * kK);
+    const T* cV = sV + row_offset<D>((t & 1) * kK);
     float st[1][kK / 8][4] = {}, dp[1][kK / 8][4] = {};  // S and dP: rows = the warp's 16 queries, columns = keys
     product_abt<T, D, 1, kK>(st, sQ, 16 * warp, cK);
     product_abt<T, D, 1, kK>(dp, sdO, 16 * warp, cV);
