@@ -103,3 +103,16 @@ def test_eager_path_is_taken_with_gradients_only(op):
         out = public(leaves(inputs))
         assert out.grad_fn is None and not out.requires_grad
         assert torch.equal(out, registered(inputs))
+
+
+@pytest.mark.parametrize("path", ["public", "registered"])
+@pytest.mark.parametrize("op", CASES)
+def test_second_derivative_raises(op, path):
+    """The backward kernels have no derivative: a second backward through them must raise, not return a wrong
+    (gradient-free) result."""
+    inputs, public, registered = CASES[op](None)
+    inputs = leaves(inputs)
+    out = (public if path == "public" else registered)(inputs)
+    grads = torch.autograd.grad(out.float().square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.float().sum() for g in grads).backward()

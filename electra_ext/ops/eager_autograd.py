@@ -19,12 +19,15 @@ transforms need the setup_context form, and torch.library's generated Function l
 supports them.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def register_autograd(op, backward, setup_context):
     """torch.library.register_autograd(op, backward, setup_context=setup_context) for the OpOverloadPacket `op`
     (its default overload); returns a callable with op's signature, every positional argument passed (keyword-only
-    ones may be left to their defaults)."""
+    ones may be left to their defaults). The backward kernels have no derivative of their own, so `backward` is
+    once_differentiable on both paths: a second derivative raises instead of coming back silently wrong."""
+    backward = once_differentiable(backward)
     torch.library.register_autograd(op.default, backward, setup_context=setup_context)
     schema = op.default._schema
     positional = sum(not argument.kwarg_only for argument in schema.arguments)
