@@ -16,7 +16,8 @@ struct AttentionInputs {
   at::Tensor q, k, v;         // [tokens, heads, head_dim], unit stride along head_dim
   // [batch] int32, contiguous. starts undefined (until the CPU path makes it): the padded layout, sequence b at
   // tokens b * max_seqlen .., tokens = batch * max_seqlen, where every backend writes every row of its outputs
-  // (padding as zeros), so they are allocated uninitialised.
+  // (padding as zeros), so they are allocated uninitialised. seqlens undefined (padded layout only, until the CPU
+  // path makes it): every sequence is max_seqlen tokens long.
   at::Tensor starts, seqlens;
   int64_t batch;
   bool padded_layout;
@@ -58,8 +59,9 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                                                 const c10::optional<at::Tensor>& k_in,
                                                 const c10::optional<at::Tensor>& v_in,
                                                 const c10::optional<at::Tensor>& starts,
-                                                const at::Tensor& seqlens, int64_t max_seqlen, double dropout_p,
-                                                double softmax_scale, const c10::optional<at::Tensor>& seed) {
+                                                const c10::optional<at::Tensor>& seqlens, int64_t max_seqlen,
+                                                double dropout_p, double softmax_scale,
+                                                const c10::optional<at::Tensor>& seed) {
   const auto [q, k, v] = qkv_views(op, q_in, k_in, v_in);
   TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be 3-D [tokens, heads, head_dim], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ",
@@ -71,18 +73,29 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                    v.scalar_type());
   TORCH_CHECK_VALUE(q.size(2) > 0 && q.size(1) > 0, op, ": q must have heads > 0 and head_dim > 0, got shape ",
                     q.sizes());
-  check_attention_sequences(op, q, seqlens, "seqlens");
   TORCH_CHECK_VALUE(max_seqlen >= 0 && max_seqlen <= INT32_MAX, op, ": max_seqlen must be in [0, 2^31), got ",
                     max_seqlen);
+  int64_t batch = 0;
+  if (seqlens.has_value()) {
+    check_attention_sequences(op, q, *seqlens, "seqlens");
+    batch = seqlens->size(0);
+  } else {
+    TORCH_CHECK_VALUE(!starts.has_value(), op,
+                      ": seqlens None (no padding) needs starts None (the padded layout, sequence b at token b * "
+                      "max_seqlen)");
+    TORCH_CHECK_VALUE(max_seqlen > 0 ? q.size(0) % max_seqlen == 0 : q.size(0) == 0, op,
+                      ": with starts and seqlens None, q must hold whole sequences of max_seqlen = ", max_seqlen,
+                      " tokens, got ", q.size(0));
+    batch = max_seqlen > 0 ? q.size(0) / max_seqlen : 0;
+  }
   if (starts.has_value()) {
     check_attention_sequences(op, q, *starts, "starts");
-    TORCH_CHECK_VALUE(starts->size(0) == seqlens.size(0), op,
-                      ": starts and seqlens must have one entry per sequence, got ", starts->size(0), " and ",
-                      seqlens.size(0));
+    TORCH_CHECK_VALUE(starts->size(0) == batch, op, ": starts and seqlens must have one entry per sequence, got ",
+                      starts->size(0), " and ", batch);
   } else {
-    TORCH_CHECK_VALUE(q.size(0) == seqlens.size(0) * max_seqlen, op,
-                      ": with starts None (the padded layout), q must hold batch * max_seqlen = ", seqlens.size(0),
-                      " * ", max_seqlen, " tokens, got ", q.size(0));
+    TORCH_CHECK_VALUE(q.size(0) == batch * max_seqlen, op,
+                      ": with starts None (the padded layout), q must hold batch * max_seqlen = ", batch, " * ",
+                      max_seqlen, " tokens, got ", q.size(0));
   }
   TORCH_CHECK_VALUE(q.size(0) < INT32_MAX, op, ": at most 2^31 - 1 tokens, got ", q.size(0));
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
@@ -97,8 +110,8 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                      unit_last_stride(k),
                      unit_last_stride(v),
                      starts.has_value() ? starts->contiguous() : at::Tensor(),
-                     seqlens.contiguous(),
-                     seqlens.size(0),
+                     seqlens.has_value() ? seqlens->contiguous() : at::Tensor(),
+                     batch,
                      !starts.has_value(),
                      max_seqlen,
                      softmax_scale,
@@ -109,7 +122,7 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
   // Each sequence inside [0, max_seqlen] and inside the tokens: read where that costs no device synchronisation
   // (CPU tensors: the CPU kernel and the emulated CUDA kernels reject the same inputs); the CUDA kernels clamp
   // instead (tiles::sequence_extent), so a bad entry there can never reach memory outside q, k, v.
-  if (q.device().is_cpu()) {
+  if (q.device().is_cpu() && in.seqlens.defined()) {  // without seqlens: whole sequences, checked above
     const int32_t* start = in.starts.defined() ? in.starts.data_ptr<int32_t>() : nullptr;
     const int32_t* length = in.seqlens.data_ptr<int32_t>();
     for (int64_t b = 0; b < in.batch; ++b) {
@@ -163,11 +176,14 @@ inline at::Tensor attention_grad_qkv(const AttentionInputs& in) {
   return attention_output(in, {in.q.size(0), 3, in.q.size(1), in.q.size(2)}, in.q.options());
 }
 
-// The CPU kernels read starts[b] in either layout: the padded layout's b * max_seqlen, made here (a CPU tensor).
-inline void make_padded_starts(AttentionInputs& in) {
+// The CPU kernels read starts[b] and seqlens[b] in either layout: the padded layout's b * max_seqlen, and
+// max_seqlen for every sequence without seqlens, made here (CPU tensors).
+inline void make_layout_explicit(AttentionInputs& in) {
+  const at::TensorOptions options = in.q.options().dtype(at::kInt);
   if (!in.starts.defined()) {
-    in.starts = at::arange(in.batch, in.seqlens.options()).mul_(static_cast<int32_t>(in.max_seqlen));
+    in.starts = at::arange(in.batch, options).mul_(static_cast<int32_t>(in.max_seqlen));
   }
+  if (!in.seqlens.defined()) in.seqlens = at::full({in.batch}, in.max_seqlen, options);
 }
 
 }  // namespace electra_ext

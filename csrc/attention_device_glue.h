@@ -27,7 +27,7 @@ inline FloatType attention_float_type(const char* op, const at::Tensor& q) {
 
 inline AttentionShape attention_shape(const AttentionInputs& in) {
   return AttentionShape{in.padded_layout ? nullptr : in.starts.data_ptr<int32_t>(),
-                        in.seqlens.data_ptr<int32_t>(),
+                        in.seqlens.defined() ? in.seqlens.data_ptr<int32_t>() : nullptr,
                         static_cast<int>(in.batch),
                         static_cast<int>(in.q.size(1)),
                         static_cast<int>(in.q.size(2)),
@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
                                                                const c10::optional<at::Tensor>& k_in,
                                                                const c10::optional<at::Tensor>& v_in,
                                                                const c10::optional<at::Tensor>& starts,
-                                                               const at::Tensor& seqlens, int64_t max_seqlen,
+                                                               const c10::optional<at::Tensor>& seqlens,
+                                                               int64_t max_seqlen,
                                                                double dropout_p, double softmax_scale,
                                                                const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention";
@@ -89,8 +90,8 @@ template <typename Launchers>
 at::Tensor attention_backward_on_device(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const c10::optional<at::Tensor>& k_in,
     const c10::optional<at::Tensor>& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens, int64_t max_seqlen, double dropout_p,
-    double softmax_scale, const c10::optional<at::Tensor>& seed) {
+    const c10::optional<at::Tensor>& starts, const c10::optional<at::Tensor>& seqlens, int64_t max_seqlen,
+    double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
   const AttentionInputs in =
       prepare_attention_inputs(op, q_in, k_in, v_in, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);

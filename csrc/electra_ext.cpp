@@ -23,15 +23,16 @@ TORCH_LIBRARY(electra_ext, m) {
   // Non-causal multi-head attention over sequences packed in [tokens, heads, head_dim] (layout and dropout:
   // csrc/cuda/attention_launch.h): out (zero outside the sequences) and the float32 row log-sum-exp
   // [heads, tokens] the backward recomputes the probabilities from. seed: int64 [1], used when dropout_p > 0.
-  // starts None: the padded layout, sequence b at tokens b * max_seqlen .., tokens = batch * max_seqlen.
+  // starts None: the padded layout, sequence b at tokens b * max_seqlen .., tokens = batch * max_seqlen; there,
+  // seqlens None means no padding (every sequence max_seqlen tokens long), with no lengths tensor to make per call.
   // k and v None: q is [tokens, 3, heads, head_dim], a fused QKV projection's output. The backward returns the
   // gradients of q, k, v as one [tokens, 3, heads, head_dim] tensor, which such a projection takes as is.
   m.def(
-      "attention(Tensor q, Tensor? k, Tensor? v, Tensor? starts, Tensor seqlens, int max_seqlen, float dropout_p, "
+      "attention(Tensor q, Tensor? k, Tensor? v, Tensor? starts, Tensor? seqlens, int max_seqlen, float dropout_p, "
       "float softmax_scale, Tensor? seed, *, bool emulated=False) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor? k, Tensor? v, Tensor out, Tensor lse, "
-      "Tensor? starts, Tensor seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? seed, *, "
+      "Tensor? starts, Tensor? seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? seed, *, "
       "bool emulated=False) -> Tensor grad_qkv");
   // ELECTRA's generator head on the masked rows (csrc/cpu/gen_head_cpu.cpp, csrc/cuda/gen_head_launch.h):
   // logits = h weightᵀ + bias [M, V],

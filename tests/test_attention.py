@@ -333,13 +333,15 @@ def packed_op_inputs(device, dtype, dropout_p):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("layout", ["q, k, v", "qkv packed", "padded (starts None)"])
+@pytest.mark.parametrize("layout", ["q, k, v", "qkv packed", "padded (starts None)", "no padding (seqlens None)"])
 def test_opcheck(target, device, backend, dropout_p, layout):
     inputs = packed_op_inputs(device, DTYPES[target][0], dropout_p)
     if layout == "qkv packed":  # q = [tokens, 3, H, D], k = v = None
         inputs = (torch.stack(inputs[:3], dim=1).detach().requires_grad_(), None, None) + inputs[3:]
     if layout == "padded (starts None)":  # the inputs' starts are b * max_seqlen already
         inputs = inputs[:3] + (None,) + inputs[4:]
+    if layout == "no padding (seqlens None)":  # every sequence max_seqlen tokens long
+        inputs = inputs[:3] + (None, None) + inputs[5:]
     torch.library.opcheck(OP, inputs, {"emulated": backend == "emulated"})
 
 
@@ -377,6 +379,23 @@ def test_padded_layout_equals_explicit_starts_and_writes_every_row(target, devic
         padding = slice(b * seq_len + length, (b + 1) * seq_len)
         assert torch.count_nonzero(out[padding]) == 0 and torch.count_nonzero(lse[:, padding]) == 0
         assert torch.count_nonzero(grad_qkv[padding]) == 0
+
+
+def test_no_padding_without_seqlens_equals_full_lengths(target, device, backend, uninitialised_memory_is_nan):
+    # seqlens None (padded layout only): every sequence max_seqlen long, with no lengths tensor; T = 130 leaves a
+    # partial last block in every kernel.
+    dtype, seq_len = DTYPES[target][0], 130
+    q, k, v = (t.reshape(-1, 2, 64) for t in make_qkv(3, seq_len, 2, 64, device, dtype, seed=13, fused=False))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
+    seed = torch.tensor([11], dtype=torch.int64, device=device)
+    results = []
+    for seqlens in (torch.full((3,), seq_len, dtype=torch.int32, device=device), None):
+        options = (None, seqlens, seq_len, 0.2, 0.125, seed)
+        out, lse = OP(q, k, v, *options, emulated=backend == "emulated")
+        grad_qkv = BACKWARD_OP(grad_out, q, k, v, out, lse, *options, emulated=backend == "emulated")
+        results.append((out, lse, grad_qkv))
+    for full_lengths, without in zip(*results):
+        assert torch.equal(full_lengths, without)
 
 
 def test_torch_compile_fullgraph_no_graph_breaks(target, device, op):
@@ -481,6 +500,10 @@ def test_op_checks_name_the_argument(target, device, backend):
            **emulated)
     with pytest.raises(ValueError, match=r"with starts None \(the padded layout\), q must hold batch \* max_seqlen"):
         OP(q, k, v, None, seqlens, max_seqlen - 1, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match=r"seqlens None \(no padding\) needs starts None"):
+        OP(q, k, v, starts, None, max_seqlen, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match="with starts and seqlens None, q must hold whole sequences of max_seqlen"):
+        OP(q, k, v, None, None, max_seqlen - 1, 0.0, scale, None, **emulated)
     with pytest.raises(ValueError, match="k and v must both be tensors, or both None"):
         OP(q, k, None, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
     with pytest.raises(ValueError, match="with k and v None, q must be \\[tokens, 3, heads, head_dim\\]"):

@@ -265,14 +265,15 @@ void attention_backward(const AttentionInputs& in, const at::Tensor& grad_out, c
 
 std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10::optional<at::Tensor>& k,
                                                   const c10::optional<at::Tensor>& v,
-                                                  const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
-                                                  int64_t max_seqlen, double dropout_p, double softmax_scale,
+                                                  const c10::optional<at::Tensor>& starts,
+                                                  const c10::optional<at::Tensor>& seqlens, int64_t max_seqlen,
+                                                  double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention";
   AttentionInputs in =
       prepare_attention_inputs(op, q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
   check_cpu_dtype(op, in.q);
-  make_padded_starts(in);
+  make_layout_explicit(in);
   at::Tensor out = attention_output(in, in.q.sizes(), in.q.options());
   at::Tensor lse = attention_output(in, {in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {out, lse};
@@ -288,14 +289,15 @@ std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10
 at::Tensor attention_backward_aten(
     const at::Tensor& grad_out_in, const at::Tensor& q, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v,
-    const at::Tensor& out, const at::Tensor& lse_in, const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
-    int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& out, const at::Tensor& lse_in, const c10::optional<at::Tensor>& starts,
+    const c10::optional<at::Tensor>& seqlens, int64_t max_seqlen, double dropout_p, double softmax_scale,
+    const c10::optional<at::Tensor>& seed) {
   constexpr const char* op = "attention_backward";
   AttentionInputs in =
       prepare_attention_inputs(op, q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
   check_attention_backward_inputs(op, in, grad_out_in, out, lse_in);
   check_cpu_dtype(op, in.q);
-  make_padded_starts(in);
+  make_layout_explicit(in);
   const at::Tensor grad_out = unit_last_stride(grad_out_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor out_contiguous = unit_last_stride(out);
@@ -314,7 +316,8 @@ at::Tensor attention_backward_aten(
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& k,
                                                  const c10::optional<at::Tensor>& v,
-                                                 const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
+                                                 const c10::optional<at::Tensor>& starts,
+                                                 const c10::optional<at::Tensor>& seqlens,
                                                  int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                  const c10::optional<at::Tensor>& seed, bool emulated) {
   if (!emulated) return attention_aten(q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
@@ -325,8 +328,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10:
 at::Tensor attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens, int64_t max_seqlen,
-    double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
+    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const c10::optional<at::Tensor>& seqlens,
+    int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
   if (!emulated) {
     return attention_backward_aten(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p,
                                    softmax_scale, seed);

@@ -25,7 +25,7 @@ struct EmulatedLaunchers {
 std::tuple<at::Tensor, at::Tensor> attention_emulated(const at::Tensor& q, const c10::optional<at::Tensor>& k,
                                                       const c10::optional<at::Tensor>& v,
                                                       const c10::optional<at::Tensor>& starts,
-                                                      const at::Tensor& seqlens, int64_t max_seqlen,
+                                                      const c10::optional<at::Tensor>& seqlens, int64_t max_seqlen,
                                                       double dropout_p, double softmax_scale,
                                                       const c10::optional<at::Tensor>& seed) {
   return attention_forward_on_device<EmulatedLaunchers>(q, k, v, starts, seqlens, max_seqlen, dropout_p,
@@ -35,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor> attention_emulated(const at::Tensor& q, const
 at::Tensor attention_backward_emulated(
     const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens, int64_t max_seqlen,
-    double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const c10::optional<at::Tensor>& seqlens,
+    int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed) {
   return attention_backward_on_device<EmulatedLaunchers>(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen,
                                                          dropout_p, softmax_scale, seed);
 }

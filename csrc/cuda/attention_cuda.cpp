@@ -23,7 +23,8 @@ struct CudaLaunchers {
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10::optional<at::Tensor>& k,
                                                   const c10::optional<at::Tensor>& v,
-                                                  const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens,
+                                                  const c10::optional<at::Tensor>& starts,
+                                                  const c10::optional<at::Tensor>& seqlens,
                                                   int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed, bool emulated) {
   check_not_emulated("attention", emulated);
@@ -35,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10
 at::Tensor attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const at::Tensor& seqlens, int64_t max_seqlen,
-    double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
+    const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const c10::optional<at::Tensor>& seqlens,
+    int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
   check_not_emulated("attention_backward", emulated);
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_backward_on_device<CudaLaunchers>(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen,

@@ -31,7 +31,7 @@ namespace electra_ext {
 
 struct AttentionShape {
   const int32_t* starts;   // [batch] first token of each sequence; null: the padded layout
-  const int32_t* seqlens;  // [batch] tokens of each sequence (0 allowed)
+  const int32_t* seqlens;  // [batch] tokens of each sequence (0 allowed); null (padded layout): max_seqlen each
   int batch, heads, head_dim;
   int max_seqlen;          // >= every seqlens[b] (sizes the grid)
   int64_t tokens;          // rows of out, lse's row stride

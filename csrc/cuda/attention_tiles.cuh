@@ -59,11 +59,11 @@ __device__ __forceinline__ void dropout_c_fragments(float (&c)[8][4], uint64_t s
   }
 }
 
-// Sequence b's tokens, clamped for memory safety: a start outside [0, tokens] makes it empty, and its length is
-// clamped to [0, min(max_seqlen, tokens - start)] (grids are sized by max_seqlen). `rows`: the output rows its
-// blocks write from its start. That is its length, or, in the padded layout (starts null: sequence b at token
-// b * max_seqlen), its whole slot of max_seqlen rows (clamped likewise), the padding ones as zeros, so that
-// those outputs need no zero fill beforehand.
+// Sequence b's tokens, clamped for memory safety: a start outside [0, tokens] makes it empty, and its length
+// (max_seqlen when seqlens is null) is clamped to [0, min(max_seqlen, tokens - start)] (grids are sized by
+// max_seqlen). `rows`: the output rows its blocks write from its start. That is its length, or, in the padded
+// layout (starts null: sequence b at token b * max_seqlen), its whole slot of max_seqlen rows (clamped likewise),
+// the padding ones as zeros, so that those outputs need no zero fill beforehand.
 struct SequenceExtent {
   int64_t start;
   int length, rows;
@@ -73,7 +73,7 @@ __device__ __forceinline__ SequenceExtent sequence_extent(const int32_t* starts,
   const int64_t start = starts != nullptr ? starts[b] : int64_t(b) * max_seqlen;
   if (start < 0 || start > tokens) return {0, 0, 0};
   const int64_t room = tokens - start < max_seqlen ? tokens - start : max_seqlen;
-  int64_t length = seqlens[b];
+  int64_t length = seqlens != nullptr ? seqlens[b] : max_seqlen;
   length = length < 0 ? 0 : length;
   length = length < room ? length : room;
   return {start, static_cast<int>(length), static_cast<int>(starts != nullptr ? length : room)};

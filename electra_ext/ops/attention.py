@@ -145,8 +145,8 @@ def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, bac
         return attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed)
     batch, seq_len, heads, head_dim = q.shape
     tokens = batch * seq_len
-    lengths = (torch.full((batch,), seq_len, dtype=torch.int32, device=q.device) if seqlens is None
-               else seqlens.to(torch.int32))
+    # seqlens None stays None: the op's padded layout then takes every sequence as whole, no lengths tensor made.
+    lengths = None if seqlens is None else seqlens.to(torch.int32)
     # A fused QKV projection's output (or views of it) keeps its token stride 3HD after flattening (B, T): no copy.
     tensors = ((qkv.reshape(tokens, 3, heads, head_dim), None, None) if qkv is not None
                else tuple(t.reshape(tokens, heads, head_dim) for t in (q, k, v)))
