@@ -356,25 +356,40 @@ def uninitialised_memory_is_nan():
     torch.use_deterministic_algorithms(was_on)
 
 
+LAYOUT_SEQ_LEN = 130  # a partial last block in every kernel; a forward block of padding rows from position 128
+
+
+def layout_test_inputs(target, device):
+    """q, k, v [3 x 130 tokens, 2, 64] and grad_out in the target's first dtype, for the layout tests."""
+    dtype = DTYPES[target][0]
+    q, k, v = (t.reshape(-1, 2, 64) for t in make_qkv(3, LAYOUT_SEQ_LEN, 2, 64, device, dtype, seed=12,
+                                                      fused=False))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    return q, k, v, grad_out
+
+
+def op_forward_backward(q, k, v, grad_out, options, backend):
+    """The op's out and lse and its backward's packed gradient, for options = (starts, seqlens, max_seqlen,
+    dropout_p, softmax_scale, seed)."""
+    emulated = backend == "emulated"
+    out, lse = OP(q, k, v, *options, emulated=emulated)
+    return out, lse, BACKWARD_OP(grad_out, q, k, v, out, lse, *options, emulated=emulated)
+
+
 def test_padded_layout_equals_explicit_starts_and_writes_every_row(target, device, backend,
                                                                    uninitialised_memory_is_nan):
     # starts None: outputs start uninitialised and every backend writes the padding rows as zeros. Lengths:
     # full, short (a forward block of padding rows only from position 128 on) and all padding.
-    dtype, seq_len, dropout_p = DTYPES[target][0], 130, 0.2
-    q, k, v = (t.reshape(-1, 2, 64) for t in make_qkv(3, seq_len, 2, 64, device, dtype, seed=12, fused=False))
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    q, k, v, grad_out = layout_test_inputs(target, device)
+    seq_len = LAYOUT_SEQ_LEN
     seqlens = torch.tensor([seq_len, 5, 0], dtype=torch.int32, device=device)
     starts = torch.arange(3, dtype=torch.int32, device=device) * seq_len
     seed = torch.tensor([7], dtype=torch.int64, device=device)
-    results = []
-    for sequence_starts in (starts, None):
-        options = (sequence_starts, seqlens, seq_len, dropout_p, 0.125, seed)
-        out, lse = OP(q, k, v, *options, emulated=backend == "emulated")
-        grad_qkv = BACKWARD_OP(grad_out, q, k, v, out, lse, *options, emulated=backend == "emulated")
-        results.append((out, lse, grad_qkv))
-    for explicit, padded in zip(*results):
-        assert torch.equal(explicit, padded)
-    out, lse, grad_qkv = results[1]
+    explicit, padded = (op_forward_backward(q, k, v, grad_out, (sequence_starts, seqlens, seq_len, 0.2, 0.125, seed),
+                                            backend) for sequence_starts in (starts, None))
+    for a, b in zip(explicit, padded):
+        assert torch.equal(a, b)
+    out, lse, grad_qkv = padded
     for b, length in enumerate(seqlens.tolist()):
         padding = slice(b * seq_len + length, (b + 1) * seq_len)
         assert torch.count_nonzero(out[padding]) == 0 and torch.count_nonzero(lse[:, padding]) == 0
@@ -382,20 +397,14 @@ def test_padded_layout_equals_explicit_starts_and_writes_every_row(target, devic
 
 
 def test_no_padding_without_seqlens_equals_full_lengths(target, device, backend, uninitialised_memory_is_nan):
-    # seqlens None (padded layout only): every sequence max_seqlen long, with no lengths tensor; T = 130 leaves a
-    # partial last block in every kernel.
-    dtype, seq_len = DTYPES[target][0], 130
-    q, k, v = (t.reshape(-1, 2, 64) for t in make_qkv(3, seq_len, 2, 64, device, dtype, seed=13, fused=False))
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
+    # seqlens None (padded layout only): every sequence max_seqlen long, with no lengths tensor.
+    q, k, v, grad_out = layout_test_inputs(target, device)
+    full = torch.full((3,), LAYOUT_SEQ_LEN, dtype=torch.int32, device=device)
     seed = torch.tensor([11], dtype=torch.int64, device=device)
-    results = []
-    for seqlens in (torch.full((3,), seq_len, dtype=torch.int32, device=device), None):
-        options = (None, seqlens, seq_len, 0.2, 0.125, seed)
-        out, lse = OP(q, k, v, *options, emulated=backend == "emulated")
-        grad_qkv = BACKWARD_OP(grad_out, q, k, v, out, lse, *options, emulated=backend == "emulated")
-        results.append((out, lse, grad_qkv))
-    for full_lengths, without in zip(*results):
-        assert torch.equal(full_lengths, without)
+    full_lengths, without = (op_forward_backward(q, k, v, grad_out, (None, seqlens, LAYOUT_SEQ_LEN, 0.2, 0.125, seed),
+                                                 backend) for seqlens in (full, None))
+    for a, b in zip(full_lengths, without):
+        assert torch.equal(a, b)
 
 
 def test_torch_compile_fullgraph_no_graph_breaks(target, device, op):
