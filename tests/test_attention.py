@@ -277,6 +277,19 @@ def test_no_seqlens_means_no_padding(target, device, op):
     assert torch.equal(op(q, k, v, softmax_scale=0.5), op(q, k, v, seqlens=full, softmax_scale=0.5))
 
 
+def test_broadcast_keys_and_values(target, device, op):
+    """k and v expanded along the tokens (token stride 0; one sequence, so the op's [tokens, H, D] view keeps it):
+    every query attends to one repeated key and value. A token stride below head_dim is no BLAS leading dimension,
+    so the CPU kernel must copy such rows."""
+    dtype = DTYPES[target][0]
+    seq_len = 300 if target != "emulated" else 65
+    q, k, v = make_qkv(1, seq_len, 2, 64, device, dtype, seed=12)
+    k, v = (t[:, :1].expand_as(q) for t in (k, v))
+    seqlens = lengths_for(1, seq_len).to(device)
+    expected = attention(*(t.double() for t in (q, k, v)), seqlens=seqlens, backend="reference")
+    assert relative_error(op(q, k, v, seqlens=seqlens), expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_bitwise_deterministic(target, device, op):
     dtype = DTYPES[target][0]
     q, k, v = make_qkv(2, 130 if target != "emulated" else 65, 2, 64, device, dtype, seed=8)

@@ -12,13 +12,16 @@
 // padded keys (SDPA takes padding as a mask). A [T, T] score matrix per head (1 MB) is never stored.
 //
 // Forward tiling: a task is a run of 128-query blocks of one (sequence, head), the whole sequence when there are
-// at least 8 tasks per thread, so that K^T (one [D, 256] panel per key block; V too, as float32, for bfloat16 and
-// float16) is built once per (sequence, head): per 128-query block, that copy was 9 of 71 ms on one core. Per key
-// block of 256 it computes the 128 x 256 score tile (128 KB, L2-resident) with one product, exponentiates it
-// against the running row maximum, rescales the accumulator rows whose maximum moved and adds P V with a second
-// product (128 x 256 x 64 each: the BLAS's per-call overhead stays under 3%; 64 x 512, 128 x 512, 128 x 128
-// measured the same within noise). Tasks are handed out dynamically, longest first: at::parallel_for's static
-// split gave one thread 3.2x the other's work with lengths 512, 400, 300, 200.
+// at least 8 tasks per thread. Key blocks of 128 are its outer loop: each one's K^T panel [D, 128] (and float32 V
+// block, for bfloat16 and float16) is built once per task and used by all its query blocks, so no thread holds a
+// whole sequence's K^T (that was 128 KB per thread at T = 512, and made the forward's scratch 2.2x SDPA's); built
+// per query block instead, the K^T copies took 9 of 71 ms on one core. Per (key block, query
+// block) it computes the 128 x 128 score tile (64 KB, L2-resident) with one product, exponentiates it against the
+// running row maximum, rescales the accumulator rows whose maximum moved and adds P V with a second product
+// (128 x 128 x 64 each; 128 x 256, 64 x 256 and 64 x 512 measured the same within noise). The accumulator is
+// the float32 output itself (no [tokens, D] buffer), a float32 buffer of the task's rows for other dtypes. Tasks
+// are handed out dynamically, longest first: at::parallel_for's static split gave one thread 3.2x the other's
+// work with lengths 512, 400, 300, 200.
 //
 // Backward tiling: one task per (sequence, head). It works on transposed [64 keys, 128 queries] tiles:
 // S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every operand
@@ -29,8 +32,10 @@
 // task's buffer and dK, dV are owned by their key block: results are bitwise the same for any number of threads.
 // delta = rowsum(dO o O) is computed per task, not through a [tokens, H, D] float32 temporary.
 //
-// Memory: per thread, ~0.33 MB (forward) and ~1.2 MB (backward) of float32 scratch at T = 512, D = 64; measured
-// peak of a forward + backward call equal to SDPA's (benchmarks/cpu_attention_compare.py --memory).
+// Memory: per thread, float32 scratch of 100 KB (forward, float32 at T = 512, D = 64: K^T panel 32 KB, score tile
+// 64 KB, row maxima and sums 4 KB; SDPA's CPU flash kernel takes 148 KB: a 64 x 512 score tile and a 64 x 64
+// accumulator) and ~1.2 MB (backward, whose peak is the gradients': 26 MB against SDPA's 42 MB at this shape;
+// benchmarks/cpu_attention_compare.py --memory).
 //
 // Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
 // bodies (attention_cpu_kernels.h) are compiled twice, for baseline x86-64 and with AVX2 + FMA, and the build is
@@ -62,7 +67,7 @@ namespace electra_ext {
 namespace {
 
 constexpr int64_t kForwardQueryRows = 128;
-constexpr int64_t kForwardKeyColumns = 256;
+constexpr int64_t kForwardKeyColumns = 128;
 constexpr int64_t kBackwardQueryRows = 128;
 constexpr int64_t kBackwardKeyColumns = 64;
 // Independent partial maxima and sums: float addition is not associative, so the compiler vectorises a row
@@ -145,14 +150,20 @@ struct HeadRows {
   const scalar_t* row(int64_t token) const { return data + token * token_stride; }
 };
 
-// `count` rows from `token` on as a row-major float32 matrix with leading dimension *ld: float32 tensors are read
-// in place (BLAS takes their token stride as the leading dimension), others are converted into `buffer`.
+// Whether float_rows reads a [tokens, heads, head_dim] tensor in place: float32 whose token stride the BLAS takes
+// as a leading dimension (an expanded tensor's token stride of 0 is not one).
+template <typename scalar_t>
+bool reads_in_place(int64_t token_stride, int64_t head_dim) {
+  return std::is_same_v<scalar_t, float> && token_stride >= head_dim;
+}
+
+// `count` rows from `token` on as a row-major float32 matrix with leading dimension *ld: read in place where
+// reads_in_place says so (the token stride is the leading dimension), else converted into `buffer`.
 template <typename scalar_t>
 const float* float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
                         float* buffer, int64_t* ld) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // A token stride below head_dim (an expanded tensor) is not a valid BLAS leading dimension.
-    if (rows.token_stride >= head_dim) {
+    if (reads_in_place<scalar_t>(rows.token_stride, head_dim)) {
       *ld = rows.token_stride;
       return rows.row(token);
     }

@@ -326,26 +326,30 @@ void run_tasks(int64_t count, const MakeState& make_state, const Run& run) {
                    });
 }
 
+// Per task, the key blocks are the outer loop: each key block's K^T panel (and float32 V block, for bfloat16 and
+// float16) is built once and used by every query block of the task, so no thread holds K^T of a whole sequence.
+// The online softmax keeps each row's running maximum and sum across key blocks; its accumulator is the output
+// itself for float32 (rescaled in place, divided by the sum at the end), a float32 buffer of the task's rows else.
 template <typename scalar_t>
 void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
   const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
   const int64_t batches = in.batch;
   const int64_t query_blocks = blocks_of(in.max_seqlen, kForwardQueryRows);
-  const int64_t key_blocks = blocks_of(in.max_seqlen, kForwardKeyColumns);
   const int32_t* starts = in.starts.data_ptr<int32_t>();
   const int32_t* seqlens = in.seqlens.data_ptr<int32_t>();
   const float scale = static_cast<float>(in.softmax_scale);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   float* lse_data = lse.data_ptr<float>();
   const int64_t out_token_stride = heads * head_dim;
+  constexpr bool accumulate_in_output = std::is_same_v<scalar_t, float>;
 
   // A task is a run of query blocks of one (sequence, head): the whole sequence when there are enough (sequence,
-  // head) pairs to keep every thread busy, so that K^T (and float32 V for other dtypes) is built once per pair;
-  // fewer blocks otherwise.
+  // head) pairs to keep every thread busy, so that each K^T panel is built once per pair; fewer blocks otherwise.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks_per_head =
       std::min(query_blocks, blocks_of(8 * threads, std::max<int64_t>(1, batches * heads)));
   const int64_t blocks_per_chunk = blocks_of(query_blocks, chunks_per_head);
+  const int64_t task_rows = std::min(in.max_seqlen, blocks_per_chunk * kForwardQueryRows);
   struct Task {
     int64_t batch, head, first_block, end_block, cost;
   };
@@ -366,29 +370,28 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
   struct Scratch {
     at::Tensor storage;
     float *key_transposed, *values, *q_buffer, *scores, *multipliers, *accumulator, *row_max, *row_sum;
-    int64_t batch = -1, head = -1;  // whose K^T (and converted V) the buffers hold
-    const float* v_all = nullptr;
-    int64_t v_ld = 0;
   };
   const int64_t panel_size = head_dim * kForwardKeyColumns;
-  const int64_t values_size = std::is_same_v<scalar_t, float> ? 0 : in.max_seqlen * head_dim;
-  const int64_t q_size = kForwardQueryRows * head_dim, scores_size = kForwardQueryRows * kForwardKeyColumns;
+  const int64_t values_size = reads_in_place<scalar_t>(in.v.stride(0), head_dim) ? 0 : kForwardKeyColumns * head_dim;
+  const int64_t q_size = reads_in_place<scalar_t>(in.q.stride(0), head_dim) ? 0 : kForwardQueryRows * head_dim;
+  const int64_t scores_size = kForwardQueryRows * kForwardKeyColumns;
+  const int64_t accumulator_size = accumulate_in_output ? 0 : task_rows * head_dim;
   auto make_scratch = [&] {
-    // Per thread: K^T as one [head_dim, kForwardKeyColumns] panel per key block, V and the q block as float32
-    // (other dtypes; float32 is read in place: packing it measured no faster, and costs 160 KB per thread), the
-    // score tile, one row of dropout multipliers, the accumulator, row maxima and sums.
+    // Per thread: one key block's K^T panel, the score tile, one row of dropout multipliers, the task rows' maxima
+    // and sums; float32 copies of the V block and the q block only where they cannot be read in place, and the
+    // accumulator only where the output is not float32.
     Scratch s;
-    s.storage = at::empty({key_blocks * panel_size + values_size + 2 * q_size + scores_size + kForwardKeyColumns +
-                           2 * kForwardQueryRows},
+    s.storage = at::empty({panel_size + values_size + q_size + scores_size + kForwardKeyColumns + accumulator_size +
+                           2 * task_rows},
                           in.q.options().dtype(at::kFloat));
     s.key_transposed = s.storage.template data_ptr<float>();
-    s.values = s.key_transposed + key_blocks * panel_size;
+    s.values = s.key_transposed + panel_size;
     s.q_buffer = s.values + values_size;
     s.scores = s.q_buffer + q_size;
     s.multipliers = s.scores + scores_size;
     s.accumulator = s.multipliers + kForwardKeyColumns;
-    s.row_max = s.accumulator + q_size;
-    s.row_sum = s.row_max + kForwardQueryRows;
+    s.row_max = s.accumulator + accumulator_size;
+    s.row_sum = s.row_max + task_rows;
     return s;
   };
 
@@ -396,36 +399,34 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
     const Task& task = tasks[task_index];
     const int64_t batch = task.batch, head = task.head;
     const int64_t seqlen = seqlens[batch], start = starts[batch];
+    const int64_t first_task_row = task.first_block * kForwardQueryRows;
+    const int64_t rows_in_task = std::min(task.end_block * kForwardQueryRows, seqlen) - first_task_row;
     const HeadRows<scalar_t> q_rows(in.q, head), k_rows(in.k, head), v_rows(in.v, head);
-    if (s.batch != batch || s.head != head) {
-      for (int64_t first_column = 0; first_column < seqlen; first_column += kForwardKeyColumns) {
-        transposed_float_rows(k_rows, start + first_column, std::min(kForwardKeyColumns, seqlen - first_column),
-                              head_dim, s.key_transposed + first_column / kForwardKeyColumns * panel_size,
-                              kForwardKeyColumns);
-      }
-      s.v_all = float_rows(v_rows, start, seqlen, head_dim, s.values, &s.v_ld);
-      s.batch = batch;
-      s.head = head;
-    }
-    float* scores = s.scores;
     float* accumulator = s.accumulator;
-    float* row_max = s.row_max;
-    float* row_sum = s.row_sum;
-    for (int64_t query_block = task.first_block; query_block < task.end_block; ++query_block) {
-      const int64_t first_row = query_block * kForwardQueryRows;
-      const int64_t rows = std::min(kForwardQueryRows, seqlen - first_row);
-      int64_t q_ld = 0;
-      const float* q_block = float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
-      std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
-      std::fill(row_sum, row_sum + rows, 0.0f);
+    int64_t accumulator_ld = head_dim;
+    if constexpr (accumulate_in_output) {
+      accumulator = out_data + (start + first_task_row) * out_token_stride + head * head_dim;
+      accumulator_ld = out_token_stride;
+    }
+    std::fill(s.row_max, s.row_max + rows_in_task, -std::numeric_limits<float>::infinity());
 
-      for (int64_t first_column = 0; first_column < seqlen; first_column += kForwardKeyColumns) {
-        const int64_t columns = std::min(kForwardKeyColumns, seqlen - first_column);
-        matmul(rows, columns, head_dim, q_block, q_ld,
-               s.key_transposed + first_column / kForwardKeyColumns * panel_size, kForwardKeyColumns, scores,
+    for (int64_t first_column = 0; first_column < seqlen; first_column += kForwardKeyColumns) {
+      const int64_t columns = std::min(kForwardKeyColumns, seqlen - first_column);
+      transposed_float_rows(k_rows, start + first_column, columns, head_dim, s.key_transposed, kForwardKeyColumns);
+      int64_t v_ld = 0;
+      const float* v_block = float_rows(v_rows, start + first_column, columns, head_dim, s.values, &v_ld);
+      for (int64_t query_block = task.first_block; query_block < task.end_block; ++query_block) {
+        const int64_t first_row = query_block * kForwardQueryRows;
+        const int64_t rows = std::min(kForwardQueryRows, seqlen - first_row);
+        int64_t q_ld = 0;
+        const float* q_block = float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
+        float* row_max = s.row_max + (first_row - first_task_row);
+        float* row_sum = s.row_sum + (first_row - first_task_row);
+        float* accumulator_block = accumulator + (first_row - first_task_row) * accumulator_ld;
+        matmul(rows, columns, head_dim, q_block, q_ld, s.key_transposed, kForwardKeyColumns, s.scores,
                kForwardKeyColumns, false);
         for (int64_t i = 0; i < rows; ++i) {
-          float* score_row = scores + i * kForwardKeyColumns;
+          float* score_row = s.scores + i * kForwardKeyColumns;
           // scale > 0, so the maximum of the scaled scores is the scaled maximum, bit for bit.
           const float new_max = std::max(row_max[i], scale * max_of(score_row, columns));
           const float sum = exp_in_place(score_row, columns, scale, new_max);
@@ -435,7 +436,7 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
             const float rescale = std::exp(row_max[i] - new_max);
             row_sum[i] = row_sum[i] * rescale + sum;
             if (rescale != 1.0f) {
-              float* accumulator_row = accumulator + i * head_dim;
+              float* accumulator_row = accumulator_block + i * accumulator_ld;
               for (int64_t d = 0; d < head_dim; ++d) accumulator_row[d] *= rescale;
             }
           }
@@ -446,16 +447,16 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
             for (int64_t j = 0; j < columns; ++j) score_row[j] *= s.multipliers[j];
           }
         }
-        matmul(rows, head_dim, columns, scores, kForwardKeyColumns, s.v_all + first_column * s.v_ld, s.v_ld,
-               accumulator, head_dim, first_column > 0);
+        matmul(rows, head_dim, columns, s.scores, kForwardKeyColumns, v_block, v_ld, accumulator_block,
+               accumulator_ld, first_column > 0);
       }
+    }
 
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t token = start + first_row + i;
-        store_rows(accumulator + i * head_dim, 1, head_dim, 1.0f / row_sum[i],
-                   out_data + token * out_token_stride + head * head_dim, out_token_stride);
-        lse_data[head * tokens + token] = row_max[i] + std::log(row_sum[i]);
-      }
+    for (int64_t i = 0; i < rows_in_task; ++i) {
+      const int64_t token = start + first_task_row + i;
+      store_rows(accumulator + i * accumulator_ld, 1, head_dim, 1.0f / s.row_sum[i],
+                 out_data + token * out_token_stride + head * head_dim, out_token_stride);
+      lse_data[head * tokens + token] = s.row_max[i] + std::log(s.row_sum[i]);
     }
   });
 }
