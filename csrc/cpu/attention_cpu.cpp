@@ -11,17 +11,17 @@
 // sgemm, at the same rate), so any margin over it comes from the element-wise work and from never computing
 // padded keys (SDPA takes padding as a mask). A [T, T] score matrix per head (1 MB) is never stored.
 //
-// Forward tiling: a task is a run of 128-query blocks of one (sequence, head), the whole sequence when there are
-// at least 8 tasks per thread. Key blocks of 128 are its outer loop: each one's K^T panel [D, 128] (and float32 V
-// block, for bfloat16 and float16) is built once per task and used by all its query blocks, so no thread holds a
-// whole sequence's K^T (that was 128 KB per thread at T = 512, and made the forward's scratch 2.2x SDPA's); built
-// per query block instead, the K^T copies took 9 of 71 ms on one core. Per (key block, query
-// block) it computes the 128 x 128 score tile (64 KB, L2-resident) with one product, exponentiates it against the
-// running row maximum, rescales the accumulator rows whose maximum moved and adds P V with a second product
-// (128 x 128 x 64 each; 128 x 256, 64 x 256 and 64 x 512 measured the same within noise). The accumulator is
-// the float32 output itself (no [tokens, D] buffer), a float32 buffer of the task's rows for other dtypes. Tasks
-// are handed out dynamically, longest first: at::parallel_for's static split gave one thread 3.2x the other's
-// work with lengths 512, 400, 300, 200.
+// Forward tiling: a task is a run of 64-query blocks of one (sequence, head), the whole sequence when there are
+// at least 8 tasks per thread (float32; at most 256 rows for other dtypes, see Memory). Key blocks of 128 are its
+// outer loop: each one's K^T panel [D, 128] (and float32 V block, for bfloat16 and float16) is built once per
+// task and used by all its query blocks, so no thread holds a whole sequence's K^T (that was 128 KB per thread at
+// T = 512, and made the forward's scratch 2.2x SDPA's); built per query block instead, the K^T copies took 9 of
+// 71 ms on one core. Per (key block, query block) it computes the 64 x 128 score tile (32 KB, L1/L2-resident)
+// with one product, exponentiates it against the running row maximum, rescales the accumulator rows whose
+// maximum moved and adds P V with a second product (64 x 128 x 64 each; 128 x 128 measured 1% faster, 128 x 256
+// and 64 x 256 the same within noise). The accumulator is the float32 output itself (no [tokens, D] buffer), a
+// float32 buffer of the task's rows for other dtypes. Tasks are handed out dynamically, longest first:
+// at::parallel_for's static split gave one thread 3.2x the other's work with lengths 512, 400, 300, 200.
 //
 // Backward tiling: one task per (sequence, head). It works on transposed [64 keys, 128 queries] tiles:
 // S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every operand
@@ -32,10 +32,11 @@
 // task's buffer and dK, dV are owned by their key block: results are bitwise the same for any number of threads.
 // delta = rowsum(dO o O) is computed per task, not through a [tokens, H, D] float32 temporary.
 //
-// Memory: per thread, float32 scratch of 100 KB (forward, float32 at T = 512, D = 64: K^T panel 32 KB, score tile
-// 64 KB, row maxima and sums 4 KB; SDPA's CPU flash kernel takes 148 KB: a 64 x 512 score tile and a 64 x 64
-// accumulator) and ~1.2 MB (backward, whose peak is the gradients': 26 MB against SDPA's 42 MB at this shape;
-// benchmarks/cpu_attention_compare.py --memory).
+// Memory: per thread, the forward's float32 scratch at T = 512, D = 64 is 68 KB for float32 (K^T panel 32 KB,
+// score tile 32 KB, row maxima and sums 4 KB) and 178 KB for bfloat16 (plus float32 V and q blocks, 48 KB, and
+// the accumulator of 256 rows, 64 KB), against 148 KB and 212 KB in SDPA's CPU flash kernel (a 64 x 512 score
+// tile, a 64 x 64 accumulator, and for bfloat16 a bfloat16 copy of the score tile). The backward holds ~1.2 MB;
+// its peak is the gradients' (26 MB against SDPA's 42 MB at this shape; benchmarks/cpu_attention_compare.py).
 //
 // Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
 // bodies (attention_cpu_kernels.h) are compiled twice, for baseline x86-64 and with AVX2 + FMA, and the build is
@@ -66,8 +67,11 @@
 namespace electra_ext {
 namespace {
 
-constexpr int64_t kForwardQueryRows = 128;
+constexpr int64_t kForwardQueryRows = 64;
 constexpr int64_t kForwardKeyColumns = 128;
+// bfloat16 and float16: rows per forward task, whose float32 accumulator (64 KB at D = 64) each thread holds; a
+// longer task would copy K^T and V fewer times (256 rows: twice per sequence and head at T = 512).
+constexpr int64_t kReducedTaskRows = 256;
 constexpr int64_t kBackwardQueryRows = 128;
 constexpr int64_t kBackwardKeyColumns = 64;
 // Independent partial maxima and sums: float addition is not associative, so the compiler vectorises a row

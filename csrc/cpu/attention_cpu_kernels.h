@@ -213,17 +213,30 @@ inline void transposed_dropout_multipliers(const AttentionInputs& in, int64_t ba
   }
 }
 
-// transposed[d, i] = rows[token + i, d] as float32, leading dimension ld: 8 x 8 blocks transposed in registers.
+// Eight consecutive float32 or bfloat16 values as float32 lanes (a bfloat16 is a float32's upper 16 bits).
+template <typename scalar_t>
+__m256 load_float8(const scalar_t* source) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(source);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::BFloat16>);
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+}
+
+// transposed[d, i] = rows[token + i, d] as float32, leading dimension ld: 8 x 8 blocks transposed in registers
+// (float32 and bfloat16; float16 element by element).
 template <typename scalar_t>
 void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
                            float* transposed, int64_t ld) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {
       int64_t d = 0;
       for (; d + 8 <= head_dim; d += 8) {
         __m256 r[8];
-        for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(rows.row(token + i + k) + d);
+        for (int k = 0; k < 8; ++k) r[k] = load_float8(rows.row(token + i + k) + d);
         const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
         const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
         const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -243,13 +256,10 @@ void transposed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_
         _mm256_storeu_ps(out + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
       }
       for (; d < head_dim; ++d) {
-        for (int64_t k = 0; k < 8; ++k) transposed[d * ld + i + k] = rows.row(token + i + k)[d];
+        for (int64_t k = 0; k < 8; ++k) transposed[d * ld + i + k] = static_cast<float>(rows.row(token + i + k)[d]);
       }
     }
-    for (; i < count; ++i) {
-      const float* source = rows.row(token + i);
-      for (int64_t d = 0; d < head_dim; ++d) transposed[d * ld + i] = source[d];
-    }
+    transposed_float_rows_scalar(rows, token + i, count - i, head_dim, transposed + i, ld);
   } else {
     transposed_float_rows_scalar(rows, token, count, head_dim, transposed, ld);
   }
@@ -348,7 +358,10 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
   const int64_t threads = at::get_num_threads();
   const int64_t chunks_per_head =
       std::min(query_blocks, blocks_of(8 * threads, std::max<int64_t>(1, batches * heads)));
-  const int64_t blocks_per_chunk = blocks_of(query_blocks, chunks_per_head);
+  // Other dtypes accumulate in a float32 buffer of the task's rows: at most kReducedTaskRows of them.
+  const int64_t blocks_per_chunk =
+      std::min(blocks_of(query_blocks, chunks_per_head),
+               accumulate_in_output ? query_blocks : kReducedTaskRows / kForwardQueryRows);
   const int64_t task_rows = std::min(in.max_seqlen, blocks_per_chunk * kForwardQueryRows);
   struct Task {
     int64_t batch, head, first_block, end_block, cost;
