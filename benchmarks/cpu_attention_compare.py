@@ -2,9 +2,9 @@
 views of the same fused QKV tensor, timed interleaved, and their peak memory.
 
     python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory [--memory-runs 3]]
-        [--dropout P]
+        [--dropout P] [--dtype float32|bfloat16]
 
-Shape B=4, T=512, H=12, D=64, float32; "padded" gives lengths 512, 400, 300, 200 (SDPA then gets the boolean key
+Shape B=4, T=512, H=12, D=64, float32 unless --dtype says otherwise; "padded" gives lengths 512, 400, 300, 200 (SDPA then gets the boolean key
 mask, which rules out nothing on the CPU: its flash kernel takes masks). --dropout P: both providers drop attention
 probabilities with probability P (ELECTRA trains with 0.1). Timing: every round times each case for
 both providers back to back (best of --repeats calls each), so a busy neighbour slows both alike; the table
@@ -31,7 +31,7 @@ B, T, H, D = 4, 512, 12, 64
 LENGTHS = [512, 400, 300, 200]
 
 
-def make_inputs(padded, dtype=torch.float32):
+def make_inputs(padded, dtype):
     generator = torch.Generator().manual_seed(0)
     # One fused projection output [B, T, 3, H, D], as the encoder produces.
     qkv = torch.randn(B, T, 3, H, D, dtype=dtype, generator=generator).requires_grad_()
@@ -59,8 +59,8 @@ PROVIDERS = {"electra_ext": ours, "sdpa": sdpa}
 CASES = [(mode, padded) for mode in ("fwd", "fwd_bwd") for padded in (False, True)]
 
 
-def make_call(provider, mode, padded, dropout_p):
-    qkv, seqlens, grad_out = make_inputs(padded)
+def make_call(provider, mode, padded, dropout_p, dtype):
+    qkv, seqlens, grad_out = make_inputs(padded, dtype)
     attend = PROVIDERS[provider]
     if mode == "fwd":
         def call():
@@ -85,8 +85,8 @@ def case_name(mode, padded):
     return f"{'forward' if mode == 'fwd' else 'forward + backward'}, {'padded' if padded else 'no padding'}"
 
 
-def time_cases(rounds, repeats, dropout_p):
-    calls = {(p, m, pad): make_call(p, m, pad, dropout_p) for p in PROVIDERS for m, pad in CASES}
+def time_cases(rounds, repeats, dropout_p, dtype):
+    calls = {(p, m, pad): make_call(p, m, pad, dropout_p, dtype) for p in PROVIDERS for m, pad in CASES}
     for call in calls.values():
         call()  # warm-up: JIT kernels, allocator
     times = {key: [] for key in calls}
@@ -114,8 +114,8 @@ def status_kb(field):
     raise KeyError(field)
 
 
-def measure_memory_here(provider, mode, padded, dropout_p):
-    call = make_call(provider, mode, padded, dropout_p)
+def measure_memory_here(provider, mode, padded, dropout_p, dtype):
+    call = make_call(provider, mode, padded, dropout_p, dtype)
     result = call()  # warm-up: JIT kernels, thread pools
     del result
     with open("/proc/self/clear_refs", "w") as f:
@@ -127,7 +127,7 @@ def measure_memory_here(provider, mode, padded, dropout_p):
     print(json.dumps({"peak_extra_kb": peak - before}))
 
 
-def measure_memory(threads, dropout_p, runs):
+def measure_memory(threads, dropout_p, dtype_name, runs):
     print(f"| case (median of {runs} processes) | electra_ext peak | SDPA peak |")
     print("| --- | --- | --- |")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -137,8 +137,8 @@ def measure_memory(threads, dropout_p, runs):
             kilobytes = []
             for _ in range(runs):
                 output = subprocess.run(
-                    [sys.executable, __file__, "--threads", str(threads), "--dropout", str(dropout_p), "--child",
-                     provider, mode, str(int(padded))],
+                    [sys.executable, __file__, "--threads", str(threads), "--dropout", str(dropout_p), "--dtype",
+                     dtype_name, "--child", provider, mode, str(int(padded))],
                     env=env, check=True, capture_output=True, text=True).stdout
                 kilobytes.append(json.loads(output.strip().splitlines()[-1])["peak_extra_kb"])
             peaks[provider] = statistics.median(kilobytes) / 1024
@@ -153,18 +153,20 @@ def main():
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-runs", type=int, default=3, help="processes per memory cell (the median is kept)")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability for both")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     if args.child:
         provider, mode, padded = args.child
-        measure_memory_here(provider, mode, bool(int(padded)), args.dropout)
+        measure_memory_here(provider, mode, bool(int(padded)), args.dropout, dtype)
         return
-    print(f"B={B}, T={T}, H={H}, D={D}, float32, dropout {args.dropout}, {args.threads} threads, "
+    print(f"B={B}, T={T}, H={H}, D={D}, {args.dtype}, dropout {args.dropout}, {args.threads} threads, "
           f"torch {torch.__version__}")
-    time_cases(args.rounds, args.repeats, args.dropout)
+    time_cases(args.rounds, args.repeats, args.dropout, dtype)
     if args.memory:
-        measure_memory(args.threads, args.dropout, args.memory_runs)
+        measure_memory(args.threads, args.dropout, args.dtype, args.memory_runs)
 
 
 if __name__ == "__main__":
