@@ -4,11 +4,11 @@ views of the same fused QKV tensor, timed interleaved, and their peak memory.
     python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory [--memory-runs 3]]
         [--dropout P] [--dtype float32|bfloat16]
 
-Shape B=4, T=512, H=12, D=64, float32 unless --dtype says otherwise; "padded" gives lengths 512, 400, 300, 200 (SDPA then gets the boolean key
-mask, which rules out nothing on the CPU: its flash kernel takes masks). --dropout P: both providers drop attention
-probabilities with probability P (ELECTRA trains with 0.1). Timing: every round times each case for
-both providers back to back (best of --repeats calls each), so a busy neighbour slows both alike; the table
-keeps each provider's best over the rounds and the median of the per-round ratios.
+Shape B=4, T=512, H=12, D=64, float32 unless --dtype says otherwise; "padded" gives lengths 512, 400, 300, 200
+(SDPA then gets the boolean key mask, which rules out nothing on the CPU: its flash kernel takes masks).
+--dropout P: both providers drop attention probabilities with probability P (ELECTRA trains with 0.1). Timing:
+every round times each case for both providers back to back (best of --repeats calls each), so a busy neighbour
+slows both alike; the table keeps each provider's best over the rounds and the median of the per-round ratios.
 
 Memory (--memory): one fresh subprocess per (case, provider) so the allocators start empty; large allocations
 are forced through mmap (MALLOC_MMAP_THRESHOLD_), so freed buffers leave the resident set and the process's
