@@ -44,12 +44,19 @@ inline AttentionTensor attention_tensor(const at::Tensor& t) {
 }
 
 // The CUDA kernels copy 16-byte chunks of q, k, v rows (cp.async): every row must start 16-byte aligned, which a
-// fused QKV projection's views do (strides of 3HD and D elements). Anything else is copied once, contiguous.
+// fused QKV projection's views do (strides of 3HD and D elements). Anything else is copied once into a fresh
+// (aligned) allocation: .contiguous() would return a contiguous tensor at an odd storage offset as it is.
 inline at::Tensor rows_16_byte_aligned(const at::Tensor& t) {
   const int64_t chunk = 16 / t.element_size();
   const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % chunk == 0 &&
                        t.stride(1) % chunk == 0 && t.size(2) % chunk == 0;
-  return aligned ? t : t.contiguous();
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// out and grad_out, read with 16-byte loads: contiguous and 16-byte aligned, else copied as above.
+inline at::Tensor contiguous_16_byte_aligned(const at::Tensor& t) {
+  const bool aligned = t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 inline void check_cuda_head_dim(const char* op, const at::Tensor& q) {
@@ -99,8 +106,8 @@ at::Tensor attention_backward_on_device(
   const FloatType dtype = attention_float_type(op, in.q);
   check_cuda_head_dim(op, in.q);
   const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor out = out_in.contiguous();
+  const at::Tensor grad_out = contiguous_16_byte_aligned(grad_out_in);
+  const at::Tensor out = contiguous_16_byte_aligned(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor grad_qkv = attention_grad_qkv(in);
   if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;

@@ -52,7 +52,8 @@ inline GenHeadDeviceInputs gen_head_device_inputs(const char* op, const at::Tens
   }
   const bool h_aligned = h.stride(1) == 1 && h.stride(0) % 8 == 0 &&
                          reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 == 0;
-  if (!h_aligned) h = h.contiguous();
+  // A fresh copy is aligned; .contiguous() would return a contiguous tensor at an odd storage offset as it is.
+  if (!h_aligned) h = h.clone(at::MemoryFormat::Contiguous);
   weight = weight.contiguous();
   if (reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 != 0) weight = weight.clone();
   GenHeadDeviceInputs in{h, weight, bias_in.to(at::kFloat).contiguous(), targets_in.contiguous(), {}};

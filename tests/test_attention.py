@@ -256,6 +256,22 @@ def test_varlen_reference_equals_padded_reference():
         assert torch.allclose(packed, padded[valid], atol=1e-12)
 
 
+@pytest.mark.parametrize("reference_dtype", [False, True])
+def test_varlen_without_tokens(target, device, backend, reference_dtype):
+    # Every sequence empty: [0, H, D] in, [0, H, D] out and empty gradients, on the kernels and on the reference
+    # (float64 always runs it), which gathered padding positions from token 0 and raised IndexError.
+    dtype = torch.float64 if reference_dtype else DTYPES[target][-1]
+    q, k, v = (torch.zeros(0, 2, 64, device=device, dtype=dtype) for _ in range(3))
+    cu_seqlens = torch.zeros(3, dtype=torch.int32, device=device)
+    for dropout_p in (0.0, 0.2):
+        def packed(a, b, c):
+            return attention_varlen(a, b, c, cu_seqlens, 5, dropout_p=dropout_p,
+                                    backend=None if reference_dtype else backend)
+
+        for result in forward_backward(packed, q, k, v, torch.zeros_like(q)):
+            assert result.shape == q.shape and result.dtype == dtype
+
+
 def test_padded_rows_are_zero_and_padding_is_ignored(target, device, op):
     dtype = DTYPES[target][0]
     q, k, v = make_qkv(4, 40, 2, 64, device, dtype, seed=4)
@@ -288,6 +304,28 @@ def test_broadcast_keys_and_values(target, device, op):
     seqlens = lengths_for(1, seq_len).to(device)
     expected = attention(*(t.double() for t in (q, k, v)), seqlens=seqlens, backend="reference")
     assert relative_error(op(q, k, v, seqlens=seqlens), expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_contiguous_inputs_at_an_unaligned_offset(target, device, op):
+    """q, k, v and grad_out contiguous but starting 3 elements into their storage: the CUDA kernels' 16-byte loads
+    need aligned copies, which .contiguous() does not make (it returned them as they were, and the launch failed
+    with an invalid-argument error)."""
+    dtype = DTYPES[target][-1]
+    q, k, v = make_qkv(2, 40, 2, 64, device, dtype, seed=13)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+
+    def unaligned(t):
+        storage = torch.empty(t.numel() + 3, device=device, dtype=dtype)
+        storage[3:] = t.reshape(-1)
+        return storage[3:].view(t.shape)
+
+    expected = forward_backward(op, q, k, v, grad_out)
+    leaves = [unaligned(t).requires_grad_() for t in (q, k, v)]
+    assert all(t.is_contiguous() and t.data_ptr() % 16 for t in leaves)
+    out = op(*leaves)
+    actual = (out.detach(),) + torch.autograd.grad(out, leaves, unaligned(grad_out))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert torch.equal(a, e), name
 
 
 def test_bitwise_deterministic(target, device, op):

@@ -524,6 +524,24 @@ def test_device_strided_h_mixed_dtypes_and_chunked_backward(target, device, back
 
 
 @on_device_targets
+def test_device_h_contiguous_at_an_unaligned_offset(target, device, backend):
+    # h contiguous but starting 3 elements into its storage: the kernels' 16-byte loads need an aligned copy,
+    # which .contiguous() does not make (the launch failed with an invalid-argument error).
+    h, weight, bias, targets = device_inputs(30, 120, 32, torch.bfloat16, device, seed=5)
+    storage = torch.empty(h.numel() + 3, device=device, dtype=h.dtype)
+    storage[3:] = h.detach().reshape(-1)
+    unaligned = storage[3:].view(h.shape).requires_grad_()
+    assert unaligned.is_contiguous() and unaligned.data_ptr() % 16
+
+    def run(rows):
+        out = gen_head(rows, weight, bias, targets, backend=backend, generator=torch.Generator(device).manual_seed(4))
+        return (out.loss, out.samples, *torch.autograd.grad(out.loss, (rows, weight, bias)))
+
+    for a, e in zip(run(unaligned), run(h)):
+        assert torch.equal(a, e)
+
+
+@on_device_targets
 def test_device_op_checks(target, device, backend):
     h, weight, bias, targets = device_inputs(21, 230, 16, torch.bfloat16, device, seed=13)
     seed = torch.tensor([42], dtype=torch.int64, device=device)

@@ -192,8 +192,11 @@ def _varlen_reference(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_s
     """The packed layout through the padded reference: gather into [B, max_seqlen], attend, scatter back."""
     positions = torch.arange(max_seqlen, device=q.device)
     valid = positions < lengths.unsqueeze(1)  # [B, max_seqlen]
-    tokens = (starts.unsqueeze(1) + positions).clamp(max=max(q.shape[0] - 1, 0))
-    padded = attention_reference(*(t[tokens] for t in (q, k, v)), lengths, dropout_p, softmax_scale, seed)
+    # Padding positions gather an appended zero row (index `tokens`), so that no index leaves the tensors, even
+    # with no tokens at all.
+    tokens = torch.where(valid, starts.unsqueeze(1) + positions, q.shape[0])
+    padded = attention_reference(*(torch.cat([t, t.new_zeros(1, *t.shape[1:])])[tokens] for t in (q, k, v)),
+                                 lengths, dropout_p, softmax_scale, seed)
     return torch.zeros_like(q).index_put((tokens[valid],), padded[valid])
 
 
