@@ -1,6 +1,9 @@
 """Where the time of one attention forward + backward goes on a GPU: the top CUDA kernels by total time.
 
-usage: python benchmarks/profile_attention.py [--shape base|small] [--padding 0.15] [--dropout 0.1]
+usage: python benchmarks/profile_attention.py [--shape base|small] [--padding 0.15] [--dropout 0.1] [--deterministic]
+
+--deterministic: under torch.use_deterministic_algorithms(True), the backward's dQ kernel (S and dP recomputed)
+instead of dQ added over key blocks with atomics.
 """
 import argparse
 
@@ -18,9 +21,12 @@ def main():
     parser.add_argument("--padding", type=float, default=0.0, help="mean padded fraction of each sequence")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--deterministic", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_attention.py needs a CUDA device")
+    torch.use_deterministic_algorithms(args.deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill kernels in the profile
     batch, seq_len, heads, head_dim = SHAPES[args.shape]
     qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     fraction = torch.linspace(1.0 - 2 * args.padding, 1.0, batch, device="cuda")
@@ -38,7 +44,8 @@ def main():
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    print(f"{args.shape}, padding {args.padding}, dropout {args.dropout}: {args.steps} forward + backward steps")
+    print(f"{args.shape}, padding {args.padding}, dropout {args.dropout}, deterministic {args.deterministic}: "
+          f"{args.steps} forward + backward steps")
     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 

@@ -12,6 +12,8 @@ Run all:   pytest benchmarks/test_attention_bench.py --benchmark-json bench.json
 CI (CPU):  pytest benchmarks/ --benchmark-disable   (each case runs once, as a smoke test)
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,10 +33,7 @@ SHAPES = {
 PADDINGS = {"nopad": 0.0, "pad15": 0.15}
 BACKWARD_FLOPS_FACTOR = 2.5
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-]
+CUDA_MARKS = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def sdpa(qkv, seqlens):
@@ -55,6 +54,12 @@ PROVIDERS = {
     "reference": lambda qkv, seqlens: attention_reference(*qkv.unbind(2), seqlens, 0.0, qkv.shape[-1] ** -0.5,
                                                           None),
 }
+# On CUDA, electra_ext's backward under torch.use_deterministic_algorithms(True): the dQ kernel recomputes S and
+# dP (7 tile products instead of 5) where the default adds dQ over key blocks with atomics. The CPU kernels have
+# one path.
+DETERMINISTIC = "electra_ext-deterministic"
+CASES = [("cpu", provider) for provider in PROVIDERS] + [
+    pytest.param("cuda", provider, marks=CUDA_MARKS) for provider in [*PROVIDERS, DETERMINISTIC]]
 
 
 def make_inputs(device, shape, padding):
@@ -75,14 +80,29 @@ def forward_flops(seq_len, heads, head_dim, batch, seqlens):
     return 4 * heads * head_dim * squared_lengths
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@contextlib.contextmanager
+def deterministic_algorithms(on):
+    """torch.use_deterministic_algorithms(on) without its NaN fill of every new tensor (not part of what is timed),
+    restored after."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(on)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("shape", ["small", "base", "host"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,provider", CASES)
 def test_attention(timed_benchmark, device, shape, padding, mode, provider):
     qkv, seqlens = make_inputs(device, shape, padding)
-    attend = PROVIDERS[provider]
+    deterministic = provider == DETERMINISTIC
+    attend = PROVIDERS["electra_ext" if deterministic else provider]
     batch, seq_len, _, heads, head_dim = qkv.shape
     grad_out = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=qkv.dtype)
     if mode == "fwd":
@@ -100,15 +120,16 @@ def test_attention(timed_benchmark, device, shape, padding, mode, provider):
 
     flops = forward_flops(seq_len, heads, head_dim, batch, seqlens)
     flops *= {"fwd": 1.0, "bwd": BACKWARD_FLOPS_FACTOR, "fwd_bwd": 1.0 + BACKWARD_FLOPS_FACTOR}[mode]
-    timed_benchmark(
-        call,
-        device=device,
-        bytes_per_call=4 * grad_out.numel() * qkv.element_size(),  # q, k, v read and out written once
-        flops=flops,
-        op="attention",
-        provider=provider,
-        shape=f"{shape}-{padding}",
-        mode=mode,
-        dtype=str(qkv.dtype),
-        B=batch, T=seq_len, H=heads, D=head_dim,
-    )
+    with deterministic_algorithms(deterministic):
+        timed_benchmark(
+            call,
+            device=device,
+            bytes_per_call=4 * grad_out.numel() * qkv.element_size(),  # q, k, v read and out written once
+            flops=flops,
+            op="attention",
+            provider=provider,
+            shape=f"{shape}-{padding}",
+            mode=mode,
+            dtype=str(qkv.dtype),
+            B=batch, T=seq_len, H=heads, D=head_dim,
+        )

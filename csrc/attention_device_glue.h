@@ -112,6 +112,10 @@ at::Tensor attention_backward_on_device(
   at::Tensor grad_qkv = attention_grad_qkv(in);
   if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;
   at::Tensor delta = at::empty({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
+  // dQ summed over key blocks with atomics (cuda/attention_launch.h), unless PyTorch is asked for deterministic
+  // algorithms: then the dQ kernel recomputes S and dP instead.
+  at::Tensor dq_accum;
+  if (!at::globalContext().deterministicAlgorithms()) dq_accum = at::empty(in.q.sizes(), delta.options());
   const AttentionBackwardArgs args{dtype,
                                    attention_shape(in),
                                    attention_tensor(q),
@@ -124,7 +128,8 @@ at::Tensor attention_backward_on_device(
                                    grad_qkv.select(1, 0).data_ptr(),
                                    grad_qkv.select(1, 1).data_ptr(),
                                    grad_qkv.select(1, 2).data_ptr(),
-                                   grad_qkv.stride(0)};
+                                   grad_qkv.stride(0),
+                                   dq_accum.defined() ? dq_accum.data_ptr<float>() : nullptr};
   Launchers::check(Launchers::attention_backward(args, Launchers::stream()));
   return grad_qkv;
 }

@@ -30,6 +30,17 @@ def op(backend):
     return functools.partial(attention, backend=backend)
 
 
+@pytest.fixture
+def bitwise_backward(target):
+    """On a GPU the default backward adds dQ over key blocks with atomics, in whatever order the blocks run, so
+    tests that compare gradients bit for bit ask PyTorch for deterministic algorithms there (the dQ kernel that
+    recomputes S and dP instead). The emulation runs blocks one after another and compares the default path."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(was_on or target == "cuda")
+    yield
+    torch.use_deterministic_algorithms(was_on)
+
+
 def make_qkv(batch, seq_len, heads, head_dim, device, dtype, seed=0, fused=True):
     """q, k, v [B, T, H, D]; fused: strided views of one [B, T, 3, H, D] projection, as the encoder passes."""
     generator = torch.Generator().manual_seed(seed)
@@ -201,7 +212,7 @@ def test_philox_known_answers():
         assert tuple(int(w) for w in words) == expected
 
 
-def test_varlen_equals_padded(target, device, backend):
+def test_varlen_equals_padded(target, device, backend, bitwise_backward):
     batch, seq_len, heads, head_dim = 3, 70, 2, 64
     dtype = DTYPES[target][-1]
     q, k, v = make_qkv(batch, seq_len, heads, head_dim, device, dtype, seed=5)
@@ -225,7 +236,7 @@ def test_varlen_equals_padded(target, device, backend):
             assert torch.equal(a, e[valid]), (name, dropout_p)
 
 
-def test_qkvpacked_equals_attention_on_the_unbound_views(target, device, backend):
+def test_qkvpacked_equals_attention_on_the_unbound_views(target, device, backend, bitwise_backward):
     # The encoder's path: one [B, T, 3, H, D] projection output in, its gradient out as one tensor, bit for bit what
     # attention on the three views computes, and with no stack of three gradients in the graph.
     dtype = DTYPES[target][-1]
@@ -306,7 +317,7 @@ def test_broadcast_keys_and_values(target, device, op):
     assert relative_error(op(q, k, v, seqlens=seqlens), expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_contiguous_inputs_at_an_unaligned_offset(target, device, op):
+def test_contiguous_inputs_at_an_unaligned_offset(target, device, op, bitwise_backward):
     """q, k, v and grad_out contiguous but starting 3 elements into their storage: the CUDA kernels' 16-byte loads
     need aligned copies, which .contiguous() does not make (it returned them as they were, and the launch failed
     with an invalid-argument error)."""
@@ -328,7 +339,7 @@ def test_contiguous_inputs_at_an_unaligned_offset(target, device, op):
         assert torch.equal(a, e), name
 
 
-def test_bitwise_deterministic(target, device, op):
+def test_bitwise_deterministic(target, device, op, bitwise_backward):
     dtype = DTYPES[target][0]
     q, k, v = make_qkv(2, 130 if target != "emulated" else 65, 2, 64, device, dtype, seed=8)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
@@ -337,6 +348,49 @@ def test_bitwise_deterministic(target, device, op):
                                    q, k, v, grad_out)
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "cpu"])
+def test_deterministic_algorithms_take_the_dq_kernel(target, device, op):
+    # Default: the dK/dV kernel also adds each key block's part of dQ to a float32 workspace (atomics on a GPU).
+    # torch.use_deterministic_algorithms(True): the dQ kernel recomputes S and dP and sums over keys in one fixed
+    # order. The two differ only in dQ's summation order.
+    dtype = DTYPES[target][0]
+    seq_len = 130 if target == "cuda" else 70  # two or three 64-key blocks
+    q, k, v = make_qkv(2, seq_len, 2, 64, device, dtype, seed=14)
+    seqlens = torch.tensor([seq_len, seq_len // 2 + 1], dtype=torch.int32, device=device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=dtype)
+    run = lambda: forward_backward(lambda a, b, c: op(a, b, c, seqlens=seqlens, dropout_p=0.1,  # noqa: E731
+                                                      generator=torch.Generator(device).manual_seed(2)),
+                                   q, k, v, grad_out)
+    def kernels_of(step):
+        """The CUDA kernels `step` launches (their names), or None off the GPU."""
+        if target != "cuda":
+            step()
+            return None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            step()
+            torch.cuda.synchronize()
+        return " ".join(event.name for event in profiler.events())
+
+    results = []
+    default_kernels = kernels_of(lambda: results.append(run()))
+    was_on = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic_kernels = kernels_of(lambda: results.extend([run(), run()]))
+    finally:
+        torch.use_deterministic_algorithms(was_on)
+    default, deterministic, again = results
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), deterministic, again, default):
+        assert torch.equal(a, b), name
+        if name != "dq":
+            assert torch.equal(a, c), name
+    # The float32 sums differ in order only: bfloat16 dQ rounds them alike almost everywhere.
+    assert relative_error(default[1], deterministic[1]) < 1e-2
+    if target == "cuda":
+        assert "dq_convert_kernel" in default_kernels and "dq_kernel" not in default_kernels
+        assert "dq_kernel" in deterministic_kernels and "dq_convert_kernel" not in deterministic_kernels
 
 
 def test_cpu_result_does_not_depend_on_thread_count():
@@ -458,7 +512,7 @@ def test_no_padding_without_seqlens_equals_full_lengths(target, device, backend,
         assert torch.equal(a, b)
 
 
-def test_torch_compile_fullgraph_no_graph_breaks(target, device, op):
+def test_torch_compile_fullgraph_no_graph_breaks(target, device, op, bitwise_backward):
     dtype = DTYPES[target][0]
     q, k, v = make_qkv(2, 65, 2, 64, device, dtype, seed=12)
     seqlens = torch.tensor([65, 30], dtype=torch.int32, device=device)

@@ -18,23 +18,35 @@ cudaError_t allow_shared(Kernel* kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T, int D>
+// delta (zeroing dq_accum's sequence rows), then dK/dV; with dq_accum the dK/dV kernel also adds dQ there and a
+// conversion kernel writes it, otherwise the dQ kernel recomputes S and dP (deterministic, 1.4x the products).
+template <typename T, int D, bool kAccumulateDq>
 cudaError_t backward_typed(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  constexpr size_t dkdv_shared = dev::shared_bytes<D, dev::Dkdv<D>::kQ>();
-  constexpr size_t dq_shared = dev::shared_bytes<D, dev::dq_inner_rows<D>()>();
-  auto dkdv = dev::dkdv_kernel<T, D>;
-  auto dq = dev::dq_kernel<T, D>;
+  constexpr size_t dkdv_shared = dev::dkdv_shared_bytes<D, kAccumulateDq>();
+  auto dkdv = dev::dkdv_kernel<T, D, kAccumulateDq>;
   if (cudaError_t err = allow_shared(dkdv, dkdv_shared); err != cudaSuccess) return err;
-  if (cudaError_t err = allow_shared(dq, dq_shared); err != cudaSuccess) return err;
   const AttentionShape& s = args.shape;
-  const dim3 delta_grid((s.max_seqlen + dev::kDeltaTokens<D> - 1) / dev::kDeltaTokens<D>, s.heads, s.batch);
-  launch_kernel(dev::delta_kernel<T, D>, delta_grid, dim3(dev::kDeltaThreads), 0, stream, args);
+  const dim3 row_grid((s.max_seqlen + dev::kDeltaTokens<D> - 1) / dev::kDeltaTokens<D>, s.heads, s.batch);
+  launch_kernel(dev::delta_kernel<T, D>, row_grid, dim3(dev::kDeltaThreads), 0, stream, args);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   const dim3 grid((s.max_seqlen + dev::kBlockRows - 1) / dev::kBlockRows, s.heads, s.batch);
   launch_kernel(dkdv, grid, dim3(dev::Dkdv<D>::kThreads), dkdv_shared, stream, args);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  launch_kernel(dq, grid, dim3(dev::kDqWarps * dev::kWarpSize), dq_shared, stream, args);
+  if constexpr (kAccumulateDq) {
+    launch_kernel(dev::dq_convert_kernel<T, D>, row_grid, dim3(dev::kDeltaThreads), 0, stream, args);
+  } else {
+    constexpr size_t dq_shared = dev::shared_bytes<D, dev::dq_inner_rows<D>()>();
+    auto dq = dev::dq_kernel<T, D>;
+    if (cudaError_t err = allow_shared(dq, dq_shared); err != cudaSuccess) return err;
+    launch_kernel(dq, grid, dim3(dev::kDqWarps * dev::kWarpSize), dq_shared, stream, args);
+  }
   return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t backward_typed(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  return args.dq_accum != nullptr ? backward_typed<T, D, true>(args, stream)
+                                  : backward_typed<T, D, false>(args, stream);
 }
 
 template <typename T>
@@ -65,7 +77,7 @@ cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t s
   if (s.dropout_threshold > 0 && s.seed == nullptr) return cudaErrorInvalidValue;
   if (!rows_aligned(args.q) || !rows_aligned(args.k) || !rows_aligned(args.v) || !aligned16(args.grad_out) ||
       !aligned16(args.out) || !aligned16(args.grad_q) || !aligned16(args.grad_k) || !aligned16(args.grad_v) ||
-      args.grad_token_stride % 8 != 0) {
+      args.grad_token_stride % 8 != 0 || !aligned16(args.dq_accum)) {
     return cudaErrorInvalidValue;
   }
   switch (args.dtype) {

@@ -6,17 +6,27 @@
 //   dV = (P o Z~)^T dO                 dP = (dO V^T) o Z~
 //   dS = P o (dP - delta)              delta = rowsum(dO o out), by delta_kernel
 //   dK = s dS^T Q                      dQ = s dS K
-// Deterministic (no floating-point atomics) with three kernels, each owning its output rows:
-//   delta_kernel: delta = rowsum(dO o out) in fp32, [heads, tokens] (D / 8 lanes per row, shuffle sum).
+// Three kernels:
+//   delta_kernel: delta = rowsum(dO o out) in fp32, [heads, tokens] (D / 8 lanes per row, shuffle sum); with a
+//                 dQ workspace it also zeroes the workspace's sequence rows.
 //   dkdv_kernel:  a block owns 64 keys (32 per warp at D <= 64, 16 at D=128; see Dkdv) and loops over query
 //                 tiles: S^T = K Q^T, dP^T = V dO^T (the warp's keys are the rows of the mma), dV += P~^T dO,
 //                 dK += dS^T Q; P~^T and dS^T go from the mma's accumulator fragments straight into A fragments
 //                 (no shared-memory round trip); dO and Q as B operands come from ldmatrix.trans of their
-//                 row-major tiles.
-//   dq_kernel:    a block owns 64 queries (16 per warp) and loops over key tiles: S = Q K^T, dP = dO V^T,
-//                 dQ += dS K (K through ldmatrix.trans).
-// The dQ kernel recomputes S and dP: 7 tile products instead of FlashAttention-2's 5 (1.4x the useful FLOPs),
-// the price of determinism without a [key blocks, tokens, heads, D] fp32 scratch (400 MB at Base) or atomics.
+//                 row-major tiles. With kAccumulateDq (the default) each warp also stages its dS^T in shared
+//                 memory, and after the tile's last slice the block multiplies the tile's dS (kQ queries x 64
+//                 keys, A fragments by ldmatrix.trans) by its K tile and adds the result to the fp32 workspace
+//                 dq_accum with vector atomics (red.global.add.v2.f32 on sm_90): FlashAttention-2's 5 tile
+//                 products, at the price of summing dQ over key blocks in the order blocks run.
+//   then either dq_convert_kernel: dQ = s dq_accum as T (padding rows zero), one 16-byte chunk per thread;
+//   or (torch.use_deterministic_algorithms, args.dq_accum null) dq_kernel: a block owns 64 queries (16 per warp)
+//                 and loops over key tiles: S = Q K^T, dP = dO V^T, dQ += dS K (K through ldmatrix.trans). It
+//                 recomputes S and dP: 7 tile products instead of 5 (1.4x the useful FLOPs), the price of
+//                 determinism without atomics or a [key blocks, tokens, heads, D] fp32 scratch (400 MB at Base).
+// The dQ workspace at Base is [16384 tokens, 12, 64] fp32 = 50 MB next to the 75 MB gradient. Each dQ entry gets
+//   T / 64 additions (8 at T = 512; FlashAttention-2's 128-key blocks make 4): 100 M at Base, 50 M v2
+//   reductions. Per block and 32-query tile at D = 64 that is 1,024 reductions against 320 mma, 3.2 per mma,
+//   as many instructions as FlashAttention-2's sm80 code issues (8,192 scalar atomics per 2,560 mma).
 //
 // Napkin math (bf16, H100 SXM: ~990 TFLOP/s dense tensor peak, ~3.35 TB/s HBM, 50 MB L2):
 //   FLOPs: forward 4 T^2 D per (sequence, head); backward 2.5x that useful, 3.5x executed here.
@@ -34,10 +44,12 @@
 //     dO tiles of 32 rows (18 KB) plus lse/delta/dropout bits (0.5 KB) = 36.5 KB, 4 blocks per SM = 146 KB;
 //     kernel 2 holds Q, dO (18 KB) and double-buffered 64-row K, V tiles (36 KB) + 1 KB = 55 KB. D=128:
 //     kernel 1 keeps 4 warps and 32-row tiles (68.5 KB), kernel 2 32-row tiles (68.5 KB); D=32: 31 KB each.
-//   Registers (ptxas 13.0, sm_90, no spills): dkdv 247 (D=64), 244 (D=128), 252 (D=32); dq 168 at each D
-//     (bounded to 3 blocks per SM); delta 24. Registers, not shared memory, cap dkdv's residency at 8 warps per
-//     SM, dq's at 12. On an H200 at Base both kernels issue on only ~50% of the cycles, stalled on dependent
-//     instructions (benchmarks/NOTES.md): the element-wise step, not the tensor cores, set their pace.
+//   Registers (ptxas 13.0, sm_90, no spills), D = 64 / 128 / 32: dkdv 255 / 243 / 250 with kAccumulateDq, 236 /
+//     244 / 252 without; dq 168 at each D (bounded to 3 blocks per SM); delta 25, dq_convert 20. The dS^T stage
+//     adds 5 KB of shared memory per dkdv block (9 KB at D = 32): 41.5 KB at D = 64, still 4 blocks per SM.
+//     Registers, not shared memory, cap dkdv's residency at 8 warps per SM, dq's at 12. On an H200 at Base
+//     (before kAccumulateDq) both kernels issued on only ~50% of the cycles, stalled on dependent instructions
+//     (benchmarks/NOTES.md): the element-wise step, not the tensor cores, set their pace.
 //   Shared-memory bandwidth is the next limit (an H100 SM reads 128 B/clock against a ~4096 FLOP/clock
 //     tensor peak: 32 FLOP per shared byte to keep up). Kernel 1, D=64, per warp and 16-query slice of its
 //     32 keys: 32 ldmatrix.x4 (K and V A fragments 8 + 8, Q and dO as B for S^T and dP^T 4 + 4, transposed
@@ -63,6 +75,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/philox.h"
@@ -318,6 +331,72 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
   }
 }
 
+// dkdv_kernel<.., kAccumulateDq = true>: the block's dS^T of one query tile, [64 keys][kQ queries] as T, staged
+// for the dQ product (80-byte rows at kQ = 32: a lane quad's 4-byte stores of 8 rows hit 32 distinct banks).
+template <int D>
+using DsTile = tiles::PaddedTile<kBlockRows, Dkdv<D>::kQ>;
+
+// The slice's dS^T (rows = the warp's keys warp_key0 + 16 m + group (+ 8), columns = queries q1 + 8 n + 2 pair
+// (+ 1)) as T into the block's DsTile, in the rounding the dK product gives it.
+template <typename T, int D, int kM, int kSlice>
+__device__ __forceinline__ void stage_ds_t(const float (&ds_t)[kM][kSlice / 8][4], T* tile, int warp_key0, int q1) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int n = 0; n < kSlice / 8; ++n) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        T* const entry = DsTile<D>::at(tile, warp_key0 + 16 * m + group + 8 * half, q1 + 8 * n + 2 * pair);
+        *reinterpret_cast<uint32_t*>(entry) = tiles::float2_to_pair<T>(ds_t[m][n][2 * half], ds_t[m][n][2 * half + 1]);
+      }
+    }
+  }
+}
+
+// dQ of the tile's queries q0 .. q0 + kQ - 1 from the block's 64 keys, dS (kQ x 64, read transposed from the
+// DsTile) times K (64 x D), added to dq_rows (row stride `stride` floats; rows q0 + r < len only) with vector
+// atomics; dq_convert_kernel applies softmax_scale when it converts the sums. The kQ / 16 query tiles and
+// D columns are split over the block's warps so that each warp holds 16 x 64 or 32 x 32 sums (32 registers).
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_dq(const T* ds_t, const T* k_tile, float* dq_rows, int64_t stride, int q0,
+                                              int len) {
+  constexpr int kWarps = Dkdv<D>::kWarps, kQTiles = Dkdv<D>::kQ / 16;
+  constexpr int kWarpsPerQTile = kWarps > kQTiles ? kWarps / kQTiles : 1;
+  constexpr int kQTilesPerWarp = kQTiles * kWarpsPerQTile / kWarps;
+  constexpr int kCols = D / kWarpsPerQTile;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
+  const int qtile0 = warp / kWarpsPerQTile * kQTilesPerWarp, col0 = warp % kWarpsPerQTile * kCols;
+  float dq[kQTilesPerWarp][kCols / 8][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < kBlockRows / 16; ++kk) {
+    uint32_t a[kQTilesPerWarp][4];
+#pragma unroll
+    for (int i = 0; i < kQTilesPerWarp; ++i) {
+      ldmatrix<4, true>(a[i], tiles::a_fragment_row_km<DsTile<D>>(ds_t, 16 * kk, 16 * (qtile0 + i), lane));
+    }
+#pragma unroll
+    for (int dn = 0; dn < kCols / 16; ++dn) {
+      uint32_t b[4];
+      ldmatrix<4, true>(b, tiles::b_fragment_row_kn<Rows<D>>(k_tile, 16 * kk, col0 + 16 * dn, lane));
+#pragma unroll
+      for (int i = 0; i < kQTilesPerWarp; ++i) mma_pair<T>(dq[i][2 * dn], dq[i][2 * dn + 1], a[i], b);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kQTilesPerWarp; ++i) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int query = q0 + 16 * (qtile0 + i) + group + 8 * half;
+      if (query >= len) continue;
+#pragma unroll
+      for (int n = 0; n < kCols / 8; ++n) {
+        red_add_f32x2(dq_rows + query * stride + col0 + 8 * n + 2 * pair, dq[i][n][2 * half], dq[i][n][2 * half + 1]);
+      }
+    }
+  }
+}
+
 // Dynamic shared memory of either kernel with inner tiles of kInner rows.
 template <int D, int kInner>
 constexpr size_t shared_bytes() {
@@ -325,6 +404,11 @@ constexpr size_t shared_bytes() {
          + size_t(4) * row_offset<D>(kInner) * 2    // two double-buffered inner tiles
          + size_t(2) * kInner * sizeof(float)    // lse, delta of the inner tile (kernel 1)
          + size_t(kBlockRows) * kInner / 8;      // dropout bits
+}
+
+template <int D, bool kAccumulateDq>
+constexpr size_t dkdv_shared_bytes() {
+  return shared_bytes<D, Dkdv<D>::kQ>() + (kAccumulateDq ? size_t(DsTile<D>::kElements) * 2 : 0);
 }
 
 // Kernel 0: delta = rowsum(dO o out) in fp32 for the tokens blockIdx.x * kDeltaTokens<D> .. of sequence
@@ -348,6 +432,11 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBac
     const int64_t offset = (seq.start + token) * int64_t(s.heads) * D + h * D + chunk * 8;
     const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.grad_out) + offset);
     const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.out) + offset);
+    if (args.dq_accum != nullptr) {  // the rows dkdv_kernel adds dQ to start at zero (no fill kernel)
+      const uint4 zero = {0u, 0u, 0u, 0u};
+      reinterpret_cast<uint4*>(args.dq_accum + offset)[0] = zero;
+      reinterpret_cast<uint4*>(args.dq_accum + offset)[1] = zero;
+    }
     const uint32_t dw[4] = {d.x, d.y, d.z, d.w}, ow[4] = {o.x, o.y, o.z, o.w};
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -360,8 +449,9 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBac
   if (token < seq.length && chunk == 0) args.delta[int64_t(h) * s.tokens + seq.start + token] = sum;
 }
 
-// Kernel 1: dK and dV of keys blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y.
-template <typename T, int D>
+// Kernel 1: dK and dV of keys blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y; with
+// kAccumulateDq also these keys' part of dQ, added to args.dq_accum.
+template <typename T, int D, bool kAccumulateDq>
 __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const AttentionBackwardArgs args) {
   constexpr int kM = Dkdv<D>::kM, kQ = Dkdv<D>::kQ, kSlice = Dkdv<D>::kSlice, kThreads = Dkdv<D>::kThreads;
   const AttentionShape& s = args.shape;
@@ -382,7 +472,8 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   T* sV = sK + row_offset<D>(kBlockRows);
   T* sQ = sV + row_offset<D>(kBlockRows);  // [2][kQ] rows
   T* sdO = sQ + row_offset<D>(2 * kQ);     // [2][kQ] rows
-  float* sLse = reinterpret_cast<float*>(sdO + row_offset<D>(2 * kQ));
+  T* sdS = sdO + row_offset<D>(2 * kQ);    // DsTile, with kAccumulateDq
+  float* sLse = reinterpret_cast<float*>(sdS + (kAccumulateDq ? DsTile<D>::kElements : 0));
   float* sDelta = sLse + kQ;
   uint32_t* sBits = reinterpret_cast<uint32_t*>(sDelta + kQ);  // [kQ][64 / 32]
 
@@ -443,11 +534,18 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
         dkdv_elementwise<decltype(with_dropout)::value, decltype(mask_keys)::value, kM, kSlice>(
             st, dpt, scale_log2, dropout_scale, sLse, sDelta, sBits, q1, warp_key0, valid_keys);
       });
+      if constexpr (kAccumulateDq) stage_ds_t<T, D, kM, kSlice>(dpt, sdS, warp_key0, q1);
       product_xb<T, D, kM, kSlice>(dv, st, cdO + row_offset<D>(q1));
       product_xb<T, D, kM, kSlice>(dk, dpt, cQ + row_offset<D>(q1));
     }
     __syncthreads();
+    // The tile's dS^T is complete. The next tile's slices overwrite it only after the barrier at its top, which
+    // every warp reaches after this product.
+    if constexpr (kAccumulateDq) {
+      accumulate_dq<T, D>(sdS, sK, args.dq_accum + seq.start * row_stride + h * D, row_stride, q0, len);
+    }
   }
+  if constexpr (kAccumulateDq) __syncthreads();  // store_rows stages dK in sK, which the last dQ product reads
 
   store_rows<T, D, kM, kThreads>(dk, s.softmax_scale, sK, gradient_rows<T, D>(args.grad_k, args, seq.start, h),
                                  args.grad_token_stride, key0, len, seq.rows);
@@ -536,6 +634,33 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
 
   store_rows<T, D, 1, kThreads>(dq, s.softmax_scale, sQ, gradient_rows<T, D>(args.grad_q, args, seq.start, h),
                                 args.grad_token_stride, query0, len, seq.rows);
+}
+
+// Kernel 2 with args.dq_accum (replacing dq_kernel): dQ = softmax_scale * dq_accum as T into grad_q, the padded
+// layout's padding rows as zeros; threads laid out as delta_kernel's, one 16-byte chunk of a row each.
+template <typename T, int D>
+__global__ void __launch_bounds__(kDeltaThreads) dq_convert_kernel(const AttentionBackwardArgs args) {
+  constexpr int kChunks = D / 8;
+  const AttentionShape& s = args.shape;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const tiles::SequenceExtent seq = sequence_of(s, b);
+  const int token = blockIdx.x * kDeltaTokens<D> + threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  if (token >= seq.rows) return;
+  uint4 packed = {0u, 0u, 0u, 0u};
+  if (token < seq.length) {
+    const uint4* sums = reinterpret_cast<const uint4*>(args.dq_accum + (seq.start + token) * int64_t(s.heads) * D +
+                                                      h * D + chunk * 8);
+    float x[8];
+    const uint4 low = sums[0], high = sums[1];
+    std::memcpy(x, &low, 16);
+    std::memcpy(x + 4, &high, 16);
+    packed = {tiles::float2_to_pair<T>(x[0] * s.softmax_scale, x[1] * s.softmax_scale),
+              tiles::float2_to_pair<T>(x[2] * s.softmax_scale, x[3] * s.softmax_scale),
+              tiles::float2_to_pair<T>(x[4] * s.softmax_scale, x[5] * s.softmax_scale),
+              tiles::float2_to_pair<T>(x[6] * s.softmax_scale, x[7] * s.softmax_scale)};
+  }
+  *reinterpret_cast<uint4*>(gradient_rows<T, D>(args.grad_q, args, seq.start, h) + token * args.grad_token_stride +
+                            chunk * 8) = packed;
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_backward_device

@@ -67,6 +67,9 @@ struct AttentionBackwardArgs {
   void* grad_k;          // token stride grad_token_stride: the three views of one [tokens, 3, heads, head_dim]
   void* grad_v;          // gradient (grad_token_stride = 3 heads head_dim)
   int64_t grad_token_stride;
+  float* dq_accum = nullptr;  // [tokens, heads, head_dim] float32 workspace (contiguous, contents undefined): the
+                              // dK/dV kernel adds each key block's part of dQ there with atomics, in whatever
+                              // order blocks run. null: the deterministic kernels (a dQ kernel recomputes S, dP)
 };
 
 // Head dims the CUDA kernels are instantiated for (the glue checks before launching).

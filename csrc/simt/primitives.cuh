@@ -130,6 +130,18 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// address[0] += x and address[1] += y in global memory, each atomically, no result returned (8-byte aligned
+// address). sm_90: one vector reduction, red.global.add.v2.f32; before sm_90, two scalar atomicAdd (which ptxas
+// emits as RED when the result is unused).
+__device__ __forceinline__ void red_add_f32x2(float* address, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(address), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(address, x);
+  atomicAdd(address + 1, y);
+#endif
+}
+
 #else  // the SIMT emulation
 
 template <typename T>
@@ -207,6 +219,12 @@ inline void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
 inline void cp_async_commit() {}
 template <int kPending>
 void cp_async_wait() {}
+
+inline void red_add_f32x2(float* address, float x, float y) {
+  if (reinterpret_cast<uintptr_t>(address) % 8 != 0) ::simt::fail("red.global.add.v2.f32: address not 8-byte aligned");
+  atomicAdd(address, x);
+  atomicAdd(address + 1, y);
+}
 
 // Exact rounding instead of the hardware's 2 ulp; the flushes as on the GPU.
 inline float exp2_ftz(float x) {

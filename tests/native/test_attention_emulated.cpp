@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/philox.h"
@@ -125,13 +126,29 @@ void check(int head_dim, std::vector<int> lengths, float dropout_p, std::mt19937
   expect(emulated::attention_forward(forward, nullptr) == cudaSuccess, "forward launch", head_dim, dropout_p);
   // bfloat16 outputs: 2^-9 relative rounding per entry, plus P and dS rounded for the tensor cores.
   expect(relative_error(to_double(out_kernel.data, size), out) <= 6e-3, "out", head_dim, dropout_p);
-  const AttentionBackwardArgs backward{FloatType::kBFloat16, shape, q, k, v, grad_out_values.data(),
-                                       out_kernel.data, lse.data, delta.data, grad_q_kernel.data,
-                                       grad_k_kernel.data, grad_v_kernel.data, int64_t(kHeads) * head_dim};
-  expect(emulated::attention_backward(backward, nullptr) == cudaSuccess, "backward launch", head_dim, dropout_p);
-  expect(relative_error(to_double(grad_q_kernel.data, size), grad_q) <= 1e-2, "grad_q", head_dim, dropout_p);
-  expect(relative_error(to_double(grad_k_kernel.data, size), grad_k) <= 1e-2, "grad_k", head_dim, dropout_p);
-  expect(relative_error(to_double(grad_v_kernel.data, size), grad_v) <= 6e-3, "grad_v", head_dim, dropout_p);
+  // Both backward paths: dQ added over key blocks into a float32 workspace whose contents start undefined (NaN
+  // here: the kernels must zero the rows they add to), and the deterministic dQ kernel (no workspace).
+  DeviceBuffer<float> dq_accum(size);
+  for (float* workspace : {dq_accum.data, static_cast<float*>(nullptr)}) {
+    std::fill(dq_accum.data, dq_accum.data + size, NAN);
+    for (auto* buffer : {&grad_q_kernel, &grad_k_kernel, &grad_v_kernel}) {
+      std::fill(buffer->data, buffer->data + size, __float2bfloat16_rn(0.0f));
+    }
+    const AttentionBackwardArgs backward{FloatType::kBFloat16, shape, q, k, v, grad_out_values.data(),
+                                         out_kernel.data, lse.data, delta.data, grad_q_kernel.data,
+                                         grad_k_kernel.data, grad_v_kernel.data, int64_t(kHeads) * head_dim,
+                                         workspace};
+    const char* path = workspace != nullptr ? " (dQ workspace)" : " (dQ kernel)";
+    const auto what = [&](const char* name) { return std::string(name) + path; };
+    expect(emulated::attention_backward(backward, nullptr) == cudaSuccess, what("backward launch").c_str(), head_dim,
+           dropout_p);
+    expect(relative_error(to_double(grad_q_kernel.data, size), grad_q) <= 1e-2, what("grad_q").c_str(), head_dim,
+           dropout_p);
+    expect(relative_error(to_double(grad_k_kernel.data, size), grad_k) <= 1e-2, what("grad_k").c_str(), head_dim,
+           dropout_p);
+    expect(relative_error(to_double(grad_v_kernel.data, size), grad_v) <= 6e-3, what("grad_v").c_str(), head_dim,
+           dropout_p);
+  }
 }
 
 }  // namespace

@@ -204,6 +204,26 @@ void test_exp2_ftz() {
   expect(ok, "ex2.approx.ftz: within 4 ulp, subnormal results and 2^-inf flushed to +0");
 }
 
+// 4 blocks of 128 threads add (thread + 1, -(2 block + 1)) to float pair thread % 16 of 16: 32 additions per
+// pair from threads of every block, all exact in float32, so any lost update shows.
+__global__ void red_add_kernel(float* pairs) {
+  red_add_f32x2(pairs + 2 * (threadIdx.x % 16), float(threadIdx.x + 1), -float(2 * blockIdx.x + 1));
+}
+
+void test_red_add() {
+  DeviceBuffer<float> pairs_device(std::vector<float>(32, 0.5f));
+  launch_kernel(red_add_kernel, 4, 128, 0, nullptr, pairs_device.data);
+  check_launch("red.add kernel");
+  const std::vector<float> pairs = pairs_device.to_host();
+  bool ok = true;
+  for (int p = 0; p < 16; ++p) {
+    double first = 0.5;
+    for (int t = p; t < 128; t += 16) first += 4 * (t + 1);  // each block adds thread t + 1 once
+    ok = ok && pairs[2 * p] == first && pairs[2 * p + 1] == 0.5f - 8 * (1 + 3 + 5 + 7);
+  }
+  expect(ok, "red.global.add.v2.f32: every block's and thread's pair added, none lost");
+}
+
 int run() {
   std::mt19937 rng(0);
   test_mma<__nv_bfloat16>(rng);
@@ -216,6 +236,7 @@ int run() {
   test_ldmatrix<4, true>("ldmatrix.x4.trans");
   test_cp_async(rng);
   test_exp2_ftz();
+  test_red_add();
   std::printf("%s primitive self-tests: %s, %d failure(s)\n", ELECTRA_BACKEND_NAME,
               failures == 0 ? "passed" : "FAILED", failures);
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
