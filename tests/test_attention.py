@@ -363,6 +363,7 @@ def test_deterministic_algorithms_take_the_dq_kernel(target, device, op):
     run = lambda: forward_backward(lambda a, b, c: op(a, b, c, seqlens=seqlens, dropout_p=0.1,  # noqa: E731
                                                       generator=torch.Generator(device).manual_seed(2)),
                                    q, k, v, grad_out)
+
     def kernels_of(step):
         """The CUDA kernels `step` launches (their names), or None off the GPU."""
         if target != "cuda":
