@@ -29,16 +29,17 @@ cudaError_t backward_typed(const AttentionBackwardArgs& args, cudaStream_t strea
   const dim3 row_grid((s.max_seqlen + dev::kDeltaTokens<D> - 1) / dev::kDeltaTokens<D>, s.heads, s.batch);
   launch_kernel(dev::delta_kernel<T, D>, row_grid, dim3(dev::kDeltaThreads), 0, stream, args);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  const dim3 grid((s.max_seqlen + dev::kBlockRows - 1) / dev::kBlockRows, s.heads, s.batch);
-  launch_kernel(dkdv, grid, dim3(dev::Dkdv<D>::kThreads), dkdv_shared, stream, args);
+  const dim3 key_grid((s.max_seqlen + dev::kDkdvBlockKeys - 1) / dev::kDkdvBlockKeys, s.heads, s.batch);
+  launch_kernel(dkdv, key_grid, dim3(dev::Dkdv<D>::kThreads), dkdv_shared, stream, args);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   if constexpr (kAccumulateDq) {
     launch_kernel(dev::dq_convert_kernel<T, D>, row_grid, dim3(dev::kDeltaThreads), 0, stream, args);
   } else {
-    constexpr size_t dq_shared = dev::shared_bytes<D, dev::dq_inner_rows<D>()>();
+    constexpr size_t dq_shared = dev::dq_shared_bytes<D>();
     auto dq = dev::dq_kernel<T, D>;
     if (cudaError_t err = allow_shared(dq, dq_shared); err != cudaSuccess) return err;
-    launch_kernel(dq, grid, dim3(dev::kDqWarps * dev::kWarpSize), dq_shared, stream, args);
+    const dim3 query_grid((s.max_seqlen + dev::kDqBlockQueries - 1) / dev::kDqBlockQueries, s.heads, s.batch);
+    launch_kernel(dq, query_grid, dim3(dev::kDqWarps * dev::kWarpSize), dq_shared, stream, args);
   }
   return cudaGetLastError();
 }

@@ -88,20 +88,21 @@ namespace electra_ext::ELECTRA_BACKEND::attention_backward_device {
 namespace tiles = attention_tiles;
 
 constexpr int kWarpSize = 32;
-constexpr int kBlockRows = 64;  // keys per dK/dV block, queries per dQ block
-constexpr int kDqWarps = 4;     // dq_kernel: 16 queries (the mma's M) per warp (32 measured no faster on an H200)
+constexpr int kDkdvBlockKeys = 64;    // keys per dK/dV block (multiple of 32: whole dropout words per row)
+constexpr int kDqBlockQueries = 64;  // queries per dQ block
+constexpr int kDqWarps = 4;          // dq_kernel: 16 queries (the mma's M) per warp (32 measured no faster on an H200)
 constexpr float kLog2e = 1.4426950408889634f;
 
 // dkdv_kernel's shape per head dim. Each warp owns kM * 16 keys, so every Q or dO fragment it loads from shared
 // memory feeds kM mma's; its dK and dV accumulators are 2 x kM x 16 x D fp32 (kM * D per thread: 128 at D=64
-// with kM = 2, as at D=128 with kM = 1, the most that fits). A block is still 64 keys (2 warps at kM = 2),
+// with kM = 2, as at D=128 with kM = 1, the most that fits). A block is kDkdvBlockKeys keys (2 warps at kM = 2),
 // looping over tiles of kQ queries, processed kSlice queries at a time: S^T and dP^T of a slice take
 // 2 x kM x kSlice / 2 fp32 per thread next to the accumulators. kUnrollK: k-slices of S^T, dP^T unrolled; fully
 // unrolled at D=64, ptxas loads later k-slices' fragments ahead and spills (sm_90: 16 bytes).
 template <int D>
 struct Dkdv {
   static constexpr int kM = D >= 128 ? 1 : 2;
-  static constexpr int kWarps = kBlockRows / (16 * kM);
+  static constexpr int kWarps = kDkdvBlockKeys / (16 * kM);
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kQ = D >= 64 ? 32 : 64;
   static constexpr int kSlice = kM == 1 ? kQ : kQ / 2;
@@ -118,7 +119,7 @@ constexpr int dq_inner_rows() {
 // 8 rows one ldmatrix matrix reads fall in 8 different bank groups); only the row stride matters for addressing,
 // so one type addresses tiles of any row count.
 template <int D>
-using Rows = tiles::PaddedTile<kBlockRows, D>;
+using Rows = tiles::PaddedTile<kDkdvBlockKeys, D>;
 
 // Element offset of tile row `row` (the first row of a slice, or of the next buffer of a double-buffered tile).
 template <int D>
@@ -236,7 +237,8 @@ __device__ __forceinline__ void with_tile_switches(bool dropout, bool mask_keys,
 
 // dkdv_kernel, one kSlice-query slice: rows are the warp's keys (slice m: warp_key0 + 16 m + group, + 8),
 // columns the queries q1 + 8 n + 2 pair (+ 1). In place: st <- (P o Z~)^T, dpt <- dS^T = P^T o (dP^T o Z~ -
-// delta). lse (pre-scaled by log2 e) and delta are per query of the tile; bits: [tile queries][2] words, 64 keys.
+// delta). lse (pre-scaled by log2 e) and delta are per query of the tile; bits: [tile queries][kDkdvBlockKeys /
+// 32] words.
 template <bool kDropout, bool kMaskKeys, int kM, int kSlice>
 __device__ __forceinline__ void dkdv_elementwise(float (&st)[kM][kSlice / 8][4], float (&dpt)[kM][kSlice / 8][4],
                                                  float scale_log2, float dropout_scale, const float* lse,
@@ -252,7 +254,8 @@ __device__ __forceinline__ void dkdv_elementwise(float (&st)[kM][kSlice / 8][4],
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
         const int key16 = warp_key0 + 16 * m;  // the slice's first key; its 16 keys share a keep word
-        const uint32_t keep = kDropout ? bits[query * 2 + key16 / 32] >> (key16 % 32 + group) : 0u;
+        const uint32_t keep =
+            kDropout ? bits[query * (kDkdvBlockKeys / 32) + key16 / 32] >> (key16 % 32 + group) : 0u;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int i = 2 * half + c;
@@ -269,7 +272,7 @@ __device__ __forceinline__ void dkdv_elementwise(float (&st)[kM][kSlice / 8][4],
 
 // dq_kernel, one kK-key tile: rows are the warp's 16 queries (the thread's two: warp_query0 + group, + 8, with
 // row_lse pre-scaled by log2 e and row_delta), columns the keys 8 n + 2 pair (+ 1). In place: dp <- dS = P o
-// (dP o Z~ - delta). bits: [64 block queries][kK / 32] words.
+// (dP o Z~ - delta). bits: [kDqBlockQueries][kK / 32] words.
 template <bool kDropout, bool kMaskKeys, int kK>
 __device__ __forceinline__ void dq_elementwise(float (&dp)[1][kK / 8][4], const float (&st)[1][kK / 8][4],
                                                float scale_log2, float dropout_scale, const float (&row_lse)[2],
@@ -297,7 +300,7 @@ __device__ __forceinline__ void dq_elementwise(float (&dp)[1][kK / 8][4], const 
   }
 }
 
-// Writes rows 0 .. kBlockRows - 1 of the per-warp accumulators (warp w: rows 16 kM w .. + 16 kM - 1, slice m
+// Writes rows 0 .. kRows - 1 of the per-warp accumulators (warp w: rows 16 kM w .. + 16 kM - 1, slice m
 // of them in acc[m]), times `scale`, as T into the swizzled tile `stage`, then (after a barrier) rows
 // row0 + r < len to dst (row stride `stride`) with 16-byte stores, and rows len <= row0 + r < rows (the padded
 // layout's padding) as zeros. The caller's last barrier must precede (stage may alias tiles still being read).
@@ -320,9 +323,9 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
     }
   }
   __syncthreads();
-  constexpr int kChunks = D / 8;
+  constexpr int kRows = kThreads / kWarpSize * 16 * kM, kChunks = D / 8;
   const uint4 zero = {0u, 0u, 0u, 0u};
-  for (int i = threadIdx.x; i < kBlockRows * kChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     if (row0 + r < rows) {
       *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * stride + c * 8) =
@@ -331,10 +334,10 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
   }
 }
 
-// dkdv_kernel<.., kAccumulateDq = true>: the block's dS^T of one query tile, [64 keys][kQ queries] as T, staged
+// dkdv_kernel<.., kAccumulateDq = true>: the block's dS^T of one query tile, [keys][kQ queries] as T, staged
 // for the dQ product (80-byte rows at kQ = 32: a lane quad's 4-byte stores of 8 rows hit 32 distinct banks).
 template <int D>
-using DsTile = tiles::PaddedTile<kBlockRows, Dkdv<D>::kQ>;
+using DsTile = tiles::PaddedTile<kDkdvBlockKeys, Dkdv<D>::kQ>;
 
 // The slice's dS^T (rows = the warp's keys warp_key0 + 16 m + group (+ 8), columns = queries q1 + 8 n + 2 pair
 // (+ 1)) as T into the block's DsTile, in the rounding the dK product gives it.
@@ -354,8 +357,8 @@ __device__ __forceinline__ void stage_ds_t(const float (&ds_t)[kM][kSlice / 8][4
   }
 }
 
-// dQ of the tile's queries q0 .. q0 + kQ - 1 from the block's 64 keys, dS (kQ x 64, read transposed from the
-// DsTile) times K (64 x D), added to dq_rows (row stride `stride` floats; rows q0 + r < len only) with vector
+// dQ of the tile's queries q0 .. q0 + kQ - 1 from the block's keys, dS (kQ x keys, read transposed from the
+// DsTile) times K (keys x D), added to dq_rows (row stride `stride` floats; rows q0 + r < len only) with vector
 // atomics; dq_convert_kernel applies softmax_scale when it converts the sums. The kQ / 16 query tiles and
 // D columns are split over the block's warps so that each warp holds 16 x 64 or 32 x 32 sums (32 registers).
 template <typename T, int D>
@@ -369,7 +372,7 @@ __device__ __forceinline__ void accumulate_dq(const T* ds_t, const T* k_tile, fl
   const int qtile0 = warp / kWarpsPerQTile * kQTilesPerWarp, col0 = warp % kWarpsPerQTile * kCols;
   float dq[kQTilesPerWarp][kCols / 8][4] = {};
 #pragma unroll
-  for (int kk = 0; kk < kBlockRows / 16; ++kk) {
+  for (int kk = 0; kk < kDkdvBlockKeys / 16; ++kk) {
     uint32_t a[kQTilesPerWarp][4];
 #pragma unroll
     for (int i = 0; i < kQTilesPerWarp; ++i) {
@@ -397,18 +400,23 @@ __device__ __forceinline__ void accumulate_dq(const T* ds_t, const T* k_tile, fl
   }
 }
 
-// Dynamic shared memory of either kernel with inner tiles of kInner rows.
-template <int D, int kInner>
+// Dynamic shared memory of either kernel with kOwn rows of its own and inner tiles of kInner rows.
+template <int D, int kOwn, int kInner>
 constexpr size_t shared_bytes() {
-  return size_t(2) * row_offset<D>(kBlockRows) * 2  // the block's own two tiles (K, V or Q, dO)
-         + size_t(4) * row_offset<D>(kInner) * 2    // two double-buffered inner tiles
-         + size_t(2) * kInner * sizeof(float)    // lse, delta of the inner tile (kernel 1)
-         + size_t(kBlockRows) * kInner / 8;      // dropout bits
+  return size_t(2) * row_offset<D>(kOwn) * 2      // the block's own two tiles (K, V or Q, dO)
+         + size_t(4) * row_offset<D>(kInner) * 2  // two double-buffered inner tiles
+         + size_t(2) * kInner * sizeof(float)     // lse, delta of the inner tile (kernel 1)
+         + size_t(kOwn) * kInner / 8;             // dropout bits
 }
 
 template <int D, bool kAccumulateDq>
 constexpr size_t dkdv_shared_bytes() {
-  return shared_bytes<D, Dkdv<D>::kQ>() + (kAccumulateDq ? size_t(DsTile<D>::kElements) * 2 : 0);
+  return shared_bytes<D, kDkdvBlockKeys, Dkdv<D>::kQ>() + (kAccumulateDq ? size_t(DsTile<D>::kElements) * 2 : 0);
+}
+
+template <int D>
+constexpr size_t dq_shared_bytes() {
+  return shared_bytes<D, kDqBlockQueries, dq_inner_rows<D>()>();
 }
 
 // Kernel 0: delta = rowsum(dO o out) in fp32 for the tokens blockIdx.x * kDeltaTokens<D> .. of sequence
@@ -449,16 +457,16 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBac
   if (token < seq.length && chunk == 0) args.delta[int64_t(h) * s.tokens + seq.start + token] = sum;
 }
 
-// Kernel 1: dK and dV of keys blockIdx.x * 64 .. + 63 of sequence blockIdx.z, head blockIdx.y; with
+// Kernel 1: dK and dV of keys blockIdx.x * kDkdvBlockKeys .. of sequence blockIdx.z, head blockIdx.y; with
 // kAccumulateDq also these keys' part of dQ, added to args.dq_accum.
 template <typename T, int D, bool kAccumulateDq>
 __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const AttentionBackwardArgs args) {
   constexpr int kM = Dkdv<D>::kM, kQ = Dkdv<D>::kQ, kSlice = Dkdv<D>::kSlice, kThreads = Dkdv<D>::kThreads;
   const AttentionShape& s = args.shape;
-  const int b = blockIdx.z, h = blockIdx.y, key0 = blockIdx.x * kBlockRows;
+  const int b = blockIdx.z, h = blockIdx.y, key0 = blockIdx.x * kDkdvBlockKeys;
   const tiles::SequenceExtent seq = sequence_of(s, b);
   if (key0 >= seq.length) {  // padding keys at most (padded layout): their dK and dV rows are zeros
-    const int last = key0 + kBlockRows < seq.rows ? key0 + kBlockRows : seq.rows;
+    const int last = key0 + kDkdvBlockKeys < seq.rows ? key0 + kDkdvBlockKeys : seq.rows;
     tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_k, args, seq.start, h), args.grad_token_stride,
                                   key0, last, threadIdx.x);
     tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_v, args, seq.start, h), args.grad_token_stride,
@@ -469,8 +477,8 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
 
   ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
   T* sK = reinterpret_cast<T*>(attention_shared);
-  T* sV = sK + row_offset<D>(kBlockRows);
-  T* sQ = sV + row_offset<D>(kBlockRows);  // [2][kQ] rows
+  T* sV = sK + row_offset<D>(kDkdvBlockKeys);
+  T* sQ = sV + row_offset<D>(kDkdvBlockKeys);  // [2][kQ] rows
   T* sdO = sQ + row_offset<D>(2 * kQ);     // [2][kQ] rows
   T* sdS = sdO + row_offset<D>(2 * kQ);    // DsTile, with kAccumulateDq
   float* sLse = reinterpret_cast<float*>(sdS + (kAccumulateDq ? DsTile<D>::kElements : 0));
@@ -485,8 +493,8 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   const float* lse = args.lse + int64_t(h) * s.tokens + seq.start;
   const float* delta = args.delta + int64_t(h) * s.tokens + seq.start;
 
-  load_tile<D, kBlockRows, kThreads>(sK, k, args.k.token_stride, key0, len);
-  load_tile<D, kBlockRows, kThreads>(sV, v, args.v.token_stride, key0, len);
+  load_tile<D, kDkdvBlockKeys, kThreads>(sK, k, args.k.token_stride, key0, len);
+  load_tile<D, kDkdvBlockKeys, kThreads>(sV, v, args.v.token_stride, key0, len);
   load_tile<D, kQ, kThreads>(sQ, q, args.q.token_stride, 0, len);
   load_tile<D, kQ, kThreads>(sdO, dout, row_stride, 0, len);
   cp_async_commit();
@@ -516,7 +524,7 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
       sLse[i] = valid ? lse[q0 + i] * kLog2e : INFINITY;
       sDelta[i] = valid ? delta[q0 + i] : 0.0f;
     }
-    if (dropout) dropout_bits<kQ, kBlockRows, kThreads>(sBits, seed, b, h, q0, key0, s.dropout_threshold);
+    if (dropout) dropout_bits<kQ, kDkdvBlockKeys, kThreads>(sBits, seed, b, h, q0, key0, s.dropout_threshold);
     cp_async_wait<1>();
     __syncthreads();
 
@@ -530,7 +538,7 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
       float st[kM][kSlice / 8][4] = {}, dpt[kM][kSlice / 8][4] = {};
       product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(st, sK, warp_key0, cQ + row_offset<D>(q1));
       product_abt<T, D, kM, kSlice, Dkdv<D>::kUnrollK>(dpt, sV, warp_key0, cdO + row_offset<D>(q1));
-      with_tile_switches(dropout, valid_keys < kBlockRows, [&](auto with_dropout, auto mask_keys) {
+      with_tile_switches(dropout, valid_keys < kDkdvBlockKeys, [&](auto with_dropout, auto mask_keys) {
         dkdv_elementwise<decltype(with_dropout)::value, decltype(mask_keys)::value, kM, kSlice>(
             st, dpt, scale_log2, dropout_scale, sLse, sDelta, sBits, q1, warp_key0, valid_keys);
       });
@@ -560,10 +568,10 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const AttentionBackwardArgs args) {
   constexpr int kK = dq_inner_rows<D>(), kThreads = kDqWarps * kWarpSize;
   const AttentionShape& s = args.shape;
-  const int b = blockIdx.z, h = blockIdx.y, query0 = blockIdx.x * kBlockRows;
+  const int b = blockIdx.z, h = blockIdx.y, query0 = blockIdx.x * kDqBlockQueries;
   const tiles::SequenceExtent seq = sequence_of(s, b);
   if (query0 >= seq.length) {  // padding queries at most (padded layout): their dQ rows are zeros
-    const int last = query0 + kBlockRows < seq.rows ? query0 + kBlockRows : seq.rows;
+    const int last = query0 + kDqBlockQueries < seq.rows ? query0 + kDqBlockQueries : seq.rows;
     tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_q, args, seq.start, h), args.grad_token_stride,
                                   query0, last, threadIdx.x);
     return;
@@ -572,8 +580,8 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
 
   ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
   T* sQ = reinterpret_cast<T*>(attention_shared);
-  T* sdO = sQ + row_offset<D>(kBlockRows);
-  T* sK = sdO + row_offset<D>(kBlockRows);  // [2][kK] rows
+  T* sdO = sQ + row_offset<D>(kDqBlockQueries);
+  T* sK = sdO + row_offset<D>(kDqBlockQueries);  // [2][kK] rows
   T* sV = sK + row_offset<D>(2 * kK);       // [2][kK] rows
   uint32_t* sBits = reinterpret_cast<uint32_t*>(sV + row_offset<D>(2 * kK));  // [64][kK / 32]
 
@@ -583,8 +591,8 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
   const T* v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
   const T* dout = static_cast<const T*>(args.grad_out) + seq.start * row_stride + h * D;
 
-  load_tile<D, kBlockRows, kThreads>(sQ, q, args.q.token_stride, query0, len);
-  load_tile<D, kBlockRows, kThreads>(sdO, dout, row_stride, query0, len);
+  load_tile<D, kDqBlockQueries, kThreads>(sQ, q, args.q.token_stride, query0, len);
+  load_tile<D, kDqBlockQueries, kThreads>(sdO, dout, row_stride, query0, len);
   load_tile<D, kK, kThreads>(sK, k, args.k.token_stride, 0, len);
   load_tile<D, kK, kThreads>(sV, v, args.v.token_stride, 0, len);
   cp_async_commit();
@@ -614,7 +622,7 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
       load_tile<D, kK, kThreads>(sV + row_offset<D>(((t + 1) & 1) * kK), v, args.v.token_stride, k0 + kK, len);
     }
     cp_async_commit();
-    if (dropout) dropout_bits<kBlockRows, kK, kThreads>(sBits, seed, b, h, query0, k0, s.dropout_threshold);
+    if (dropout) dropout_bits<kDqBlockQueries, kK, kThreads>(sBits, seed, b, h, query0, k0, s.dropout_threshold);
     cp_async_wait<1>();
     __syncthreads();
 
