@@ -300,28 +300,34 @@ __device__ __forceinline__ void dq_elementwise(float (&dp)[1][kK / 8][4], const 
   }
 }
 
+// A warp's accumulator fragments acc[m][n] (rows row0 + 16 m + group and + 8, columns col0 + 8 n + 2 pair and
+// + 1), times `scale`, as T into the padded tile `tile` (Tile's row stride).
+template <typename Tile, typename T, int kM, int kN>
+__device__ __forceinline__ void store_c_fragments(const float (&acc)[kM][kN][4], float scale, T* tile, int row0,
+                                                  int col0) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        T* const entry = Tile::at(tile, row0 + 16 * m + group + 8 * half, col0 + 8 * n + 2 * pair);
+        *reinterpret_cast<uint32_t*>(entry) =
+            tiles::float2_to_pair<T>(acc[m][n][2 * half] * scale, acc[m][n][2 * half + 1] * scale);
+      }
+    }
+  }
+}
+
 // Writes rows 0 .. kRows - 1 of the per-warp accumulators (warp w: rows 16 kM w .. + 16 kM - 1, slice m
-// of them in acc[m]), times `scale`, as T into the swizzled tile `stage`, then (after a barrier) rows
+// of them in acc[m]), times `scale`, as T into the padded tile `stage`, then (after a barrier) rows
 // row0 + r < len to dst (row stride `stride`) with 16-byte stores, and rows len <= row0 + r < rows (the padded
 // layout's padding) as zeros. The caller's last barrier must precede (stage may alias tiles still being read).
 template <typename T, int D, int kM, int kThreads>
 __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], float scale, T* stage, T* dst,
                                            int64_t stride, int row0, int len, int rows) {
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int group = lane / 4, pair = lane % 4;
-#pragma unroll
-  for (int m = 0; m < kM; ++m) {
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = 16 * (kM * warp + m) + group + 8 * half;
-        const uint32_t value =
-            tiles::float2_to_pair<T>(acc[m][n][2 * half] * scale, acc[m][n][2 * half + 1] * scale);
-        *reinterpret_cast<uint32_t*>(Rows<D>::at(stage, row, 8 * n + 2 * pair)) = value;
-      }
-    }
-  }
+  store_c_fragments<Rows<D>>(acc, scale, stage, 16 * kM * (threadIdx.x / kWarpSize), 0);
   __syncthreads();
   constexpr int kRows = kThreads / kWarpSize * 16 * kM, kChunks = D / 8;
   const uint4 zero = {0u, 0u, 0u, 0u};
@@ -338,24 +344,6 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
 // for the dQ product (80-byte rows at kQ = 32: a lane quad's 4-byte stores of 8 rows hit 32 distinct banks).
 template <int D>
 using DsTile = tiles::PaddedTile<kDkdvBlockKeys, Dkdv<D>::kQ>;
-
-// The slice's dS^T (rows = the warp's keys warp_key0 + 16 m + group (+ 8), columns = queries q1 + 8 n + 2 pair
-// (+ 1)) as T into the block's DsTile, in the rounding the dK product gives it.
-template <typename T, int D, int kM, int kSlice>
-__device__ __forceinline__ void stage_ds_t(const float (&ds_t)[kM][kSlice / 8][4], T* tile, int warp_key0, int q1) {
-  const int lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
-#pragma unroll
-  for (int m = 0; m < kM; ++m) {
-#pragma unroll
-    for (int n = 0; n < kSlice / 8; ++n) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        T* const entry = DsTile<D>::at(tile, warp_key0 + 16 * m + group + 8 * half, q1 + 8 * n + 2 * pair);
-        *reinterpret_cast<uint32_t*>(entry) = tiles::float2_to_pair<T>(ds_t[m][n][2 * half], ds_t[m][n][2 * half + 1]);
-      }
-    }
-  }
-}
 
 // dQ of the tile's queries q0 .. q0 + kQ - 1 from the block's keys, dS (kQ x keys, read transposed from the
 // DsTile) times K (keys x D), added to dq_rows (row stride `stride` floats; rows q0 + r < len only) with vector
@@ -419,25 +407,45 @@ constexpr size_t dq_shared_bytes() {
   return shared_bytes<D, kDqBlockQueries, dq_inner_rows<D>()>();
 }
 
-// Kernel 0: delta = rowsum(dO o out) in fp32 for the tokens blockIdx.x * kDeltaTokens<D> .. of sequence
-// blockIdx.z, head blockIdx.y. D / 8 lanes share a row, one 16-byte chunk of dO and of out each, and reduce
-// with shuffles; a block's writes are kDeltaTokens consecutive floats of delta's row h.
+// delta_kernel and dq_convert_kernel: D / 8 threads per row (token), one 16-byte chunk each, kDeltaTokens<D> rows
+// per block; grid (row blocks, heads, batch).
 constexpr int kDeltaThreads = 256;
 template <int D>
 constexpr int kDeltaTokens = kDeltaThreads / (D / 8);
 
+// Such a thread's row (token of sequence blockIdx.z, head blockIdx.y) and chunk; `offset` is the chunk's element
+// offset in a contiguous [tokens, heads, D] tensor.
+struct RowChunk {
+  tiles::SequenceExtent seq;
+  int h, first_token, token, chunk;  // first_token: the block's first row
+  int64_t offset;
+};
+
+template <int D>
+__device__ __forceinline__ RowChunk row_chunk(const AttentionShape& s) {
+  RowChunk t;
+  t.seq = sequence_of(s, blockIdx.z);
+  t.h = blockIdx.y;
+  t.first_token = blockIdx.x * kDeltaTokens<D>;
+  t.token = t.first_token + threadIdx.x / (D / 8);
+  t.chunk = threadIdx.x % (D / 8);
+  t.offset = (t.seq.start + t.token) * int64_t(s.heads) * D + t.h * D + t.chunk * 8;
+  return t;
+}
+
+// Kernel 0: delta = rowsum(dO o out) in fp32 for the tokens blockIdx.x * kDeltaTokens<D> .. of sequence
+// blockIdx.z, head blockIdx.y. The D / 8 lanes of a row reduce with shuffles; a block's writes are kDeltaTokens
+// consecutive floats of delta's row h.
 template <typename T, int D>
 __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBackwardArgs args) {
   constexpr int kChunks = D / 8;
   const AttentionShape& s = args.shape;
-  const int b = blockIdx.z, h = blockIdx.y;
-  const tiles::SequenceExtent seq = sequence_of(s, b);
-  const int token0 = blockIdx.x * kDeltaTokens<D>;
-  if (token0 >= seq.length) return;
-  const int token = token0 + threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  const RowChunk t = row_chunk<D>(s);
+  const tiles::SequenceExtent& seq = t.seq;
+  if (t.first_token >= seq.length) return;  // whole blocks only: the shuffles below take every lane
+  const int64_t offset = t.offset;
   float sum = 0.0f;
-  if (token < seq.length) {
-    const int64_t offset = (seq.start + token) * int64_t(s.heads) * D + h * D + chunk * 8;
+  if (t.token < seq.length) {
     const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.grad_out) + offset);
     const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.out) + offset);
     if (args.dq_accum != nullptr) {  // the rows dkdv_kernel adds dQ to start at zero (no fill kernel)
@@ -454,7 +462,7 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBac
   }
 #pragma unroll
   for (int lanes = kChunks / 2; lanes > 0; lanes /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
-  if (token < seq.length && chunk == 0) args.delta[int64_t(h) * s.tokens + seq.start + token] = sum;
+  if (t.token < seq.length && t.chunk == 0) args.delta[int64_t(t.h) * s.tokens + seq.start + t.token] = sum;
 }
 
 // Kernel 1: dK and dV of keys blockIdx.x * kDkdvBlockKeys .. of sequence blockIdx.z, head blockIdx.y; with
@@ -542,7 +550,9 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
         dkdv_elementwise<decltype(with_dropout)::value, decltype(mask_keys)::value, kM, kSlice>(
             st, dpt, scale_log2, dropout_scale, sLse, sDelta, sBits, q1, warp_key0, valid_keys);
       });
-      if constexpr (kAccumulateDq) stage_ds_t<T, D, kM, kSlice>(dpt, sdS, warp_key0, q1);
+      // dS^T of the slice (the warp's keys x queries q1 ..) into the block's DsTile, rounded as the dK product
+      // rounds it.
+      if constexpr (kAccumulateDq) store_c_fragments<DsTile<D>>(dpt, 1.0f, sdS, warp_key0, q1);
       product_xb<T, D, kM, kSlice>(dv, st, cdO + row_offset<D>(q1));
       product_xb<T, D, kM, kSlice>(dk, dpt, cQ + row_offset<D>(q1));
     }
@@ -648,16 +658,12 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
 // layout's padding rows as zeros; threads laid out as delta_kernel's, one 16-byte chunk of a row each.
 template <typename T, int D>
 __global__ void __launch_bounds__(kDeltaThreads) dq_convert_kernel(const AttentionBackwardArgs args) {
-  constexpr int kChunks = D / 8;
   const AttentionShape& s = args.shape;
-  const int b = blockIdx.z, h = blockIdx.y;
-  const tiles::SequenceExtent seq = sequence_of(s, b);
-  const int token = blockIdx.x * kDeltaTokens<D> + threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
-  if (token >= seq.rows) return;
+  const RowChunk t = row_chunk<D>(s);
+  if (t.token >= t.seq.rows) return;
   uint4 packed = {0u, 0u, 0u, 0u};
-  if (token < seq.length) {
-    const uint4* sums = reinterpret_cast<const uint4*>(args.dq_accum + (seq.start + token) * int64_t(s.heads) * D +
-                                                      h * D + chunk * 8);
+  if (t.token < t.seq.length) {
+    const uint4* sums = reinterpret_cast<const uint4*>(args.dq_accum + t.offset);
     float x[8];
     const uint4 low = sums[0], high = sums[1];
     std::memcpy(x, &low, 16);
@@ -667,8 +673,8 @@ __global__ void __launch_bounds__(kDeltaThreads) dq_convert_kernel(const Attenti
               tiles::float2_to_pair<T>(x[4] * s.softmax_scale, x[5] * s.softmax_scale),
               tiles::float2_to_pair<T>(x[6] * s.softmax_scale, x[7] * s.softmax_scale)};
   }
-  *reinterpret_cast<uint4*>(gradient_rows<T, D>(args.grad_q, args, seq.start, h) + token * args.grad_token_stride +
-                            chunk * 8) = packed;
+  *reinterpret_cast<uint4*>(gradient_rows<T, D>(args.grad_q, args, t.seq.start, t.h) +
+                            t.token * args.grad_token_stride + t.chunk * 8) = packed;
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_backward_device
