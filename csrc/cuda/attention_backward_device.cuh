@@ -45,7 +45,7 @@
 //     kernel 2 holds Q, dO (18 KB) and double-buffered 64-row K, V tiles (36 KB) + 1 KB = 55 KB. D=128:
 //     kernel 1 keeps 4 warps and 32-row tiles (68.5 KB), kernel 2 32-row tiles (68.5 KB); D=32: 31 KB each.
 //   Registers (ptxas 13.0, sm_90, no spills), D = 64 / 128 / 32: dkdv 255 / 243 / 250 with kAccumulateDq, 236 /
-//     244 / 252 without; dq 168 at each D (bounded to 3 blocks per SM); delta 25, dq_convert 20. The dS^T stage
+//     244 / 252 without; dq 168 at each D (bounded to 3 blocks per SM); delta 27, dq_convert 21. The dS^T stage
 //     adds 5 KB of shared memory per dkdv block (9 KB at D = 32): 41.5 KB at D = 64, still 4 blocks per SM.
 //     Registers, not shared memory, cap dkdv's residency at 8 warps per SM, dq's at 12. On an H200 at Base
 //     (before kAccumulateDq) both kernels issued on only ~50% of the cycles, stalled on dependent instructions
