@@ -1,4 +1,4 @@
-// Tensor-core and asynchronous-copy primitives. Device code uses these wrappers and never writes inline PTX:
+// Tensor-core, asynchronous-copy and reduction primitives. Device code uses these wrappers, never inline PTX:
 // under nvcc each one is the PTX instruction (sm_80 and newer); under the SIMT emulation it computes what the
 // PTX ISA specifies, fragment layouts included, so a kernel that misreads a layout is wrong on the CPU too.
 // tests/native/test_primitives.cu checks each against a direct computation, emulated in CI and on a GPU in
