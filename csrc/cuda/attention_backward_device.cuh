@@ -175,25 +175,33 @@ __device__ __forceinline__ void product_abt(float (&acc)[kM][kN / 8][4], const T
   }
 }
 
+// One k-step of acc[m][16 x kN] += A[m] (16 x 16, as A fragments) * B, B = rows k0 .. k0 + 15 and columns
+// col0 .. col0 + kN - 1 of tile_b ([k][D] rows, B fragments by ldmatrix.trans); each B fragment is loaded once
+// for the kM row slices.
+template <typename T, int D, int kM, int kN>
+__device__ __forceinline__ void mma_k_step_kn(float (&acc)[kM][kN / 8][4], const uint32_t (&a)[kM][4],
+                                              const T* tile_b, int k0, int col0) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int dn = 0; dn < kN / 16; ++dn) {
+    uint32_t b[4];
+    ldmatrix<4, true>(b, tiles::b_fragment_row_kn<Rows<D>>(tile_b, k0, col0 + 16 * dn, lane));
+#pragma unroll
+    for (int m = 0; m < kM; ++m) mma_pair<T>(acc[m][2 * dn], acc[m][2 * dn + 1], a[m], b);
+  }
+}
+
 // acc[m][16 x D] += X[m] (16 x kK, held as mma accumulator fragments) * B, B = rows 0 .. kK - 1 of tile_b
-// ([kK][D]). Accumulator fragments of n-tiles 2j, 2j + 1 are exactly the A fragment of k-slice j; each B
-// fragment is loaded once for the kM row slices.
+// ([kK][D]). Accumulator fragments of n-tiles 2j, 2j + 1 are exactly the A fragment of k-slice j.
 template <typename T, int D, int kM, int kK>
 __device__ __forceinline__ void product_xb(float (&acc)[kM][D / 8][4], const float (&x)[kM][kK / 8][4],
                                            const T* tile_b) {
-  const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
   for (int j = 0; j < kK / 16; ++j) {
     uint32_t a[kM][4];
 #pragma unroll
     for (int m = 0; m < kM; ++m) tiles::c_fragments_to_a<T>(a[m], x[m][2 * j], x[m][2 * j + 1]);
-#pragma unroll
-    for (int dn = 0; dn < D / 16; ++dn) {
-      uint32_t b[4];
-      ldmatrix<4, true>(b, tiles::b_fragment_row_kn<Rows<D>>(tile_b, 16 * j, 16 * dn, lane));
-#pragma unroll
-      for (int m = 0; m < kM; ++m) mma_pair<T>(acc[m][2 * dn], acc[m][2 * dn + 1], a[m], b);
-    }
+    mma_k_step_kn<T, D, kM, D>(acc, a, tile_b, 16 * j, 0);
   }
 }
 
@@ -366,13 +374,7 @@ __device__ __forceinline__ void accumulate_dq(const T* ds_t, const T* k_tile, fl
     for (int i = 0; i < kQTilesPerWarp; ++i) {
       ldmatrix<4, true>(a[i], tiles::a_fragment_row_km<DsTile<D>>(ds_t, 16 * kk, 16 * (qtile0 + i), lane));
     }
-#pragma unroll
-    for (int dn = 0; dn < kCols / 16; ++dn) {
-      uint32_t b[4];
-      ldmatrix<4, true>(b, tiles::b_fragment_row_kn<Rows<D>>(k_tile, 16 * kk, col0 + 16 * dn, lane));
-#pragma unroll
-      for (int i = 0; i < kQTilesPerWarp; ++i) mma_pair<T>(dq[i][2 * dn], dq[i][2 * dn + 1], a[i], b);
-    }
+    mma_k_step_kn<T, D, kQTilesPerWarp, kCols>(dq, a, k_tile, 16 * kk, col0);
   }
 #pragma unroll
   for (int i = 0; i < kQTilesPerWarp; ++i) {
