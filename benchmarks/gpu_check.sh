@@ -74,7 +74,8 @@ run_step() { # name, log file, command...: tees the output to the log, records a
     echo "$name $((SECONDS - started)) s" | tee -a "$LOG_DIR/timings.txt"
 }
 
-# The tensor-core and cp.async primitives on the hardware: the same self-tests CI runs under the emulation.
+# The tensor-core and cp.async primitives on the hardware: the same self-tests CI runs under the emulation (CMake
+# builds them for sm_90a where 90 is named, so the wgmma tests run on an H100/H200).
 primitives() {
     local build=$1
     CC=$BUILD_CC CXX=$BUILD_CXX cmake -S "$REPO" -B "$build" -DCMAKE_CUDA_COMPILER="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" \

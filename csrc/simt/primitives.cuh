@@ -144,6 +144,15 @@ __device__ __forceinline__ void red_add_f32x2(float* address, float x, float y) 
 
 #else  // the SIMT emulation
 
+// Writes one lane's A fragment (a[0..3] of mma.m16n8k16, the layout in this file's header) into the 16 x 16 A.
+template <typename T>
+void place_a_fragment(const uint32_t (&a)[4], int lane, float (&A)[16][16]) {
+  const int group = lane / 4, pair = lane % 4;
+  for (int i = 0; i < 8; ++i) {
+    A[group + 8 * ((i / 2) % 2)][2 * pair + i % 2 + 8 * (i / 4)] = element_to_float(pair_element<T>(a[i / 2], i % 2));
+  }
+}
+
 template <typename T>
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16 inputs");
@@ -158,10 +167,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
   float A[16][16], B[16][8], C[16][8];
   for (int lane = 0; lane < ::simt::kWarpSize; ++lane) {
     const int group = lane / 4, pair = lane % 4;
-    for (int i = 0; i < 8; ++i) {
-      A[group + 8 * ((i / 2) % 2)][2 * pair + i % 2 + 8 * (i / 4)] =
-          element_to_float(pair_element<T>(lanes[lane].a[i / 2], i % 2));
-    }
+    place_a_fragment<T>(lanes[lane].a, lane, A);
     for (int i = 0; i < 4; ++i) {
       B[2 * pair + i % 2 + 8 * (i / 2)][group] = element_to_float(pair_element<T>(lanes[lane].b[i / 2], i % 2));
       C[group + 8 * (i / 2)][2 * pair + i % 2] = lanes[lane].c[i];

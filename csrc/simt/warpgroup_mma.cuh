@@ -1,0 +1,287 @@
+// Hopper's warpgroup matrix multiply (wgmma.mma_async, sm_90a only) and the shared-memory tile layout it reads,
+// beside the sm_80 primitives of simt/primitives.cuh and under the same rule: device code uses these wrappers,
+// never inline PTX; under nvcc each is the PTX instruction, under the SIMT emulation it computes what the PTX ISA
+// specifies. tests/native/test_primitives.cu checks each against a direct computation, emulated in CI and on an
+// H100/H200 in benchmarks/gpu_check.sh.
+//
+// Why: mma.sync (HMMA) reaches about two thirds of Hopper's tensor-core rate; FlashAttention-3's 250-290 TFLOP/s
+// at head dim 64 need wgmma (HGMMA), which multiplies 64 x N x 16 per instruction for a warpgroup (4 consecutive
+// warps, the first warp index a multiple of 4) with B, and optionally A, read by the tensor cores straight from
+// shared memory: no ldmatrix, no register traffic for the operands.
+//
+// Layouts (PTX ISA, "Asynchronous Warpgroup Level Matrix ..."), per thread of the warpgroup: w = warp % 4,
+// group = lane / 4, pair = lane % 4.
+// - D (64 x N, fp32), N / 2 floats as d[N / 8][4]: d[j][i] is row 16 w + group + 8 (i / 2), column 8 j + 2 pair +
+//   i % 2, i.e. warp w holds rows 16 w .. 16 w + 15 as N / 8 mma.m16n8 C fragments side by side.
+// - A from registers (64 x 16): warp w holds rows 16 w .. 16 w + 15 as one mma.m16n8k16 A fragment.
+// - A and B from shared memory: a 64-bit descriptor (start address, leading and stride byte offsets, swizzle
+//   mode, each address >> 4). Only the 128-byte swizzle is used here: a tile is stored as panels of 64 16-bit
+//   columns (128-byte rows), 8-row atoms 1024 bytes apart, and the 16-byte chunk c of row r sits at chunk
+//   c ^ (r % 8). The swizzle acts on shared-memory address bits (bits 4-6 ^= bits 7-9), so every panel starts
+//   at a multiple of 1024 bytes. Either operand is K-major (k contiguous: Q and K for S = Q K^T) or MN-major
+//   (m or n contiguous: V for O = P V). A K-major operand's 16 k of one instruction are 32 bytes of a row: the
+//   descriptor of k step s starts 32 s bytes into the row and the hardware swizzles the sum. An MN-major
+//   operand's 16 k are 16 rows: two 8-row atoms, stride byte offset apart; 64-column panels are the leading
+//   byte offset apart.
+//
+// Ordering, which the emulation cannot check (it completes each wgmma at issue, as it does cp.async):
+// wgmma_fence() before the first wgmma of a sequence and whenever registers it reads were written since;
+// fence_proxy_async_shared() by every thread that wrote an operand tile, before the barrier that publishes it;
+// wgmma_commit_group() and wgmma_wait_group<n>() before the accumulators are read or the tiles overwritten; and
+// wgmma_fence_accumulators() so that nvcc does not move accesses to them across the asynchronous instruction.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "simt/primitives.cuh"
+
+// 1 where wgmma exists: nvcc's sm_90a device pass and the emulation. Elsewhere a kernel built on it compiles to
+// an empty body, and its launcher must not choose it (it checks compute capability 9.0 and an sm_90a build).
+#if !defined(__CUDACC__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ELECTRA_WGMMA_AVAILABLE 1
+#else
+#define ELECTRA_WGMMA_AVAILABLE 0
+#endif
+
+namespace electra_ext::ELECTRA_BACKEND {
+
+// Which dimension of an operand is contiguous in shared memory (the PTX ISA's imm-trans: 0 for K, 1 for MN).
+enum class Major : int { K = 0, MN = 1 };
+
+template <typename T>
+constexpr bool is_wgmma_type = std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value;
+
+#if defined(__CUDACC__)
+
+struct WgmmaDescriptor {
+  uint64_t bits;
+};
+
+// The descriptor of the operand whose first element is at `tile + start_bytes` in shared memory, 128-byte swizzle
+// (mode 1 in bits 62-63), stride byte offset 1024 (one 8-row atom: next 8 rows of a K-major operand, next 8 k of an
+// MN-major one); leading_bytes is the distance between 64-column panels of an MN-major operand (a K-major
+// operand's is unused). Kernels take descriptors from SwizzledTile below.
+__device__ __forceinline__ WgmmaDescriptor wgmma_descriptor(const void* tile, uint32_t start_bytes,
+                                                            uint32_t leading_bytes) {
+  const uint64_t address = shared_address(tile) + start_bytes;
+  return {((address & 0x3FFFF) >> 4) | (uint64_t((leading_bytes & 0x3FFFF) >> 4) << 16) |
+          (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62)};
+}
+
+#if ELECTRA_WGMMA_AVAILABLE
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit_group() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most kPending committed groups of this warpgroup's wgmma are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait_group() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Makes this thread's ordinary (and cp.async) writes to shared memory visible to the tensor cores' reads.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+template <int kTiles>
+__device__ __forceinline__ void wgmma_fence_accumulators(float (&d)[kTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[j][i])::"memory");
+  }
+}
+
+#define ELECTRA_WGMMA_D4(i) "+f"(d[(i) / 4][0]), "+f"(d[(i) / 4][1]), "+f"(d[(i) / 4][2]), "+f"(d[(i) / 4][3])
+#define ELECTRA_WGMMA_D32(i)                                                                               \
+  ELECTRA_WGMMA_D4(i), ELECTRA_WGMMA_D4(i + 4), ELECTRA_WGMMA_D4(i + 8), ELECTRA_WGMMA_D4(i + 12),          \
+      ELECTRA_WGMMA_D4(i + 16), ELECTRA_WGMMA_D4(i + 20), ELECTRA_WGMMA_D4(i + 24), ELECTRA_WGMMA_D4(i + 28)
+#define ELECTRA_WGMMA_REGISTERS_0_31                                                                           \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define ELECTRA_WGMMA_REGISTERS_32_63                                                                         \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, " \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+// One wgmma with a predicate `p` = (SCALE_D != 0); OPERANDS is the PTX text between the accumulators and p.
+#define ELECTRA_WGMMA_ASM(SHAPE, TYPE, D_REGISTERS, OPERANDS, SCALE_D, IMMEDIATES, ...)                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\nwgmma.mma_async.sync.aligned." SHAPE \
+               ".f32." TYPE "." TYPE " {" D_REGISTERS "}, " OPERANDS ", p, 1, 1, " IMMEDIATES ";\n}\n"  \
+               : __VA_ARGS__)
+// The same for T = bf16 or fp16 (the type is part of the instruction's text).
+#define ELECTRA_WGMMA_ASM_FOR_TYPE(T, SHAPE, ...)            \
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {     \
+    ELECTRA_WGMMA_ASM(SHAPE, "bf16", __VA_ARGS__);           \
+  } else {                                                   \
+    ELECTRA_WGMMA_ASM(SHAPE, "f16", __VA_ARGS__);            \
+  }
+
+// d (64 x N) = A (64 x 16, K-major, in shared memory) B (16 x N, in shared memory) + (accumulate ? d : 0).
+template <typename T, int N, Major kBMajor>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], WgmmaDescriptor a, WgmmaDescriptor b, bool accumulate) {
+  static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
+  static_assert(N == 64 || N == 128, "N = 64 or 128");
+  const int scale_d = accumulate;
+  constexpr int kTransposeB = static_cast<int>(kBMajor);
+  if constexpr (N == 64) {
+    ELECTRA_WGMMA_ASM_FOR_TYPE(T, "m64n64k16", ELECTRA_WGMMA_REGISTERS_0_31, "%32, %33", "%34", "0, %35",
+                               ELECTRA_WGMMA_D32(0) : "l"(a.bits), "l"(b.bits), "r"(scale_d), "n"(kTransposeB));
+  } else {
+    ELECTRA_WGMMA_ASM_FOR_TYPE(T, "m64n128k16", ELECTRA_WGMMA_REGISTERS_0_31 ", " ELECTRA_WGMMA_REGISTERS_32_63,
+                               "%64, %65", "%66", "0, %67",
+                               ELECTRA_WGMMA_D32(0), ELECTRA_WGMMA_D32(32) : "l"(a.bits), "l"(b.bits),
+                               "r"(scale_d), "n"(kTransposeB));
+  }
+}
+
+
+// d (64 x N) = A (64 x 16, from registers: one mma A fragment per warp) B (16 x N, in shared memory)
+// + (accumulate ? d : 0).
+template <typename T, int N, Major kBMajor>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b,
+                                         bool accumulate) {
+  static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
+  static_assert(N == 64 || N == 128, "N = 64 or 128");
+  const int scale_d = accumulate;
+  constexpr int kTransposeB = static_cast<int>(kBMajor);
+  if constexpr (N == 64) {
+    ELECTRA_WGMMA_ASM_FOR_TYPE(T, "m64n64k16", ELECTRA_WGMMA_REGISTERS_0_31, "{%32, %33, %34, %35}, %36", "%37",
+                               "%38", ELECTRA_WGMMA_D32(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+                               "l"(b.bits), "r"(scale_d), "n"(kTransposeB));
+  } else {
+    ELECTRA_WGMMA_ASM_FOR_TYPE(T, "m64n128k16", ELECTRA_WGMMA_REGISTERS_0_31 ", " ELECTRA_WGMMA_REGISTERS_32_63,
+                               "{%64, %65, %66, %67}, %68", "%69", "%70",
+                               ELECTRA_WGMMA_D32(0), ELECTRA_WGMMA_D32(32) : "r"(a[0]), "r"(a[1]), "r"(a[2]),
+                               "r"(a[3]), "l"(b.bits), "r"(scale_d), "n"(kTransposeB));
+  }
+}
+
+
+#undef ELECTRA_WGMMA_ASM_FOR_TYPE
+#undef ELECTRA_WGMMA_ASM
+#undef ELECTRA_WGMMA_REGISTERS_32_63
+#undef ELECTRA_WGMMA_REGISTERS_0_31
+#undef ELECTRA_WGMMA_D32
+#undef ELECTRA_WGMMA_D4
+
+#endif  // ELECTRA_WGMMA_AVAILABLE
+
+#else  // the SIMT emulation
+
+// The emulated shared memory is host memory, whose addresses do not fit the descriptor's 18 bits: the emulated
+// descriptor keeps the pointer and the one offset that varies.
+struct WgmmaDescriptor {
+  const unsigned char* start;
+  uint32_t leading_bytes;
+};
+
+inline WgmmaDescriptor wgmma_descriptor(const void* tile, uint32_t start_bytes, uint32_t leading_bytes) {
+  if (leading_bytes % 16 != 0 || leading_bytes >= (1u << 18)) {
+    ::simt::fail("wgmma descriptor: the leading byte offset is not a multiple of 16 below 2^18");
+  }
+  return {static_cast<const unsigned char*>(tile) + start_bytes, leading_bytes};
+}
+
+inline void wgmma_fence() {}
+inline void wgmma_commit_group() {}
+template <int kPending>
+void wgmma_wait_group() {}
+inline void fence_proxy_async_shared() {}
+template <int kTiles>
+void wgmma_fence_accumulators(float (&)[kTiles][4]) {}
+
+namespace wgmma_emulation {
+
+// Element (mn, k) of a 16-k operand slice under the 128-byte swizzle, the address arithmetic the PTX ISA
+// specifies, swizzled on the address's own bits as the hardware does.
+template <typename T>
+float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(descriptor.start);
+  if (start % 16 != 0 || (start / 128) % 8 != 0) {
+    ::simt::fail("wgmma descriptor: the start is not in the first row of a 1024-byte-aligned swizzle atom");
+  }
+  uintptr_t address = start + (major == Major::K ? (mn % 8) * 128 + (mn / 8) * 1024 + k * 2
+                                                 : (mn % 64) * 2 + (mn / 64) * descriptor.leading_bytes +
+                                                       (k % 8) * 128 + (k / 8) * 1024);
+  address ^= ((address >> 7) & 7) << 4;
+  T value;
+  std::memcpy(static_cast<void*>(&value), reinterpret_cast<const void*>(address), sizeof(T));
+  return element_to_float(value);
+}
+
+// This thread's accumulators: warp w of the warpgroup computes rows 16 w .. 16 w + 15 (`a_rows`, 16 x 16) times B.
+template <typename T, int N, Major kBMajor>
+void multiply(float (&d)[N / 8][4], const float (&a_rows)[16][16], const WgmmaDescriptor& b, bool accumulate) {
+  const int group = ::simt::lane_id() / 4, pair = ::simt::lane_id() % 4;
+  for (int j = 0; j < N / 8; ++j) {
+    for (int i = 0; i < 4; ++i) {
+      const int row = group + 8 * (i / 2), column = 8 * j + 2 * pair + i % 2;
+      float sum = accumulate ? d[j][i] : 0.0f;
+      for (int k = 0; k < 16; ++k) sum += a_rows[row][k] * element<T>(b, kBMajor, column, k);
+      d[j][i] = sum;
+    }
+  }
+}
+
+inline int warp_in_warpgroup() {
+  if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0) ::simt::fail("wgmma: the block is not whole warpgroups");
+  const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  return static_cast<int>(thread / ::simt::kWarpSize) % 4;
+}
+
+}  // namespace wgmma_emulation
+
+template <typename T, int N, Major kBMajor>
+void wgmma_ss(float (&d)[N / 8][4], WgmmaDescriptor a, WgmmaDescriptor b, bool accumulate) {
+  static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
+  static_assert(N == 64 || N == 128, "N = 64 or 128");
+  const int warp = wgmma_emulation::warp_in_warpgroup();
+  float a_rows[16][16];
+  for (int row = 0; row < 16; ++row) {
+    for (int k = 0; k < 16; ++k) a_rows[row][k] = wgmma_emulation::element<T>(a, Major::K, 16 * warp + row, k);
+  }
+  wgmma_emulation::multiply<T, N, kBMajor>(d, a_rows, b, accumulate);
+}
+
+template <typename T, int N, Major kBMajor>
+void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b, bool accumulate) {
+  static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
+  static_assert(N == 64 || N == 128, "N = 64 or 128");
+  wgmma_emulation::warp_in_warpgroup();
+  struct Fragment {
+    uint32_t a[4];
+  };
+  const Fragment mine{{a[0], a[1], a[2], a[3]}};
+  Fragment lanes[::simt::kWarpSize];
+  ::simt::warp_gather(&mine, lanes, sizeof(Fragment));
+  float a_rows[16][16];
+  for (int lane = 0; lane < ::simt::kWarpSize; ++lane) place_a_fragment<T>(lanes[lane].a, lane, a_rows);
+  wgmma_emulation::multiply<T, N, kBMajor>(d, a_rows, b, accumulate);
+}
+
+#endif
+
+// A [kRows x kCols] tile of 16-bit elements under the 128-byte swizzle: kCols / 64 panels of kRows 128-byte rows,
+// starting at a multiple of 1024 bytes. Rows are M or N for a K-major operand, K for an MN-major one.
+template <int kRows, int kCols>
+struct SwizzledTile {
+  static_assert(kRows % 8 == 0 && kCols % 64 == 0, "whole 8-row atoms and 64-column panels");
+  static constexpr int kPanelBytes = kRows * 128;
+  static constexpr int kBytes = kPanelBytes * (kCols / 64);
+
+  // Byte offset of element (row, column); 16-byte chunks stay whole (column a multiple of 8: a cp.async target).
+  __host__ __device__ static constexpr uint32_t offset(int row, int column) {
+    return (column / 64) * kPanelBytes + row * 128 + ((((column % 64) / 8) ^ (row % 8)) * 16) + (column % 8) * 2;
+  }
+  // The operand of k step `step` (16 k): columns 16 step .. of a K-major operand (32 bytes per step along the
+  // rows; the leading byte offset is unused, 16 as CUTLASS writes it), rows 16 step .. of an MN-major one.
+  __device__ __forceinline__ static WgmmaDescriptor k_major(const void* tile, int step) {
+    return wgmma_descriptor(tile, (step / 4) * kPanelBytes + (step % 4) * 32, 16);
+  }
+  __device__ __forceinline__ static WgmmaDescriptor mn_major(const void* tile, int step) {
+    return wgmma_descriptor(tile, step * 16 * 128, kPanelBytes);
+  }
+};
+
+}  // namespace electra_ext::ELECTRA_BACKEND
