@@ -21,8 +21,13 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)'
 
-# Build for this card only (sm_80 and sm_90 are both compiled by CI on every run).
+# Build for this card only (sm_80, sm_90 and sm_90a are compiled by CI on every run). On Hopper (9.0) that is
+# sm_90a, Hopper's arch-specific target, which the wgmma attention forward needs (ELECTRA_EXT_GPU_CHECK_ARCH=9.0
+# builds the mma.sync one instead, for a comparison).
 ARCH=$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+if [[ $ARCH == 9.0 ]]; then
+    ARCH=${ELECTRA_EXT_GPU_CHECK_ARCH:-9.0a}
+fi
 # The distribution's compiler, not the CC/CXX the image may set: the H200 image (2026-11) points them at an
 # /opt/gcc wrapper whose specs link shared libraries with -Bsymbolic, which binds _C to private copies of
 # libstdc++'s template statics (locale facet ids); the first TORCH_CHECK message that formatted a number then

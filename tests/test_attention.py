@@ -127,6 +127,19 @@ def test_head_dims(target, device, op, head_dim):
         check_against_float64(device, op, dtype, 3, 65, 2, head_dim)
 
 
+@pytest.mark.parametrize("sm", ["80", "90"])
+def test_emulated_forward_on_each_architecture(monkeypatch, sm):
+    """The emulated device is an sm_90 (the launcher takes the wgmma forward at head dims 64 and 128, which every
+    other emulated test runs) unless ELECTRA_EXT_EMULATED_SM is "80": then the mma.sync forward, the A100's (and
+    the H100's in a build without sm_90a). Both against the float64 reference, with dropout's mask too. Which
+    kernel each setting takes is checked by tests/native/test_attention_emulated.cpp."""
+    monkeypatch.setenv("ELECTRA_EXT_EMULATED_SM", sm)
+    op = functools.partial(attention, backend="emulated")
+    for head_dim, seq_len in [(64, 17), (64, 130), (128, 65)]:
+        check_against_float64("cpu", op, torch.bfloat16, 3, seq_len, 2, head_dim)
+    test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p("emulated", "cpu", op, 0.1)
+
+
 def test_float32_dropout_matches_reference_with_the_same_seed(device, op, target):
     # The low-precision kernels are checked with dropout by the mask tests below and the gradient test here
     # on float32 where the CPU kernel takes it; the CUDA kernels get the same check in their dtype.

@@ -2,6 +2,9 @@
 names the argument and what was expected, and must not crash the process. The per-op test files check their own
 ops' inputs in more detail; this table is the API-wide inventory (issue 9)."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,3 +199,13 @@ def test_the_table_covers_at_least_40_distinct_inputs():
 def test_bad_input_raises_a_clear_error(tmp_path, name, call, error, message):
     with pytest.raises(error, match=message):
         call(tmp_path)
+
+
+@pytest.mark.parametrize("variable,value", [("ELECTRA_EXT_BACKEND", "gpu"), ("ELECTRA_EXT_EMULATED_SM", "sm_80")])
+def test_bad_environment_names_the_variable(variable, value):
+    """The environment variables are read at import: a bad value fails the import with ValueError naming it."""
+    env = dict(os.environ, **{variable: value})
+    result = subprocess.run([sys.executable, "-c", "import electra_ext.ops"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and variable in result.stderr and repr(value) in result.stderr

@@ -1,9 +1,11 @@
-// Host launcher of the fused attention forward kernel (torch-free; design and napkin math in
-// attention_forward_device.cuh). Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the
-// SIMT emulation (namespace emulated, through csrc/emulated/attention_forward.cpp).
+// Host launcher of the fused attention forward kernels (torch-free; design and napkin math in
+// attention_forward_device.cuh, mma.sync, and attention_forward_hopper_device.cuh, wgmma). Compiled by nvcc for the
+// GPU (namespace cuda) and by the host compiler for the SIMT emulation (namespace emulated, through
+// csrc/emulated/attention_forward.cpp).
 #include <cstdint>
 
 #include "cuda/attention_forward_device.cuh"
+#include "cuda/attention_forward_hopper_device.cuh"
 #include "cuda/attention_launch.h"
 
 namespace electra_ext::ELECTRA_BACKEND {
@@ -23,37 +25,68 @@ bool rows_aligned(const AttentionTensor& t) {
 template <int kHeadDim>
 constexpr int kRowTiles = kHeadDim <= 64 ? 2 : 1;
 
-template <typename T, int kHeadDim>
-cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
-  using L = dev::Layout<kHeadDim, kRowTiles<kHeadDim>>;
-  auto kernel = dev::forward_kernel<T, kHeadDim, kRowTiles<kHeadDim>>;
-  constexpr size_t shared = L::kSharedBytes;
-  // Above 48 KB of dynamic shared memory a kernel must opt in (head_dim 64 and 128).
-  if constexpr (shared > 48 * 1024) {
+// Launches `kernel` over (query blocks of block_m rows, batch x heads), opting in to `shared` bytes of dynamic
+// shared memory above 48 KB (head_dim 64 and 128).
+template <typename Kernel>
+cudaError_t launch_over_query_blocks(Kernel* kernel, int block_m, int threads, size_t shared,
+                                     const AttentionForwardArgs& args, cudaStream_t stream) {
+  if (shared > 48 * 1024) {
     if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
         err != cudaSuccess) {
       return err;
     }
   }
   const int64_t heads = int64_t(args.shape.batch) * args.shape.heads;
-  const unsigned query_blocks = static_cast<unsigned>((int64_t(args.shape.max_seqlen) + L::kBlockM - 1) / L::kBlockM);
+  const unsigned query_blocks = static_cast<unsigned>((int64_t(args.shape.max_seqlen) + block_m - 1) / block_m);
   const unsigned grid_y = static_cast<unsigned>(heads < kMaxGridY ? heads : kMaxGridY);
   const unsigned grid_z = static_cast<unsigned>((heads + grid_y - 1) / grid_y);
-  launch_kernel(kernel, dim3(query_blocks, grid_y, grid_z), dim3(dev::kThreads), shared, stream, args);
+  launch_kernel(kernel, dim3(query_blocks, grid_y, grid_z), dim3(threads), shared, stream, args);
   return cudaGetLastError();
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
+  using L = dev::Layout<kHeadDim, kRowTiles<kHeadDim>>;
+  return launch_over_query_blocks(dev::forward_kernel<T, kHeadDim, kRowTiles<kHeadDim>>, L::kBlockM, dev::kThreads,
+                                  L::kSharedBytes, args, stream);
+}
+
+namespace hopper = attention_forward_hopper_device;
+
+template <typename T, int kHeadDim>
+cudaError_t launch_hopper(const AttentionForwardArgs& args, cudaStream_t stream) {
+  return launch_over_query_blocks(hopper::forward_kernel<T, kHeadDim>, hopper::kBlockM, hopper::kThreads,
+                                  hopper::Layout<kHeadDim>::kSharedBytes, args, stream);
 }
 
 template <typename T>
 cudaError_t launch_typed(const AttentionForwardArgs& args, cudaStream_t stream) {
+  const bool wgmma = attention_forward_kernel(args) == AttentionForwardKernel::kWgmma;
   switch (args.shape.head_dim) {
     case 32: return launch<T, 32>(args, stream);
-    case 64: return launch<T, 64>(args, stream);
-    case 128: return launch<T, 128>(args, stream);
+    case 64: return wgmma ? launch_hopper<T, 64>(args, stream) : launch<T, 64>(args, stream);
+    case 128: return wgmma ? launch_hopper<T, 128>(args, stream) : launch<T, 128>(args, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
+
+// The wgmma kernel needs compute capability 9.0 (sm_90a code runs there only) and a _C built with sm_90a code:
+// setup.py defines ELECTRA_EXT_SM90A when TORCH_CUDA_ARCH_LIST names 9.0a. The emulation runs both kernels; its
+// device reports the compute capability that ELECTRA_EXT_EMULATED_SM names (default 90).
+AttentionForwardKernel attention_forward_kernel(const AttentionForwardArgs& args) {
+#if defined(__CUDACC__) && !defined(ELECTRA_EXT_SM90A)
+  (void)args;
+  return AttentionForwardKernel::kMmaSync;
+#else
+  int device = 0;
+  const bool hopper = cudaGetDevice(&device) == cudaSuccess &&
+                      device_attribute(cudaDevAttrComputeCapabilityMajor, device) == 9;
+  return hopper && (args.shape.head_dim == 64 || args.shape.head_dim == 128) ? AttentionForwardKernel::kWgmma
+                                                                             : AttentionForwardKernel::kMmaSync;
+#endif
+}
 
 // cudaErrorInvalidValue for a head_dim other than 32, 64, 128, a dtype other than fp16/bf16, or q, k, v rows
 // (or out) that are not 16-byte aligned (the caller makes the tensors contiguous then).

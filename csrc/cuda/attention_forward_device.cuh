@@ -111,6 +111,125 @@ struct Layout {
   static constexpr bool kQInRegisters = kRowTiles * (3 * kHeadDim / 4 + 32) <= 128;
 };
 
+// ---- Pieces shared with the Hopper (wgmma) kernel of attention_forward_hopper_device.cuh. ----
+
+// A block whose first row lies past the sequence: padding rows at most, written as zeros (out and lse) in the
+// padded layout. Returns whether the block is such a one (then it is done; no barrier is skipped by part of it).
+template <int kHeadDim, int kThreads, typename T>
+__device__ __forceinline__ bool write_padding_block(T* out, float* lse, const tiles::SequenceExtent& seq, int m0,
+                                                    int block_m, int heads, int thread) {
+  if (m0 < seq.length) return false;
+  const int last = m0 + block_m < seq.rows ? m0 + block_m : seq.rows;
+  tiles::zero_rows<kHeadDim, kThreads>(out, int64_t(heads) * kHeadDim, m0, last, thread);
+  for (int row = m0 + thread; row < last; row += kThreads) lse[row] = 0.0f;
+  return true;
+}
+
+// Keys n0 + column at or past the sequence's end get no weight (the last, partial key tile).
+template <int kSTiles>
+__device__ __forceinline__ void mask_keys_past_sequence(float (&s)[kSTiles][4], int n0, int length, int pair) {
+#pragma unroll
+  for (int t = 0; t < kSTiles; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (n0 + 8 * t + 2 * pair + i % 2 >= length) s[t][i] = -INFINITY;
+    }
+  }
+}
+
+// One key tile of the online softmax for a warp's 16-row tile (rows group and group + 8): the running maxima of the
+// raw scores, P = exp2(S scale log2 e - max scale log2 e) in place of S, the lane's part of the row sums (P before
+// dropout) and O rescaled by exp2((max_old - max_new) scale log2 e). Every tile has a valid key, so the new maxima
+// are finite.
+template <int kSTiles, int kOTiles>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kSTiles][4], float (&o)[kOTiles][4],
+                                                    float (&row_max)[2], float (&row_sum)[2], float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float tile_max = row_max[r];
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) tile_max = fmaxf(tile_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float max_scaled = tile_max * scale_log2;
+    // exp2f, not exp2_ftz: once per row and tile, and with exp2_ftz here ptxas spilled 28 bytes at D = 128 with
+    // dropout. 0 on the first tile.
+    const float rescale = tiles::fast_exp2(row_max[r] * scale_log2 - max_scaled);
+    row_max[r] = tile_max;
+    float sum = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float p = exp2_ftz(s[t][2 * r + e] * scale_log2 - max_scaled);
+        s[t][2 * r + e] = p;
+        sum += p;
+      }
+    }
+    row_sum[r] = row_sum[r] * rescale + sum;
+#pragma unroll
+    for (int t = 0; t < kOTiles; ++t) {
+      o[t][2 * r] *= rescale;
+      o[t][2 * r + 1] *= rescale;
+    }
+  }
+}
+
+// The end of a warp's kRowTiles x 16 rows, first row warp_m0 of the sequence: the quad (4 lanes of a row) reduces
+// the row sums, O *= dropout_scale / l, lse = max scale + ln l; O is staged as T in rows stage_row0 .. of `stage`
+// (this warp's own, already consumed, rows of the Q tile: `Tile` layout) and written with 16-byte coalesced
+// stores. Rows past the sequence are not written, except in the padded layout, where the slot's padding rows are
+// written as zeros.
+template <typename Tile, int kHeadDim, int kRowTiles, typename T>
+__device__ __forceinline__ void write_rows(float (&o)[kRowTiles][kHeadDim / 8][4], const float (&row_max)[kRowTiles][2],
+                                           float (&row_sum)[kRowTiles][2], T* stage, int stage_row0, T* out,
+                                           float* lse, const tiles::SequenceExtent& seq, int warp_m0,
+                                           const AttentionShape& shape, int lane) {
+  const int group = lane / 4, pair = lane % 4;
+#pragma unroll
+  for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[rt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float factor = sum > 0.0f ? shape.dropout_scale / sum : 0.0f;
+      const int position = warp_m0 + rt * 16 + group + 8 * r;
+      if (pair == 0 && position < seq.rows) {
+        lse[position] = position < seq.length ? row_max[rt][r] * shape.softmax_scale + logf(sum) : 0.0f;
+      }
+      row_sum[rt][r] = factor;
+    }
+  }
+  __syncwarp();  // this warp's reads of its Q rows are long done; make it explicit
+#pragma unroll
+  for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+    for (int t = 0; t < kHeadDim / 8; ++t) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t packed = tiles::float2_to_pair<T>(o[rt][t][2 * r] * row_sum[rt][r],
+                                                         o[rt][t][2 * r + 1] * row_sum[rt][r]);
+        *reinterpret_cast<uint32_t*>(Tile::at(stage, stage_row0 + rt * 16 + group + 8 * r, 8 * t + 2 * pair)) =
+            packed;
+      }
+    }
+  }
+  __syncwarp();
+  constexpr int kChunksPerRow = kHeadDim / tiles::kChunkElements;
+  const uint4 zero = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 16 * kRowTiles * kChunksPerRow / tiles::kWarpSize; ++i) {
+    const int chunk = lane + i * tiles::kWarpSize;
+    const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * tiles::kChunkElements;
+    const int position = warp_m0 + row;
+    if (position < seq.rows) {  // the padded layout's padding rows as zeros
+      *reinterpret_cast<uint4*>(out + int64_t(position) * shape.heads * kHeadDim + col) =
+          position < seq.length ? *reinterpret_cast<const uint4*>(Tile::at(stage, stage_row0 + row, col)) : zero;
+    }
+  }
+}
+
 template <typename T, int kHeadDim, int kRowTiles>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(AttentionForwardArgs args) {
   using L = Layout<kHeadDim, kRowTiles>;
@@ -130,12 +249,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
   const int m0 = blockIdx.x * kBlockM;
   T* const out = static_cast<T*>(args.out) + seq.start * shape.heads * kHeadDim + int64_t(h) * kHeadDim;
   float* const lse = args.lse + int64_t(h) * shape.tokens + seq.start;
-  if (m0 >= seq.length) {  // the whole block (no barrier is skipped by part of it): padding rows at most
-    const int last = m0 + kBlockM < seq.rows ? m0 + kBlockM : seq.rows;
-    tiles::zero_rows<kHeadDim, kThreads>(out, int64_t(shape.heads) * kHeadDim, m0, last, threadIdx.x);
-    for (int row = m0 + threadIdx.x; row < last; row += kThreads) lse[row] = 0.0f;
-    return;
-  }
+  if (write_padding_block<kHeadDim, kThreads>(out, lse, seq, m0, kBlockM, shape.heads, threadIdx.x)) return;
 
   ELECTRA_DYNAMIC_SHARED(uint4, shared_raw);
   T* const shared = reinterpret_cast<T*>(shared_raw);
@@ -144,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
   T* const v_tiles = shared + L::kVOffset;
 
   const int thread = threadIdx.x, warp = thread / tiles::kWarpSize, lane = thread % tiles::kWarpSize;
-  const int group = lane / 4, pair = lane % 4;
+  const int pair = lane % 4;
   const int warp_m0 = m0 + warp * kWarpRows;  // this warp's first query row (position in the sequence)
 
   const T* const q = static_cast<const T*>(args.q.data) + (seq.start + m0) * args.q.token_stride +
@@ -252,54 +366,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
     }
 
     const int n0 = j * kBlockN;
-    if (n0 + kBlockN > seq.length) {  // the last, partial tile: keys past the sequence get no weight
+    if (n0 + kBlockN > seq.length) {
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (n0 + 8 * t + 2 * pair + i % 2 >= seq.length) {
-#pragma unroll
-            for (int rt = 0; rt < kRowTiles; ++rt) s[rt][t][i] = -INFINITY;
-          }
-        }
-      }
+      for (int rt = 0; rt < kRowTiles; ++rt) mask_keys_past_sequence(s[rt], n0, seq.length, pair);
     }
-
-    // Online softmax. Every tile has a valid key, so the new maxima are finite.
 #pragma unroll
-    for (int rt = 0; rt < kRowTiles; ++rt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float tile_max = row_max[rt][r];
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t) {
-          tile_max = fmaxf(tile_max, fmaxf(s[rt][t][2 * r], s[rt][t][2 * r + 1]));
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float max_scaled = tile_max * scale_log2;
-        // exp2f, not exp2_ftz: once per row and tile, and with exp2_ftz here ptxas spilled 28 bytes at D = 128 with
-        // dropout. 0 on the first tile.
-        const float rescale = tiles::fast_exp2(row_max[rt][r] * scale_log2 - max_scaled);
-        row_max[rt][r] = tile_max;
-        float sum = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float p = exp2_ftz(s[rt][t][2 * r + e] * scale_log2 - max_scaled);
-            s[rt][t][2 * r + e] = p;
-            sum += p;
-          }
-        }
-        row_sum[rt][r] = row_sum[rt][r] * rescale + sum;
-#pragma unroll
-        for (int t = 0; t < kOTiles; ++t) {
-          o[rt][t][2 * r] *= rescale;
-          o[rt][t][2 * r + 1] *= rescale;
-        }
-      }
-    }
+    for (int rt = 0; rt < kRowTiles; ++rt) online_softmax_tile(s[rt], o[rt], row_max[rt], row_sum[rt], scale_log2);
 
     if (dropout) {
       static_assert(kSTiles == 8, "dropout_c_fragments takes a 16 x 64 block");
@@ -330,49 +402,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
     }
   }
 
-  // Epilogue: normalise, lse, stage O in this warp's rows of the Q tile, write the sequence's rows.
-  T* const o_stage = q_tile + warp * kWarpRows * QTile::kRowStride;
-#pragma unroll
-  for (int rt = 0; rt < kRowTiles; ++rt) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[rt][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float factor = sum > 0.0f ? shape.dropout_scale / sum : 0.0f;
-      const int position = warp_m0 + rt * 16 + group + 8 * r;
-      if (pair == 0 && position < seq.rows) {
-        lse[position] = position < seq.length ? row_max[rt][r] * shape.softmax_scale + logf(sum) : 0.0f;
-      }
-      row_sum[rt][r] = factor;
-    }
-  }
-  __syncwarp();  // this warp's ldmatrix reads of its Q rows are long done; make it explicit
-#pragma unroll
-  for (int rt = 0; rt < kRowTiles; ++rt) {
-#pragma unroll
-    for (int t = 0; t < kOTiles; ++t) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const uint32_t packed = tiles::float2_to_pair<T>(o[rt][t][2 * r] * row_sum[rt][r],
-                                                         o[rt][t][2 * r + 1] * row_sum[rt][r]);
-        *reinterpret_cast<uint32_t*>(QTile::at(o_stage, rt * 16 + group + 8 * r, 8 * t + 2 * pair)) = packed;
-      }
-    }
-  }
-  __syncwarp();
-  constexpr int kChunksPerRow = kHeadDim / tiles::kChunkElements;
-  const uint4 zero = {0u, 0u, 0u, 0u};
-#pragma unroll
-  for (int i = 0; i < kWarpRows * kChunksPerRow / tiles::kWarpSize; ++i) {
-    const int chunk = lane + i * tiles::kWarpSize;
-    const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * tiles::kChunkElements;
-    const int position = warp_m0 + row;
-    if (position < seq.rows) {  // the padded layout's padding rows as zeros
-      *reinterpret_cast<uint4*>(out + int64_t(position) * shape.heads * kHeadDim + col) =
-          position < seq.length ? *reinterpret_cast<const uint4*>(QTile::at(o_stage, row, col)) : zero;
-    }
-  }
+  write_rows<QTile, kHeadDim, kRowTiles>(o, row_max, row_sum, q_tile, warp * kWarpRows, out, lse, seq, warp_m0, shape,
+                                         lane);
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_forward_device

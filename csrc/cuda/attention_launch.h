@@ -77,8 +77,13 @@ constexpr bool attention_cuda_supports_head_dim(int head_dim) {
   return head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
 
+// The forward kernels: mma.sync (sm_80 and newer, every head dim) and wgmma (compute capability 9.0 in a build
+// with sm_90a code, head dims 64 and 128); attention_forward_kernel says which attention_forward launches.
+enum class AttentionForwardKernel { kMmaSync, kWgmma };
+
 #define ELECTRA_ATTENTION_LAUNCHERS                                                            \
   cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t stream);        \
+  AttentionForwardKernel attention_forward_kernel(const AttentionForwardArgs& args);           \
   cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t stream);
 
 namespace cuda {

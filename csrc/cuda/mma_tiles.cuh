@@ -43,12 +43,11 @@ struct PaddedTile {
 // aligned, unit stride along the row) into `tile`; rows >= valid_rows and the 8-element chunks of columns >=
 // valid_cols (a multiple of 8) are zero-filled without any global read (so a tile past the end of a sequence or
 // of a matrix reads nothing out of range). Called by all kThreads threads of the block; the caller commits,
-// waits and synchronises.
-template <int kRows, int kCols, int kThreads, typename T>
+// waits and synchronises. `Tile` is the shared layout: PaddedTile, or the wgmma kernels' SwizzledTile.
+template <int kRows, int kCols, int kThreads, typename T, typename Tile = PaddedTile<kRows, kCols>>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* global, int64_t row_stride, int valid_rows,
                                                 int thread, int valid_cols = kCols) {
   static_assert(sizeof(T) == 2, "16-bit elements");
-  using Tile = PaddedTile<kRows, kCols>;
   constexpr int kChunksPerRow = kCols / kChunkElements;
   constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kChunks % kThreads == 0, "whole chunks per thread");

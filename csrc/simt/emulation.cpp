@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -213,9 +214,16 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
+int compute_capability_major() {
+  const char* sm = std::getenv("ELECTRA_EXT_EMULATED_SM");
+  return sm != nullptr && std::strcmp(sm, "80") == 0 ? 8 : 9;
+}
+
 int device_attribute(cudaDeviceAttr attribute, int device) {
   if (device != 0) fail("the emulated device is device 0");
   switch (attribute) {
+    case cudaDevAttrComputeCapabilityMajor: return compute_capability_major();
+    case cudaDevAttrComputeCapabilityMinor: return 0;
     case cudaDevAttrMultiProcessorCount: return kMultiProcessorCount;
     case cudaDevAttrMaxThreadsPerMultiProcessor: return kMaxThreadsPerMultiProcessor;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: return kMaxSharedMemoryPerBlockOptin;

@@ -39,7 +39,9 @@ namespace simt {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
-// The emulated device: an H100-like shared-memory limit, few SMs so that grids sized "to fill the device"
+// The emulated device: an H100-like shared-memory limit and compute capability 9.0 (8.0, an A100's, when the
+// environment variable ELECTRA_EXT_EMULATED_SM is "80": launchers that pick kernels per architecture then take
+// their sm_80 ones), few SMs so that grids sized "to fill the device"
 // stay small on the CPU.
 constexpr int kMultiProcessorCount = 2;
 constexpr int kMaxThreadsPerMultiProcessor = 2048;

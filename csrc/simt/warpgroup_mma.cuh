@@ -274,6 +274,12 @@ struct SwizzledTile {
   __host__ __device__ static constexpr uint32_t offset(int row, int column) {
     return (column / 64) * kPanelBytes + row * 128 + ((((column % 64) / 8) ^ (row % 8)) * 16) + (column % 8) * 2;
   }
+  // Element (row, column) of a tile of T.
+  template <typename T>
+  __device__ __forceinline__ static T* at(T* tile, int row, int column) {
+    using Byte = std::conditional_t<std::is_const<T>::value, const unsigned char, unsigned char>;
+    return reinterpret_cast<T*>(reinterpret_cast<Byte*>(tile) + offset(row, column));
+  }
   // The operand of k step `step` (16 k): columns 16 step .. of a K-major operand (32 bytes per step along the
   // rows; the leading byte offset is unused, 16 as CUTLASS writes it), rows 16 step .. of an MN-major one.
   __device__ __forceinline__ static WgmmaDescriptor k_major(const void* tile, int step) {

@@ -8,6 +8,10 @@
 Each op takes `backend=` per call; the default comes from the environment variable ELECTRA_EXT_BACKEND
 (default "kernels"), read once at import. From the environment, "emulated" applies to CPU tensors only, so
 CUDA tensors keep their kernels; asked for per call with tensors on another device, it is an error.
+
+The emulated device is an sm_90 (H100): where a launcher picks kernels per architecture, the emulation runs the
+Hopper ones. ELECTRA_EXT_EMULATED_SM="80" makes it an sm_80 (A100) instead, for testing the other kernels; the
+emulation reads it at every launch.
 """
 import os
 
@@ -26,6 +30,10 @@ def _backend_from_environment() -> str:
 
 
 DEFAULT_BACKEND = _backend_from_environment()
+
+if os.environ.get("ELECTRA_EXT_EMULATED_SM", "90") not in ("80", "90"):
+    raise ValueError(f"ELECTRA_EXT_EMULATED_SM must be 80 or 90 (or unset: 90); "
+                     f"got {os.environ['ELECTRA_EXT_EMULATED_SM']!r}")
 
 
 def has_kernel(op, device_type: str) -> bool:
