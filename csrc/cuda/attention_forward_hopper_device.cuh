@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
     if (warpgroup_m0 >= seq.length) continue;
 
     float s[kSTiles][4];
+    wgmma_fence_operands(s);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
     }
     wgmma_commit_group();
     wgmma_wait_group<0>();
-    wgmma_fence_accumulators(s);
+    wgmma_fence_operands(s);
 
     const int n0 = j * kBlockN;
     if (n0 + kBlockN > seq.length) shared_pieces::mask_keys_past_sequence(s, n0, seq.length, pair);
@@ -162,6 +163,8 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
     uint32_t p[kPSteps][4];
 #pragma unroll
     for (int ks = 0; ks < kPSteps; ++ks) tiles::c_fragments_to_a<T>(p[ks], s[2 * ks], s[2 * ks + 1]);
+    wgmma_fence_operands(p);
+    wgmma_fence_operands(o[0]);
     wgmma_fence();  // P's registers and O's rescaling, before the products read them
 #pragma unroll
     for (int ks = 0; ks < kPSteps; ++ks) {
@@ -169,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
     }
     wgmma_commit_group();
     wgmma_wait_group<0>();
-    wgmma_fence_accumulators(o[0]);
+    wgmma_fence_operands(o[0]);
   }
 
   shared_pieces::write_rows<QTile, kHeadDim, 1>(o, row_max, row_sum, q_tile, warp * 16, out, lse, seq, warp_m0,

@@ -28,7 +28,8 @@
 // wgmma_fence() before the first wgmma of a sequence and whenever registers it reads were written since;
 // fence_proxy_async_shared() by every thread that wrote an operand tile, before the barrier that publishes it;
 // wgmma_commit_group() and wgmma_wait_group<n>() before the accumulators are read or the tiles overwritten; and
-// wgmma_fence_accumulators() so that nvcc does not move accesses to them across the asynchronous instruction.
+// wgmma_fence_operands() on the accumulators and register A fragments before wgmma_fence() and after the wait, so
+// that nvcc moves no access to them across the fence or the wait (it sees neither touch those registers).
 #pragma once
 
 #include <cstdint>
@@ -85,12 +86,20 @@ __device__ __forceinline__ void wgmma_wait_group() {
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-template <int kTiles>
-__device__ __forceinline__ void wgmma_fence_accumulators(float (&d)[kTiles][4]) {
+// No instruction: pins the registers of accumulators (float) or A fragments (uint32_t) in program order here.
+template <typename Register, int kTiles>
+__device__ __forceinline__ void wgmma_fence_operands(Register (&r)[kTiles][4]) {
+  static_assert(std::is_same<Register, float>::value || std::is_same<Register, uint32_t>::value, "fp32 or b32");
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[j][i])::"memory");
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same<Register, float>::value) {
+        asm volatile("" : "+f"(r[j][i])::"memory");
+      } else {
+        asm volatile("" : "+r"(r[j][i])::"memory");
+      }
+    }
   }
 }
 
@@ -188,8 +197,8 @@ inline void wgmma_commit_group() {}
 template <int kPending>
 void wgmma_wait_group() {}
 inline void fence_proxy_async_shared() {}
-template <int kTiles>
-void wgmma_fence_accumulators(float (&)[kTiles][4]) {}
+template <typename Register, int kTiles>
+void wgmma_fence_operands(Register (&)[kTiles][4]) {}
 
 namespace wgmma_emulation {
 

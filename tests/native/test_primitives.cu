@@ -258,6 +258,8 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   }
   fence_proxy_async_shared();
   __syncthreads();
+  wgmma_fence_operands(fragments);
+  wgmma_fence_operands(acc);
   wgmma_fence();
   for (int step = 0; step < 4; ++step) {
     const bool add = accumulate || step > 0;
@@ -269,7 +271,7 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   }
   wgmma_commit_group();
   wgmma_wait_group<0>();
-  wgmma_fence_accumulators(acc);
+  wgmma_fence_operands(acc);
   for (int j = 0; j < N / 8; ++j) {
     for (int i = 0; i < 4; ++i) d[d_index(j, i)] = acc[j][i];
   }
