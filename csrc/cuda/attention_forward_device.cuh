@@ -54,8 +54,8 @@
 //   55,296 B (D=64, 128 rows), 87,040 B (D=128, 64 rows); above 48 KB the launcher opts in. 2 blocks per SM fit
 //   all three (228 KB per H100 SM).
 // Registers per lane: Q A fragments D R / 4 (when kept), O accumulators D R / 2 fp32, S/P 32 R fp32, m and l
-//   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 234 / 245
-//   / 250 registers at D = 32 / 64 / 128 under 2 resident blocks per SM (__launch_bounds__ below); with 16 rows
+//   4 R, plus addresses and the loaded K/V fragments ptxas hoists. ptxas (CUDA 13, sm_90, no spills): 229 / 244
+//   / 254 registers at D = 32 / 64 / 128 under 2 resident blocks per SM (__launch_bounds__ below); with 16 rows
 //   per warp at all three it was 128 / 168 / 252 under 4 / 3 / 2 blocks per SM.
 // Why this tiling: 32 query rows per warp (FlashAttention-2's kBlockM = 128 with 4 warps) makes each K / V
 //   fragment loaded from shared memory feed two mma's, which moves the D = 32 and D = 64 inner loops from the
@@ -84,7 +84,7 @@ constexpr int kThreads = kWarps * tiles::kWarpSize;
 constexpr int kBlockN = 64;   // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 // Resident blocks per SM that __launch_bounds__ asks registers for: 2, i.e. up to 255 per lane (65,536 /
-// (128 threads x 2)). ptxas (CUDA 13, sm_90) takes 234 / 245 / 250 at D = 32 / 64 / 128 as launched; at 3 blocks
+// (128 threads x 2)). ptxas (CUDA 13, sm_90) takes 229 / 244 / 254 at D = 32 / 64 / 128 as launched; at 3 blocks
 // (168 registers) D = 32 with 32 rows per warp spills 184 bytes.
 constexpr int kMinBlocks = 2;
 
@@ -113,15 +113,47 @@ struct Layout {
 
 // ---- Pieces shared with the Hopper (wgmma) kernel of attention_forward_hopper_device.cuh. ----
 
+// What a block of grid (query blocks, batch x heads) owns: query rows m0 .. m0 + block_m - 1 of sequence b, head
+// h, and where that head's rows start in q (at row m0), k, v, out and lse (at the sequence's first token).
+template <typename T>
+struct BlockRows {
+  bool in_grid;  // false for the grid's slots past batch x heads
+  int b, h, m0;
+  tiles::SequenceExtent seq;
+  const T *q, *k, *v;
+  T* out;
+  float* lse;
+};
+
+template <typename T, int kHeadDim>
+__device__ __forceinline__ BlockRows<T> block_rows(const AttentionForwardArgs& args, int block_m) {
+  const AttentionShape& shape = args.shape;
+  const int bh = blockIdx.y + gridDim.y * blockIdx.z;
+  if (bh >= shape.batch * shape.heads) return BlockRows<T>{false};
+  BlockRows<T> r;
+  r.in_grid = true;
+  r.b = bh / shape.heads;
+  r.h = bh % shape.heads;
+  r.m0 = blockIdx.x * block_m;
+  r.seq = tiles::sequence_extent(shape.starts, shape.seqlens, r.b, shape.max_seqlen, shape.tokens);
+  r.q = static_cast<const T*>(args.q.data) + (r.seq.start + r.m0) * args.q.token_stride +
+        int64_t(r.h) * args.q.head_stride;
+  r.k = static_cast<const T*>(args.k.data) + r.seq.start * args.k.token_stride + int64_t(r.h) * args.k.head_stride;
+  r.v = static_cast<const T*>(args.v.data) + r.seq.start * args.v.token_stride + int64_t(r.h) * args.v.head_stride;
+  r.out = static_cast<T*>(args.out) + r.seq.start * shape.heads * kHeadDim + int64_t(r.h) * kHeadDim;
+  r.lse = args.lse + int64_t(r.h) * shape.tokens + r.seq.start;
+  return r;
+}
+
 // A block whose first row lies past the sequence: padding rows at most, written as zeros (out and lse) in the
 // padded layout. Returns whether the block is such a one (then it is done; no barrier is skipped by part of it).
 template <int kHeadDim, int kThreads, typename T>
-__device__ __forceinline__ bool write_padding_block(T* out, float* lse, const tiles::SequenceExtent& seq, int m0,
-                                                    int block_m, int heads, int thread) {
-  if (m0 < seq.length) return false;
-  const int last = m0 + block_m < seq.rows ? m0 + block_m : seq.rows;
-  tiles::zero_rows<kHeadDim, kThreads>(out, int64_t(heads) * kHeadDim, m0, last, thread);
-  for (int row = m0 + thread; row < last; row += kThreads) lse[row] = 0.0f;
+__device__ __forceinline__ bool write_padding_block(const BlockRows<T>& rows, int block_m, int heads, int thread) {
+  const int m0 = rows.m0;
+  if (m0 < rows.seq.length) return false;
+  const int last = m0 + block_m < rows.seq.rows ? m0 + block_m : rows.seq.rows;
+  tiles::zero_rows<kHeadDim, kThreads>(rows.out, int64_t(heads) * kHeadDim, m0, last, thread);
+  for (int row = m0 + thread; row < last; row += kThreads) rows.lse[row] = 0.0f;
   return true;
 }
 
@@ -241,15 +273,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
   constexpr int kOTiles = kHeadDim / 8;    // n-tiles of O
 
   const AttentionShape& shape = args.shape;
-  const int bh = blockIdx.y + gridDim.y * blockIdx.z;
-  if (bh >= shape.batch * shape.heads) return;
-  const int b = bh / shape.heads, h = bh % shape.heads;
-  const tiles::SequenceExtent seq =
-      tiles::sequence_extent(shape.starts, shape.seqlens, b, shape.max_seqlen, shape.tokens);
-  const int m0 = blockIdx.x * kBlockM;
-  T* const out = static_cast<T*>(args.out) + seq.start * shape.heads * kHeadDim + int64_t(h) * kHeadDim;
-  float* const lse = args.lse + int64_t(h) * shape.tokens + seq.start;
-  if (write_padding_block<kHeadDim, kThreads>(out, lse, seq, m0, kBlockM, shape.heads, threadIdx.x)) return;
+  const BlockRows<T> rows = block_rows<T, kHeadDim>(args, kBlockM);
+  if (!rows.in_grid || write_padding_block<kHeadDim, kThreads>(rows, kBlockM, shape.heads, threadIdx.x)) return;
+  const tiles::SequenceExtent seq = rows.seq;
+  const int m0 = rows.m0;
 
   ELECTRA_DYNAMIC_SHARED(uint4, shared_raw);
   T* const shared = reinterpret_cast<T*>(shared_raw);
@@ -261,25 +288,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
   const int pair = lane % 4;
   const int warp_m0 = m0 + warp * kWarpRows;  // this warp's first query row (position in the sequence)
 
-  const T* const q = static_cast<const T*>(args.q.data) + (seq.start + m0) * args.q.token_stride +
-                     int64_t(h) * args.q.head_stride;
-  const T* const k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride +
-                     int64_t(h) * args.k.head_stride;
-  const T* const v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride +
-                     int64_t(h) * args.v.head_stride;
   const int n_tiles = (seq.length + kBlockN - 1) / kBlockN;
 
   auto load_kv = [&](int j) {
     const int n0 = j * kBlockN, valid = seq.length - n0;
     tiles::load_tile_async<kBlockN, kHeadDim, kThreads>(k_tiles + (j % 2) * KVTile::kElements,
-                                                        k + n0 * args.k.token_stride, args.k.token_stride, valid,
-                                                        thread);
+                                                        rows.k + n0 * args.k.token_stride, args.k.token_stride,
+                                                        valid, thread);
     tiles::load_tile_async<kBlockN, kHeadDim, kThreads>(v_tiles + (j % 2) * KVTile::kElements,
-                                                        v + n0 * args.v.token_stride, args.v.token_stride, valid,
-                                                        thread);
+                                                        rows.v + n0 * args.v.token_stride, args.v.token_stride,
+                                                        valid, thread);
   };
 
-  tiles::load_tile_async<kBlockM, kHeadDim, kThreads>(q_tile, q, args.q.token_stride, seq.length - m0, thread);
+  tiles::load_tile_async<kBlockM, kHeadDim, kThreads>(q_tile, rows.q, args.q.token_stride, seq.length - m0, thread);
   load_kv(0);
   cp_async_commit();
 
@@ -377,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
       static_assert(kSTiles == 8, "dropout_c_fragments takes a 16 x 64 block");
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt) {
-        tiles::dropout_c_fragments(s[rt], seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+        tiles::dropout_c_fragments(s[rt], seed, static_cast<uint32_t>(rows.b), static_cast<uint32_t>(rows.h),
                                    warp_m0 + rt * 16, n0, shape.dropout_threshold, lane);
       }
     }
@@ -402,8 +423,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(Attention
     }
   }
 
-  write_rows<QTile, kHeadDim, kRowTiles>(o, row_max, row_sum, q_tile, warp * kWarpRows, out, lse, seq, warp_m0, shape,
-                                         lane);
+  write_rows<QTile, kHeadDim, kRowTiles>(o, row_max, row_sum, q_tile, warp * kWarpRows, rows.out, rows.lse, seq,
+                                         warp_m0, shape, lane);
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::attention_forward_device

@@ -22,7 +22,7 @@
 // 128 query rows: 4 x per (sequence, head) at T = 512, 100 MB from L2.
 // Shared memory: Q 128 D 2 B + 2 x (K + V) 64 D 2 B = 48 KB at D = 64, 96 KB at D = 128, plus 1 KB to align the
 // tiles to 1024 bytes. Registers per thread: S 32, O D / 2, P 16 (while S is dead), row statistics 4; ptxas
-// (CUDA 13, sm_90a, no spills): 118 at D = 64 under 2 blocks (16 warps) per SM, 201 at D = 128 (1 block).
+// (CUDA 13, sm_90a, no spills): 123 at D = 64 under 2 blocks (16 warps) per SM, 202 at D = 128 (1 block).
 // Why 64-key tiles: with 128 (S m64n128k16, FlashAttention-3's tile) D = 64 needs 220 registers, so 1 block of 8
 // warps per SM, or spills 172 bytes at the 128 that 2 blocks allow.
 #pragma once
@@ -69,17 +69,13 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
   constexpr int kSTiles = kBlockN / 8, kOTiles = kHeadDim / 8;
 
   const AttentionShape& shape = args.shape;
-  const int bh = blockIdx.y + gridDim.y * blockIdx.z;
-  if (bh >= shape.batch * shape.heads) return;
-  const int b = bh / shape.heads, h = bh % shape.heads;
-  const tiles::SequenceExtent seq =
-      tiles::sequence_extent(shape.starts, shape.seqlens, b, shape.max_seqlen, shape.tokens);
-  const int m0 = blockIdx.x * kBlockM;
-  T* const out = static_cast<T*>(args.out) + seq.start * shape.heads * kHeadDim + int64_t(h) * kHeadDim;
-  float* const lse = args.lse + int64_t(h) * shape.tokens + seq.start;
-  if (shared_pieces::write_padding_block<kHeadDim, kThreads>(out, lse, seq, m0, kBlockM, shape.heads, threadIdx.x)) {
+  const shared_pieces::BlockRows<T> rows = shared_pieces::block_rows<T, kHeadDim>(args, kBlockM);
+  if (!rows.in_grid ||
+      shared_pieces::write_padding_block<kHeadDim, kThreads>(rows, kBlockM, shape.heads, threadIdx.x)) {
     return;
   }
+  const tiles::SequenceExtent seq = rows.seq;
+  const int m0 = rows.m0;
 
   ELECTRA_DYNAMIC_SHARED(uint4, shared_raw);
   unsigned char* const shared =
@@ -94,23 +90,17 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
   const int warpgroup_m0 = m0 + warpgroup * 64;
   const unsigned char* const warpgroup_q = shared + warpgroup * 64 * 128;  // its 64 rows of each Q panel
 
-  const T* const q = static_cast<const T*>(args.q.data) + (seq.start + m0) * args.q.token_stride +
-                     int64_t(h) * args.q.head_stride;
-  const T* const k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride +
-                     int64_t(h) * args.k.head_stride;
-  const T* const v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride +
-                     int64_t(h) * args.v.head_stride;
   const int n_tiles = (seq.length + kBlockN - 1) / kBlockN;
 
   auto load_kv = [&](int j) {
     const int n0 = j * kBlockN, valid = seq.length - n0;
-    tiles::load_tile_async<kBlockN, kHeadDim, kThreads, T, KVTile>(k_tile(j), k + n0 * args.k.token_stride,
+    tiles::load_tile_async<kBlockN, kHeadDim, kThreads, T, KVTile>(k_tile(j), rows.k + n0 * args.k.token_stride,
                                                                    args.k.token_stride, valid, thread);
-    tiles::load_tile_async<kBlockN, kHeadDim, kThreads, T, KVTile>(v_tile(j), v + n0 * args.v.token_stride,
+    tiles::load_tile_async<kBlockN, kHeadDim, kThreads, T, KVTile>(v_tile(j), rows.v + n0 * args.v.token_stride,
                                                                    args.v.token_stride, valid, thread);
   };
-  tiles::load_tile_async<kBlockM, kHeadDim, kThreads, T, QTile>(q_tile, q, args.q.token_stride, seq.length - m0,
-                                                                thread);
+  tiles::load_tile_async<kBlockM, kHeadDim, kThreads, T, QTile>(q_tile, rows.q, args.q.token_stride,
+                                                                seq.length - m0, thread);
   load_kv(0);
   cp_async_commit();
 
@@ -154,9 +144,9 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
     if (dropout) {
 #pragma unroll
       for (int half = 0; half < kSTiles / 8; ++half) {
-        tiles::dropout_c_fragments(*reinterpret_cast<float(*)[8][4]>(&s[8 * half]), seed, static_cast<uint32_t>(b),
-                                   static_cast<uint32_t>(h), warp_m0, n0 + 64 * half, shape.dropout_threshold,
-                                   lane);
+        tiles::dropout_c_fragments(*reinterpret_cast<float(*)[8][4]>(&s[8 * half]), seed,
+                                   static_cast<uint32_t>(rows.b), static_cast<uint32_t>(rows.h), warp_m0,
+                                   n0 + 64 * half, shape.dropout_threshold, lane);
       }
     }
 
@@ -175,8 +165,8 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
     wgmma_fence_operands(o[0]);
   }
 
-  shared_pieces::write_rows<QTile, kHeadDim, 1>(o, row_max, row_sum, q_tile, warp * 16, out, lse, seq, warp_m0,
-                                                shape, lane);
+  shared_pieces::write_rows<QTile, kHeadDim, 1>(o, row_max, row_sum, q_tile, warp * 16, rows.out, rows.lse, seq,
+                                                warp_m0, shape, lane);
 #endif
 }
 
