@@ -24,7 +24,8 @@
 //   operand's 16 k are 16 rows: two 8-row atoms, stride byte offset apart; 64-column panels are the leading
 //   byte offset apart.
 //
-// Ordering, which the emulation cannot check (it completes each wgmma at issue, as it does cp.async):
+// Ordering (the emulation completes each wgmma at issue, as it does cp.async, and checks only that each wgmma
+// follows a wgmma_fence() since the last wait and that no wait leaves wgmma uncommitted):
 // wgmma_fence() before the first wgmma of a sequence and whenever registers it reads were written since;
 // fence_proxy_async_shared() by every thread that wrote an operand tile, before the barrier that publishes it;
 // wgmma_commit_group() and wgmma_wait_group<n>() before the accumulators are read or the tiles overwritten; and
@@ -192,10 +193,28 @@ inline WgmmaDescriptor wgmma_descriptor(const void* tile, uint32_t start_bytes, 
   return {static_cast<const unsigned char*>(tile) + start_bytes, leading_bytes};
 }
 
-inline void wgmma_fence() {}
-inline void wgmma_commit_group() {}
+namespace wgmma_emulation {
+
+// The ordering rules the emulation can check, per thread: a wgmma needs a wgmma_fence() since the thread's last
+// wait (after which it reads the results: a register access), and a wait must not leave wgmma uncommitted (they
+// would never be waited for). On a GPU either mistake is a silent race.
+struct Ordering {
+  bool fenced = false;
+  int uncommitted = 0;
+};
+inline thread_local Ordering ordering;
+
+}  // namespace wgmma_emulation
+
+inline void wgmma_fence() { wgmma_emulation::ordering.fenced = true; }
+inline void wgmma_commit_group() { wgmma_emulation::ordering.uncommitted = 0; }
 template <int kPending>
-void wgmma_wait_group() {}
+void wgmma_wait_group() {
+  if (wgmma_emulation::ordering.uncommitted != 0) {
+    ::simt::fail("wgmma_wait_group: wgmma issued since the last wgmma_commit_group are never waited for");
+  }
+  wgmma_emulation::ordering.fenced = false;
+}
 inline void fence_proxy_async_shared() {}
 template <typename Register, int kTiles>
 void wgmma_fence_operands(Register (&)[kTiles][4]) {}
@@ -233,8 +252,11 @@ void multiply(float (&d)[N / 8][4], const float (&a_rows)[16][16], const WgmmaDe
   }
 }
 
-inline int warp_in_warpgroup() {
+// Checks and records one wgmma issue; returns the calling warp's index in its warpgroup.
+inline int issue() {
   if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0) ::simt::fail("wgmma: the block is not whole warpgroups");
+  if (!ordering.fenced) ::simt::fail("wgmma issued without a wgmma_fence() since the thread's last wait");
+  ++ordering.uncommitted;
   const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   return static_cast<int>(thread / ::simt::kWarpSize) % 4;
 }
@@ -245,7 +267,7 @@ template <typename T, int N, Major kBMajor>
 void wgmma_ss(float (&d)[N / 8][4], WgmmaDescriptor a, WgmmaDescriptor b, bool accumulate) {
   static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
   static_assert(N == 64 || N == 128, "N = 64 or 128");
-  const int warp = wgmma_emulation::warp_in_warpgroup();
+  const int warp = wgmma_emulation::issue();
   float a_rows[16][16];
   for (int row = 0; row < 16; ++row) {
     for (int k = 0; k < 16; ++k) a_rows[row][k] = wgmma_emulation::element<T>(a, Major::K, 16 * warp + row, k);
@@ -257,7 +279,7 @@ template <typename T, int N, Major kBMajor>
 void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b, bool accumulate) {
   static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
   static_assert(N == 64 || N == 128, "N = 64 or 128");
-  wgmma_emulation::warp_in_warpgroup();
+  wgmma_emulation::issue();
   struct Fragment {
     uint32_t a[4];
   };

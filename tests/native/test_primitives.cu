@@ -3,10 +3,16 @@
 // test_primitives_cuda, run by benchmarks/gpu_check.sh) and under the SIMT emulation (test_primitives_emulated.cpp,
 // in every CI run): the pair proves that the emulation computes what the hardware does.
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
+
+#if !defined(__CUDACC__)
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 #include "simt/primitives.cuh"
 #include "simt/warpgroup_mma.cuh"
@@ -231,7 +237,10 @@ void test_red_add() {
 // - registers x shared (O = P V): A as mma A fragments built from global memory by the documented layout, B [64
 //   x N] an MN-major swizzled tile, each k step 16 rows further.
 // d = A B + c when `accumulate` (scale-d 1 from the first step), else A B (scale-d 0 first).
-template <typename T, int N, bool kAFromRegisters>
+// What a wgmma_kernel leaves out, for the emulation's ordering checks (a GPU would race instead).
+enum class OrderingMistake { kNone, kNoFence, kNoCommit };
+
+template <typename T, int N, bool kAFromRegisters, OrderingMistake kMistake = OrderingMistake::kNone>
 __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, bool accumulate) {
 #if ELECTRA_WGMMA_AVAILABLE
   using ATile = SwizzledTile<64, 64>;
@@ -260,7 +269,7 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   __syncthreads();
   wgmma_fence_operands(fragments);
   wgmma_fence_operands(acc);
-  wgmma_fence();
+  if constexpr (kMistake != OrderingMistake::kNoFence) wgmma_fence();
   for (int step = 0; step < 4; ++step) {
     const bool add = accumulate || step > 0;
     if constexpr (kAFromRegisters) {
@@ -269,7 +278,7 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
       wgmma_ss<T, N, Major::K>(acc, ATile::k_major(a_tile, step), BTile::k_major(b_tile, step), add);
     }
   }
-  wgmma_commit_group();
+  if constexpr (kMistake != OrderingMistake::kNoCommit) wgmma_commit_group();
   wgmma_wait_group<0>();
   wgmma_fence_operands(acc);
   for (int j = 0; j < N / 8; ++j) {
@@ -310,6 +319,30 @@ void test_wgmma(std::mt19937& rng, bool accumulate, const char* what) {
   expect(worst < 2e-4, what);
 }
 
+#if !defined(__CUDACC__)
+// The emulation stops a kernel that issues wgmma without wgmma_fence() or waits with wgmma uncommitted (in a
+// child process: it aborts).
+template <OrderingMistake kMistake>
+void test_wgmma_ordering_mistake_is_caught(const char* what) {
+  const std::vector<__nv_bfloat16> a(64 * 64, from_float<__nv_bfloat16>(1.0f));
+  const std::vector<float> c(64 * 64, 0.0f);
+  const DeviceBuffer<__nv_bfloat16> a_device(a), b_device(a);
+  const DeviceBuffer<float> c_device(c);
+  DeviceBuffer<float> d_device(c);
+  std::fflush(stdout);
+  const pid_t child = fork();
+  if (child == 0) {
+    std::freopen("/dev/null", "w", stderr);
+    launch_kernel(wgmma_kernel<__nv_bfloat16, 64, false, kMistake>, 1, 128, 0, nullptr, a_device.data,
+                  b_device.data, c_device.data, d_device.data, false);
+    std::_Exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, what);
+}
+#endif
+
 // wgmma exists on compute capability 9.0 (H100, H200) only; the emulation runs it everywhere.
 bool device_has_wgmma() {
 #if defined(__CUDACC__)
@@ -347,6 +380,10 @@ int run() {
   } else {
     std::printf("wgmma self-tests skipped: compute capability 9.0 only\n");
   }
+#if !defined(__CUDACC__)
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoFence>("the emulation stops a wgmma without a fence");
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoCommit>("the emulation stops a wait on uncommitted wgmma");
+#endif
   std::printf("%s primitive self-tests: %s, %d failure(s)\n", ELECTRA_BACKEND_NAME,
               failures == 0 ? "passed" : "FAILED", failures);
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
