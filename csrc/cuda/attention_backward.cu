@@ -1,9 +1,10 @@
 // Host launcher of the fused attention backward kernels (torch-free; design and napkin math in
-// attention_backward_device.cuh). Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the
+// attention_backward_device.cuh, mma.sync, and attention_backward_hopper_device.cuh, the wgmma dK/dV kernel). Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the
 // SIMT emulation (namespace emulated, through csrc/emulated/attention_backward.cpp).
 #include <cstdint>
 
 #include "cuda/attention_backward_device.cuh"
+#include "cuda/attention_backward_hopper_device.cuh"
 #include "cuda/attention_launch.h"
 #include "simt/simt.cuh"
 
@@ -18,20 +19,40 @@ cudaError_t allow_shared(Kernel* kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
+namespace hopper = attention_backward_hopper_device;
+
+// The dK/dV kernel over (key blocks of 64, heads, batch): the wgmma one where attention_kernels says so, dQ goes
+// to the workspace (there is no deterministic wgmma backward yet) and D = 64 (at D = 128 it spills 120 bytes at
+// 255 registers), else the mma.sync one.
+template <typename T, int D, bool kAccumulateDq>
+cudaError_t launch_dkdv(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  const AttentionShape& s = args.shape;
+  const dim3 key_grid((s.max_seqlen + dev::kDkdvBlockKeys - 1) / dev::kDkdvBlockKeys, s.heads, s.batch);
+  if constexpr (kAccumulateDq && D == 64) {
+    if (attention_kernels(D) == AttentionKernels::kWgmma) {
+      constexpr size_t shared = hopper::Layout<D>::kSharedBytes;
+      auto kernel = hopper::dkdv_kernel<T, D>;
+      if (cudaError_t err = allow_shared(kernel, shared); err != cudaSuccess) return err;
+      launch_kernel(kernel, key_grid, dim3(hopper::kThreads), shared, stream, args);
+      return cudaGetLastError();
+    }
+  }
+  constexpr size_t shared = dev::dkdv_shared_bytes<D, kAccumulateDq>();
+  auto kernel = dev::dkdv_kernel<T, D, kAccumulateDq>;
+  if (cudaError_t err = allow_shared(kernel, shared); err != cudaSuccess) return err;
+  launch_kernel(kernel, key_grid, dim3(dev::Dkdv<D>::kThreads), shared, stream, args);
+  return cudaGetLastError();
+}
+
 // delta (zeroing dq_accum's sequence rows), then dK/dV; with dq_accum the dK/dV kernel also adds dQ there and a
 // conversion kernel writes it, otherwise the dQ kernel recomputes S and dP (deterministic, 1.4x the products).
 template <typename T, int D, bool kAccumulateDq>
 cudaError_t backward_typed(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  constexpr size_t dkdv_shared = dev::dkdv_shared_bytes<D, kAccumulateDq>();
-  auto dkdv = dev::dkdv_kernel<T, D, kAccumulateDq>;
-  if (cudaError_t err = allow_shared(dkdv, dkdv_shared); err != cudaSuccess) return err;
   const AttentionShape& s = args.shape;
   const dim3 row_grid((s.max_seqlen + dev::kDeltaTokens<D> - 1) / dev::kDeltaTokens<D>, s.heads, s.batch);
   launch_kernel(dev::delta_kernel<T, D>, row_grid, dim3(dev::kDeltaThreads), 0, stream, args);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  const dim3 key_grid((s.max_seqlen + dev::kDkdvBlockKeys - 1) / dev::kDkdvBlockKeys, s.heads, s.batch);
-  launch_kernel(dkdv, key_grid, dim3(dev::Dkdv<D>::kThreads), dkdv_shared, stream, args);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if (cudaError_t err = launch_dkdv<T, D, kAccumulateDq>(args, stream); err != cudaSuccess) return err;
   if constexpr (kAccumulateDq) {
     launch_kernel(dev::dq_convert_kernel<T, D>, row_grid, dim3(dev::kDeltaThreads), 0, stream, args);
   } else {

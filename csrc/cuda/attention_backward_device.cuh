@@ -23,6 +23,8 @@
 //                 and loops over key tiles: S = Q K^T, dP = dO V^T, dQ += dS K (K through ldmatrix.trans). It
 //                 recomputes S and dP: 7 tile products instead of 5 (1.4x the useful FLOPs), the price of
 //                 determinism without atomics or a [key blocks, tokens, heads, D] fp32 scratch (400 MB at Base).
+// On compute capability 9.0 in an sm_90a build, dkdv_kernel<.., true> at D = 64 gives way to the wgmma kernel of
+// attention_backward_hopper_device.cuh (same math and element-wise step, all five products on wgmma).
 // The dQ workspace at Base is [16384 tokens, 12, 64] fp32 = 50 MB next to the 75 MB gradient. Each dQ entry gets
 //   T / 64 additions (8 at T = 512; FlashAttention-2's 128-key blocks make 4): 100 M at Base, 50 M v2
 //   reductions. Per block and 32-query tile at D = 64 that is 1,024 reductions against 320 mma, 3.2 per mma,
@@ -44,8 +46,8 @@
 //     dO tiles of 32 rows (18 KB) plus lse/delta/dropout bits (0.5 KB) = 36.5 KB, 4 blocks per SM = 146 KB;
 //     kernel 2 holds Q, dO (18 KB) and double-buffered 64-row K, V tiles (36 KB) + 1 KB = 55 KB. D=128:
 //     kernel 1 keeps 4 warps and 32-row tiles (68.5 KB), kernel 2 32-row tiles (68.5 KB); D=32: 31 KB each.
-//   Registers (ptxas 13.0, sm_90, no spills), D = 64 / 128 / 32: dkdv 255 / 243 / 250 with kAccumulateDq, 236 /
-//     244 / 252 without; dq 168 at each D (bounded to 3 blocks per SM); delta 27, dq_convert 21. The dS^T stage
+//   Registers (ptxas 13.0, sm_90, no spills), D = 64 / 128 / 32: dkdv 243 / 242 / 243 with kAccumulateDq, 235 /
+//     244 / 248 without; dq 168 at each D (bounded to 3 blocks per SM); delta 27, dq_convert 21. The dS^T stage
 //     adds 5 KB of shared memory per dkdv block (9 KB at D = 32): 41.5 KB at D = 64, still 4 blocks per SM.
 //     Registers, not shared memory, cap dkdv's residency at 8 warps per SM, dq's at 12. On an H200 at Base
 //     (before kAccumulateDq) both kernels issued on only ~50% of the cycles, stalled on dependent instructions
@@ -329,13 +331,13 @@ __device__ __forceinline__ void store_c_fragments(const float (&acc)[kM][kN][4],
 }
 
 // Writes rows 0 .. kRows - 1 of the per-warp accumulators (warp w: rows 16 kM w .. + 16 kM - 1, slice m
-// of them in acc[m]), times `scale`, as T into the padded tile `stage`, then (after a barrier) rows
+// of them in acc[m]), times `scale`, as T into the tile `stage` (Tile layout), then (after a barrier) rows
 // row0 + r < len to dst (row stride `stride`) with 16-byte stores, and rows len <= row0 + r < rows (the padded
 // layout's padding) as zeros. The caller's last barrier must precede (stage may alias tiles still being read).
-template <typename T, int D, int kM, int kThreads>
+template <typename T, int D, int kM, int kThreads, typename Tile = Rows<D>>
 __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], float scale, T* stage, T* dst,
                                            int64_t stride, int row0, int len, int rows) {
-  store_c_fragments<Rows<D>>(acc, scale, stage, 16 * kM * (threadIdx.x / kWarpSize), 0);
+  store_c_fragments<Tile>(acc, scale, stage, 16 * kM * (threadIdx.x / kWarpSize), 0);
   __syncthreads();
   constexpr int kRows = kThreads / kWarpSize * 16 * kM, kChunks = D / 8;
   const uint4 zero = {0u, 0u, 0u, 0u};
@@ -343,7 +345,24 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kM][D / 8][4], flo
     const int r = i / kChunks, c = i % kChunks;
     if (row0 + r < rows) {
       *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * stride + c * 8) =
-          row0 + r < len ? *reinterpret_cast<const uint4*>(Rows<D>::at(stage, r, 8 * c)) : zero;
+          row0 + r < len ? *reinterpret_cast<const uint4*>(Tile::at(stage, r, 8 * c)) : zero;
+    }
+  }
+}
+
+// Adds a warp's dQ sums for queries query0 + group and + 8 (those < len), columns col0 + 8 n + 2 pair and + 1,
+// to dq_rows (row stride `stride` floats) with vector atomics.
+template <int kN>
+__device__ __forceinline__ void add_dq_rows(const float (&dq)[kN][4], float* dq_rows, int64_t stride, int query0,
+                                            int col0, int len) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int query = query0 + group + 8 * half;
+    if (query >= len) continue;
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      red_add_f32x2(dq_rows + query * stride + col0 + 8 * n + 2 * pair, dq[n][2 * half], dq[n][2 * half + 1]);
     }
   }
 }
@@ -364,7 +383,7 @@ __device__ __forceinline__ void accumulate_dq(const T* ds_t, const T* k_tile, fl
   constexpr int kWarpsPerQTile = kWarps > kQTiles ? kWarps / kQTiles : 1;
   constexpr int kQTilesPerWarp = kQTiles * kWarpsPerQTile / kWarps;
   constexpr int kCols = D / kWarpsPerQTile;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4, pair = lane % 4;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int qtile0 = warp / kWarpsPerQTile * kQTilesPerWarp, col0 = warp % kWarpsPerQTile * kCols;
   float dq[kQTilesPerWarp][kCols / 8][4] = {};
 #pragma unroll
@@ -377,17 +396,7 @@ __device__ __forceinline__ void accumulate_dq(const T* ds_t, const T* k_tile, fl
     mma_k_step_kn<T, D, kQTilesPerWarp, kCols>(dq, a, k_tile, 16 * kk, col0);
   }
 #pragma unroll
-  for (int i = 0; i < kQTilesPerWarp; ++i) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int query = q0 + 16 * (qtile0 + i) + group + 8 * half;
-      if (query >= len) continue;
-#pragma unroll
-      for (int n = 0; n < kCols / 8; ++n) {
-        red_add_f32x2(dq_rows + query * stride + col0 + 8 * n + 2 * pair, dq[i][n][2 * half], dq[i][n][2 * half + 1]);
-      }
-    }
-  }
+  for (int i = 0; i < kQTilesPerWarp; ++i) add_dq_rows(dq[i], dq_rows, stride, q0 + 16 * (qtile0 + i), col0, len);
 }
 
 // Dynamic shared memory of either kernel with kOwn rows of its own and inner tiles of kInner rows.
@@ -467,6 +476,62 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const AttentionBac
   if (t.token < seq.length && t.chunk == 0) args.delta[int64_t(t.h) * s.tokens + seq.start + t.token] = sum;
 }
 
+// ---- Pieces shared with the Hopper (wgmma) dK/dV kernel of attention_backward_hopper_device.cuh. ----
+
+// A dK/dV block whose first key lies past the sequence: padding keys at most (padded layout), whose dK and dV
+// rows are written as zeros. Returns whether the block is such a one (then it is done).
+template <typename T, int D, int kThreads>
+__device__ __forceinline__ bool write_padding_keys(const AttentionBackwardArgs& args, const tiles::SequenceExtent& seq,
+                                                   int h, int key0) {
+  if (key0 < seq.length) return false;
+  const int last = key0 + kDkdvBlockKeys < seq.rows ? key0 + kDkdvBlockKeys : seq.rows;
+  tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_k, args, seq.start, h), args.grad_token_stride, key0,
+                                last, threadIdx.x);
+  tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_v, args, seq.start, h), args.grad_token_stride, key0,
+                                last, threadIdx.x);
+  return true;
+}
+
+// Head h's rows of the sequence in q, k, v, grad_out (row stride dout_stride), lse and delta.
+template <typename T>
+struct HeadRows {
+  const T *q, *k, *v, *dout;
+  int64_t dout_stride;
+  const float *lse, *delta;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ HeadRows<T> head_rows(const AttentionBackwardArgs& args, const tiles::SequenceExtent& seq,
+                                                 int h) {
+  const AttentionShape& s = args.shape;
+  HeadRows<T> r;
+  r.q = static_cast<const T*>(args.q.data) + seq.start * args.q.token_stride + h * args.q.head_stride;
+  r.k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride + h * args.k.head_stride;
+  r.v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
+  r.dout_stride = int64_t(s.heads) * D;
+  r.dout = static_cast<const T*>(args.grad_out) + seq.start * r.dout_stride + h * D;
+  r.lse = args.lse + int64_t(h) * s.tokens + seq.start;
+  r.delta = args.delta + int64_t(h) * s.tokens + seq.start;
+  return r;
+}
+
+// A dK/dV kernel's per-query-tile values in shared memory: lse (times log2 e; +inf past the sequence, so that P is
+// 0 there) and delta of queries q0 .. q0 + kQ - 1, and with dropout the keep bits of those queries and the block's
+// kDkdvBlockKeys keys from key0. Read after the caller's next barrier.
+template <int kQ, int kThreads, typename T>
+__device__ __forceinline__ void stage_query_tile(float* s_lse, float* s_delta, uint32_t* s_bits,
+                                                 const HeadRows<T>& rows, const AttentionShape& s, uint64_t seed,
+                                                 int b, int h, int q0, int key0, int len) {
+  for (int i = threadIdx.x; i < kQ; i += kThreads) {
+    const bool valid = q0 + i < len;
+    s_lse[i] = valid ? rows.lse[q0 + i] * kLog2e : INFINITY;
+    s_delta[i] = valid ? rows.delta[q0 + i] : 0.0f;
+  }
+  if (s.dropout_threshold > 0) {
+    dropout_bits<kQ, kDkdvBlockKeys, kThreads>(s_bits, seed, b, h, q0, key0, s.dropout_threshold);
+  }
+}
+
 // Kernel 1: dK and dV of keys blockIdx.x * kDkdvBlockKeys .. of sequence blockIdx.z, head blockIdx.y; with
 // kAccumulateDq also these keys' part of dQ, added to args.dq_accum.
 template <typename T, int D, bool kAccumulateDq>
@@ -475,14 +540,7 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   const AttentionShape& s = args.shape;
   const int b = blockIdx.z, h = blockIdx.y, key0 = blockIdx.x * kDkdvBlockKeys;
   const tiles::SequenceExtent seq = sequence_of(s, b);
-  if (key0 >= seq.length) {  // padding keys at most (padded layout): their dK and dV rows are zeros
-    const int last = key0 + kDkdvBlockKeys < seq.rows ? key0 + kDkdvBlockKeys : seq.rows;
-    tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_k, args, seq.start, h), args.grad_token_stride,
-                                  key0, last, threadIdx.x);
-    tiles::zero_rows<D, kThreads>(gradient_rows<T, D>(args.grad_v, args, seq.start, h), args.grad_token_stride,
-                                  key0, last, threadIdx.x);
-    return;
-  }
+  if (write_padding_keys<T, D, kThreads>(args, seq, h, key0)) return;
   const int len = seq.length;
 
   ELECTRA_DYNAMIC_SHARED(uint4, attention_shared);
@@ -495,18 +553,13 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   float* sDelta = sLse + kQ;
   uint32_t* sBits = reinterpret_cast<uint32_t*>(sDelta + kQ);  // [kQ][64 / 32]
 
-  const int64_t row_stride = int64_t(s.heads) * D;  // grad_out
-  const T* q = static_cast<const T*>(args.q.data) + seq.start * args.q.token_stride + h * args.q.head_stride;
-  const T* k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride + h * args.k.head_stride;
-  const T* v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
-  const T* dout = static_cast<const T*>(args.grad_out) + seq.start * row_stride + h * D;
-  const float* lse = args.lse + int64_t(h) * s.tokens + seq.start;
-  const float* delta = args.delta + int64_t(h) * s.tokens + seq.start;
+  const HeadRows<T> rows = head_rows<T, D>(args, seq, h);
+  const int64_t row_stride = rows.dout_stride;
 
-  load_tile<D, kDkdvBlockKeys, kThreads>(sK, k, args.k.token_stride, key0, len);
-  load_tile<D, kDkdvBlockKeys, kThreads>(sV, v, args.v.token_stride, key0, len);
-  load_tile<D, kQ, kThreads>(sQ, q, args.q.token_stride, 0, len);
-  load_tile<D, kQ, kThreads>(sdO, dout, row_stride, 0, len);
+  load_tile<D, kDkdvBlockKeys, kThreads>(sK, rows.k, args.k.token_stride, key0, len);
+  load_tile<D, kDkdvBlockKeys, kThreads>(sV, rows.v, args.v.token_stride, key0, len);
+  load_tile<D, kQ, kThreads>(sQ, rows.q, args.q.token_stride, 0, len);
+  load_tile<D, kQ, kThreads>(sdO, rows.dout, row_stride, 0, len);
   cp_async_commit();
 
   const bool dropout = s.dropout_threshold > 0;
@@ -525,16 +578,11 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
   for (int t = 0; t < tiles; ++t) {
     const int q0 = t * kQ;
     if (t + 1 < tiles) {
-      load_tile<D, kQ, kThreads>(sQ + row_offset<D>(((t + 1) & 1) * kQ), q, args.q.token_stride, q0 + kQ, len);
-      load_tile<D, kQ, kThreads>(sdO + row_offset<D>(((t + 1) & 1) * kQ), dout, row_stride, q0 + kQ, len);
+      load_tile<D, kQ, kThreads>(sQ + row_offset<D>(((t + 1) & 1) * kQ), rows.q, args.q.token_stride, q0 + kQ, len);
+      load_tile<D, kQ, kThreads>(sdO + row_offset<D>(((t + 1) & 1) * kQ), rows.dout, row_stride, q0 + kQ, len);
     }
     cp_async_commit();
-    for (int i = threadIdx.x; i < kQ; i += kThreads) {
-      const bool valid = q0 + i < len;  // queries past the sequence: lse = +inf makes their P zero
-      sLse[i] = valid ? lse[q0 + i] * kLog2e : INFINITY;
-      sDelta[i] = valid ? delta[q0 + i] : 0.0f;
-    }
-    if (dropout) dropout_bits<kQ, kDkdvBlockKeys, kThreads>(sBits, seed, b, h, q0, key0, s.dropout_threshold);
+    stage_query_tile<kQ, kThreads>(sLse, sDelta, sBits, rows, s, seed, b, h, q0, key0, len);
     cp_async_wait<1>();
     __syncthreads();
 
@@ -597,16 +645,12 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
   T* sV = sK + row_offset<D>(2 * kK);       // [2][kK] rows
   uint32_t* sBits = reinterpret_cast<uint32_t*>(sV + row_offset<D>(2 * kK));  // [64][kK / 32]
 
-  const int64_t row_stride = int64_t(s.heads) * D;
-  const T* q = static_cast<const T*>(args.q.data) + seq.start * args.q.token_stride + h * args.q.head_stride;
-  const T* k = static_cast<const T*>(args.k.data) + seq.start * args.k.token_stride + h * args.k.head_stride;
-  const T* v = static_cast<const T*>(args.v.data) + seq.start * args.v.token_stride + h * args.v.head_stride;
-  const T* dout = static_cast<const T*>(args.grad_out) + seq.start * row_stride + h * D;
+  const HeadRows<T> rows = head_rows<T, D>(args, seq, h);
 
-  load_tile<D, kDqBlockQueries, kThreads>(sQ, q, args.q.token_stride, query0, len);
-  load_tile<D, kDqBlockQueries, kThreads>(sdO, dout, row_stride, query0, len);
-  load_tile<D, kK, kThreads>(sK, k, args.k.token_stride, 0, len);
-  load_tile<D, kK, kThreads>(sV, v, args.v.token_stride, 0, len);
+  load_tile<D, kDqBlockQueries, kThreads>(sQ, rows.q, args.q.token_stride, query0, len);
+  load_tile<D, kDqBlockQueries, kThreads>(sdO, rows.dout, rows.dout_stride, query0, len);
+  load_tile<D, kK, kThreads>(sK, rows.k, args.k.token_stride, 0, len);
+  load_tile<D, kK, kThreads>(sV, rows.v, args.v.token_stride, 0, len);
   cp_async_commit();
 
   const bool dropout = s.dropout_threshold > 0;
@@ -621,8 +665,8 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
   for (int half = 0; half < 2; ++half) {
     const int row = query0 + 16 * warp + group + 8 * half;
     const bool valid = row < len;
-    row_lse[half] = valid ? args.lse[int64_t(h) * s.tokens + seq.start + row] * kLog2e : INFINITY;
-    row_delta[half] = valid ? args.delta[int64_t(h) * s.tokens + seq.start + row] : 0.0f;
+    row_lse[half] = valid ? rows.lse[row] * kLog2e : INFINITY;
+    row_delta[half] = valid ? rows.delta[row] : 0.0f;
   }
 
   float dq[1][D / 8][4] = {};
@@ -630,8 +674,8 @@ __global__ void __launch_bounds__(kDqWarps * kWarpSize, 3) dq_kernel(const Atten
   for (int t = 0; t < tiles; ++t) {
     const int k0 = t * kK;
     if (t + 1 < tiles) {
-      load_tile<D, kK, kThreads>(sK + row_offset<D>(((t + 1) & 1) * kK), k, args.k.token_stride, k0 + kK, len);
-      load_tile<D, kK, kThreads>(sV + row_offset<D>(((t + 1) & 1) * kK), v, args.v.token_stride, k0 + kK, len);
+      load_tile<D, kK, kThreads>(sK + row_offset<D>(((t + 1) & 1) * kK), rows.k, args.k.token_stride, k0 + kK, len);
+      load_tile<D, kK, kThreads>(sV + row_offset<D>(((t + 1) & 1) * kK), rows.v, args.v.token_stride, k0 + kK, len);
     }
     cp_async_commit();
     if (dropout) dropout_bits<kDqBlockQueries, kK, kThreads>(sBits, seed, b, h, query0, k0, s.dropout_threshold);

@@ -61,7 +61,7 @@ cudaError_t launch_hopper(const AttentionForwardArgs& args, cudaStream_t stream)
 
 template <typename T>
 cudaError_t launch_typed(const AttentionForwardArgs& args, cudaStream_t stream) {
-  const bool wgmma = attention_forward_kernel(args) == AttentionForwardKernel::kWgmma;
+  const bool wgmma = attention_kernels(args.shape.head_dim) == AttentionKernels::kWgmma;
   switch (args.shape.head_dim) {
     case 32: return launch<T, 32>(args, stream);
     case 64: return wgmma ? launch_hopper<T, 64>(args, stream) : launch<T, 64>(args, stream);
@@ -72,19 +72,18 @@ cudaError_t launch_typed(const AttentionForwardArgs& args, cudaStream_t stream) 
 
 }  // namespace
 
-// The wgmma kernel needs compute capability 9.0 (sm_90a code runs there only) and a _C built with sm_90a code:
-// setup.py defines ELECTRA_EXT_SM90A when TORCH_CUDA_ARCH_LIST names 9.0a. The emulation runs both kernels; its
+// The wgmma kernels need compute capability 9.0 (sm_90a code runs there only) and a _C built with sm_90a code:
+// setup.py defines ELECTRA_EXT_SM90A when TORCH_CUDA_ARCH_LIST names 9.0a. The emulation runs both kinds; its
 // device reports the compute capability that ELECTRA_EXT_EMULATED_SM names (default 90).
-AttentionForwardKernel attention_forward_kernel(const AttentionForwardArgs& args) {
+AttentionKernels attention_kernels(int head_dim) {
 #if defined(__CUDACC__) && !defined(ELECTRA_EXT_SM90A)
-  (void)args;
-  return AttentionForwardKernel::kMmaSync;
+  (void)head_dim;
+  return AttentionKernels::kMmaSync;
 #else
   int device = 0;
   const bool hopper = cudaGetDevice(&device) == cudaSuccess &&
                       device_attribute(cudaDevAttrComputeCapabilityMajor, device) == 9;
-  return hopper && (args.shape.head_dim == 64 || args.shape.head_dim == 128) ? AttentionForwardKernel::kWgmma
-                                                                             : AttentionForwardKernel::kMmaSync;
+  return hopper && (head_dim == 64 || head_dim == 128) ? AttentionKernels::kWgmma : AttentionKernels::kMmaSync;
 #endif
 }
 

@@ -77,14 +77,15 @@ constexpr bool attention_cuda_supports_head_dim(int head_dim) {
   return head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
 
-// The forward kernels: mma.sync (sm_80 and newer, every head dim) and wgmma (compute capability 9.0 in a build
-// with sm_90a code, head dims 64 and 128); attention_forward_kernel says which attention_forward launches.
-enum class AttentionForwardKernel { kMmaSync, kWgmma };
+// The kernels: mma.sync (sm_80 and newer, every head dim) and wgmma (compute capability 9.0 in a build with
+// sm_90a code, head dims 64 and 128: the forward, and at 64 the backward's dK/dV kernel when it adds dQ to the
+// workspace). attention_kernels says which the launchers take for a head dim on the current device.
+enum class AttentionKernels { kMmaSync, kWgmma };
 
 #define ELECTRA_ATTENTION_LAUNCHERS                                                            \
   cudaError_t attention_forward(const AttentionForwardArgs& args, cudaStream_t stream);        \
-  AttentionForwardKernel attention_forward_kernel(const AttentionForwardArgs& args);           \
-  cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t stream);
+  cudaError_t attention_backward(const AttentionBackwardArgs& args, cudaStream_t stream);      \
+  AttentionKernels attention_kernels(int head_dim);
 
 namespace cuda {
 ELECTRA_ATTENTION_LAUNCHERS

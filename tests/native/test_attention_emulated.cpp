@@ -151,31 +151,27 @@ void check(int head_dim, std::vector<int> lengths, float dropout_p, std::mt19937
   }
 }
 
-// The emulated device is an sm_90 unless ELECTRA_EXT_EMULATED_SM is "80": the forward takes the wgmma kernel at
-// head dims 64 and 128 there, the mma.sync kernel everywhere else (the checks below run the sm_90 choice; pytest
-// runs both forwards against the float64 reference).
-void check_forward_kernel_choice() {
-  using electra_ext::AttentionForwardKernel;
-  AttentionForwardArgs args{};
-  auto kernel_at = [&](int head_dim) {
-    args.shape.head_dim = head_dim;
-    return emulated::attention_forward_kernel(args);
-  };
-  const bool sm90 = kernel_at(32) == AttentionForwardKernel::kMmaSync &&
-                    kernel_at(64) == AttentionForwardKernel::kWgmma && kernel_at(128) == AttentionForwardKernel::kWgmma;
+// The emulated device is an sm_90 unless ELECTRA_EXT_EMULATED_SM is "80": the launchers take the wgmma kernels
+// at head dims 64 and 128 there, the mma.sync kernels everywhere else (the checks below run the sm_90 choice;
+// pytest runs both against the float64 reference).
+void check_kernel_choice() {
+  using electra_ext::AttentionKernels;
+  const bool sm90 = emulated::attention_kernels(32) == AttentionKernels::kMmaSync &&
+                    emulated::attention_kernels(64) == AttentionKernels::kWgmma &&
+                    emulated::attention_kernels(128) == AttentionKernels::kWgmma;
   setenv("ELECTRA_EXT_EMULATED_SM", "80", 1);
-  const bool sm80 = kernel_at(64) == AttentionForwardKernel::kMmaSync &&
-                    kernel_at(128) == AttentionForwardKernel::kMmaSync;
+  const bool sm80 = emulated::attention_kernels(64) == AttentionKernels::kMmaSync &&
+                    emulated::attention_kernels(128) == AttentionKernels::kMmaSync;
   unsetenv("ELECTRA_EXT_EMULATED_SM");
-  expect(sm90, "the emulated sm_90 takes the wgmma forward at head dims 64 and 128 only", 0, 0.0f);
-  expect(sm80, "the emulated sm_80 takes the mma.sync forward", 0, 0.0f);
+  expect(sm90, "the emulated sm_90 takes the wgmma kernels at head dims 64 and 128 only", 0, 0.0f);
+  expect(sm80, "the emulated sm_80 takes the mma.sync kernels", 0, 0.0f);
 }
 
 }  // namespace
 
 int main() {
   std::mt19937 rng(0);
-  check_forward_kernel_choice();
+  check_kernel_choice();
   // A full and a partial 64-key tile, an empty sequence, one token; every head dim with dropout, since each takes
   // its own tiling (forward row tiles per warp, dK/dV keys per warp) around the same dropout helpers.
   check(64, {70, 1}, 0.0f, rng);
