@@ -1,6 +1,7 @@
 // Host launcher of the fused attention backward kernels (torch-free; design and napkin math in
-// attention_backward_device.cuh, mma.sync, and attention_backward_hopper_device.cuh, the wgmma dK/dV kernel). Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the
-// SIMT emulation (namespace emulated, through csrc/emulated/attention_backward.cpp).
+// attention_backward_device.cuh, mma.sync, and attention_backward_hopper_device.cuh, the wgmma dK/dV kernel).
+// Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the SIMT emulation (namespace
+// emulated, through csrc/emulated/attention_backward.cpp).
 #include <cstdint>
 
 #include "cuda/attention_backward_device.cuh"
