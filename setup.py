@@ -76,6 +76,7 @@ def write_build_info(with_cuda: bool, with_emulation: bool) -> None:
 
 def extension():
     with_cuda = want_cuda()
+    sm90a = with_cuda and builds_sm90a()  # before anything is written: a bad TORCH_CUDA_ARCH_LIST stops here
     emulation_include = cuda_include_dir()
     write_build_info(with_cuda, emulation_include is not None)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -106,7 +107,7 @@ def extension():
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags), with_cuda
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    if builds_sm90a():
+    if sm90a:
         nvcc_flags.append("-DELECTRA_EXT_SM90A")
     return CUDAExtension("electra_ext._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},

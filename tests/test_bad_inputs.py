@@ -209,3 +209,18 @@ def test_bad_environment_names_the_variable(variable, value):
                             text=True, timeout=120)
     assert result.returncode != 0
     assert "ValueError" in result.stderr and variable in result.stderr and repr(value) in result.stderr
+
+
+def test_bad_cuda_arch_list_names_the_variable():
+    """setup.py refuses a TORCH_CUDA_ARCH_LIST naming both 9.0 and 9.0a (the launchers must know which of the two
+    a 9.0 device loads), before it writes or compiles anything."""
+    if not electra_ext.BUILD_INFO.WITH_CUDA:
+        pytest.skip("this build has no CUDA kernels (no CUDA torch or no nvcc): setup.py never reads the list")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {name: value for name, value in os.environ.items() if name != "ELECTRA_EXT_CUDA"}
+    env["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0;9.0a"
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and "TORCH_CUDA_ARCH_LIST" in result.stderr and "9.0a" in result.stderr
+
