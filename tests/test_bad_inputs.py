@@ -202,11 +202,14 @@ def test_bad_input_raises_a_clear_error(tmp_path, name, call, error, message):
 
 
 @pytest.mark.parametrize("variable,value", [("ELECTRA_EXT_BACKEND", "gpu"), ("ELECTRA_EXT_EMULATED_SM", "sm_80")])
-def test_bad_environment_names_the_variable(variable, value):
-    """The environment variables are read at import: a bad value fails the import with ValueError naming it."""
-    env = dict(os.environ, **{variable: value})
-    result = subprocess.run([sys.executable, "-c", "import electra_ext.ops"], env=env, capture_output=True,
-                            text=True, timeout=120)
+def test_bad_environment_names_the_variable(variable, value, tmp_path):
+    """The environment variables are read at import: a bad value fails the import with ValueError naming it. The
+    child imports the electra_ext this process runs (not a source tree without a compiled _C in its folder)."""
+    package_parent = os.path.dirname(os.path.dirname(electra_ext.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
+    env[variable] = value
+    result = subprocess.run([sys.executable, "-c", "import electra_ext.ops"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "ValueError" in result.stderr and variable in result.stderr and repr(value) in result.stderr
 
