@@ -61,8 +61,7 @@ struct Layout {
   static constexpr int kDelta = kLse + kQ * 4;                    // float[kQ]
   static constexpr int kBits = kDelta + kQ * 4;                   // uint32_t[kQ][kBlockKeys / 32]
   static constexpr int kBytes = kBits + kQ * kBlockKeys / 8;
-  // Dynamic shared memory is only 16-byte aligned: the kernel rounds its base up to 1024 bytes.
-  static constexpr size_t kSharedBytes = size_t(kBytes) + 1024;
+  static constexpr size_t kSharedBytes = size_t(kBytes) + kSwizzleSlackBytes;
 };
 
 // dS^T's accumulator fragments (rows: keys key0 + group and + 8; columns: queries 8 n + 2 pair and + 1) as T into
@@ -97,8 +96,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
   const int len = seq.length;
 
   ELECTRA_DYNAMIC_SHARED(uint4, shared_raw);
-  unsigned char* const shared =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* const shared = swizzle_aligned(shared_raw);
   T* const sK = reinterpret_cast<T*>(shared);
   T* const sV = reinterpret_cast<T*>(shared + L::kV);
   auto q_tile = [&](int t) { return reinterpret_cast<T*>(shared + L::kQTiles + (t & 1) * QueryTile::kBytes); };

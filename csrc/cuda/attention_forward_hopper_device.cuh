@@ -52,8 +52,7 @@ struct Layout {
   static constexpr int kKOffset = QTile::kBytes;
   static constexpr int kVOffset = kKOffset + 2 * KVTile::kBytes;
   static constexpr int kBytes = kVOffset + 2 * KVTile::kBytes;
-  // Dynamic shared memory is only 16-byte aligned: the kernel rounds its base up to 1024 bytes.
-  static constexpr size_t kSharedBytes = size_t(kBytes) + 1024;
+  static constexpr size_t kSharedBytes = size_t(kBytes) + kSwizzleSlackBytes;
   // 2 blocks per SM at D = 64 (up to 128 registers per thread); 1 at D = 128.
   static constexpr int kMinBlocks = kHeadDim == 64 ? 2 : 1;
 };
@@ -78,8 +77,7 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
   const int m0 = rows.m0;
 
   ELECTRA_DYNAMIC_SHARED(uint4, shared_raw);
-  unsigned char* const shared =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* const shared = swizzle_aligned(shared_raw);
   T* const q_tile = reinterpret_cast<T*>(shared);
   auto k_tile = [&](int j) { return reinterpret_cast<T*>(shared + L::kKOffset + (j % 2) * KVTile::kBytes); };
   auto v_tile = [&](int j) { return reinterpret_cast<T*>(shared + L::kVOffset + (j % 2) * KVTile::kBytes); };
@@ -142,12 +140,9 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim>::kMinBlocks) forwar
     if (n0 + kBlockN > seq.length) shared_pieces::mask_keys_past_sequence(s, n0, seq.length, pair);
     shared_pieces::online_softmax_tile(s, o[0], row_max[0], row_sum[0], scale_log2);
     if (dropout) {
-#pragma unroll
-      for (int half = 0; half < kSTiles / 8; ++half) {
-        tiles::dropout_c_fragments(*reinterpret_cast<float(*)[8][4]>(&s[8 * half]), seed,
-                                   static_cast<uint32_t>(rows.b), static_cast<uint32_t>(rows.h), warp_m0,
-                                   n0 + 64 * half, shape.dropout_threshold, lane);
-      }
+      static_assert(kSTiles == 8, "dropout_c_fragments takes a 16 x 64 block");
+      tiles::dropout_c_fragments(s, seed, static_cast<uint32_t>(rows.b), static_cast<uint32_t>(rows.h), warp_m0, n0,
+                                 shape.dropout_threshold, lane);
     }
 
     uint32_t p[kPSteps][4];

@@ -293,6 +293,13 @@ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b, b
 
 #endif
 
+// Dynamic shared memory is only 16-byte aligned, swizzle atoms need 1024: a kernel asks for kSwizzleSlackBytes more
+// than its tiles take and places them from swizzle_aligned(its dynamic shared memory).
+constexpr size_t kSwizzleSlackBytes = 1024;
+__device__ __forceinline__ unsigned char* swizzle_aligned(void* dynamic_shared) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dynamic_shared) + 1023) & ~uintptr_t(1023));
+}
+
 // A [kRows x kCols] tile of 16-bit elements under the 128-byte swizzle: kCols / 64 panels of kRows 128-byte rows,
 // starting at a multiple of 1024 bytes. Rows are M or N for a K-major operand, K for an MN-major one.
 template <int kRows, int kCols>
