@@ -65,20 +65,22 @@ def cuda_include_dir():
     return include if os.path.exists(os.path.join(include, "cuda_fp16.h")) else None
 
 
-def write_build_info(with_cuda: bool, with_emulation: bool) -> None:
+def write_build_info(with_cuda: bool, with_emulation: bool, with_sm90a: bool) -> None:
     # Read at import time: an extension compiled against one torch must not be loaded next to another.
     with open(os.path.join(HERE, "electra_ext", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"WITH_EMULATION = {with_emulation!r}\n")
+        # sm_90a code: the wgmma attention kernels run on compute capability 9.0 (the mma.sync ones elsewhere).
+        f.write(f"WITH_SM90A = {with_sm90a!r}\n")
 
 
 def extension():
     with_cuda = want_cuda()
     sm90a = with_cuda and builds_sm90a()  # before anything is written: a bad TORCH_CUDA_ARCH_LIST stops here
     emulation_include = cuda_include_dir()
-    write_build_info(with_cuda, emulation_include is not None)
+    write_build_info(with_cuda, emulation_include is not None, sm90a)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std= flag: torch's own flags pick C++17 or C++20 and the sources compile as both.
     cxx_flags = ["-O3"]

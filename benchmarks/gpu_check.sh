@@ -22,8 +22,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)'
 
 # Build for this card only (sm_80, sm_90 and sm_90a are compiled by CI on every run). On Hopper (9.0) that is
-# sm_90a, Hopper's arch-specific target, which the wgmma attention forward needs (ELECTRA_EXT_GPU_CHECK_ARCH=9.0
-# builds the mma.sync one instead, for a comparison).
+# sm_90a, Hopper's arch-specific target, which the wgmma attention kernels need; that build also holds the
+# mma.sync ones, which the attention tests, benchmarks and profile run too (ELECTRA_EXT_WGMMA=0). With
+# ELECTRA_EXT_GPU_CHECK_ARCH=9.0 the build has the mma.sync kernels only, as the default install.
 ARCH=$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
 if [[ $ARCH == 9.0 ]]; then
     ARCH=${ELECTRA_EXT_GPU_CHECK_ARCH:-9.0a}
@@ -121,9 +122,16 @@ run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" 
     --benchmark-json "$LOG_DIR/bench.json" --benchmark-min-rounds 5
 
 # Attention's kernels by time at Base, without and with ELECTRA's dropout 0.1 (the benchmarks have no dropout case;
-# 7f25193's profile: dropout cost the backward kernels +30% and +41% before the byte draws).
-run_step attention-profile "$LOG_DIR/attention_profile.log" bash -c \
-    "python3 '$REPO/benchmarks/profile_attention.py' && python3 '$REPO/benchmarks/profile_attention.py' --dropout 0.1"
+# 7f25193's profile: dropout cost the backward kernels +30% and +41% before the byte draws). In an sm_90a build the
+# same two again on the mma.sync kernels (ELECTRA_EXT_WGMMA=0), the wgmma ones' baseline.
+profile_attention() {
+    local kind
+    for kind in 1 $([[ $ARCH == 9.0a ]] && echo 0); do
+        ELECTRA_EXT_WGMMA=$kind python3 "$REPO/benchmarks/profile_attention.py" &&
+            ELECTRA_EXT_WGMMA=$kind python3 "$REPO/benchmarks/profile_attention.py" --dropout 0.1 || return 1
+    done
+}
+run_step attention-profile "$LOG_DIR/attention_profile.log" profile_attention
 
 # Convergence parity in bf16: ELECTRA-Small trained 300 steps on the kernels and on the reference path (two
 # reference seeds set the tolerance); the curves (JSON) and their plot go to $LOG_DIR.

@@ -3,14 +3,16 @@
 usage: python benchmarks/profile_attention.py [--shape base|small] [--padding 0.15] [--dropout 0.1] [--deterministic]
 
 --deterministic: under torch.use_deterministic_algorithms(True), the backward's dQ kernel (S and dP recomputed)
-instead of dQ added over key blocks with atomics.
+instead of dQ added over key blocks with atomics. With ELECTRA_EXT_WGMMA=0 in the environment, a build with sm_90a
+code runs the mma.sync kernels on an H100/H200 instead of the wgmma ones (the header line says which).
 """
 import argparse
+import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from electra_ext import ops
+from electra_ext import BUILD_INFO, ops
 
 SHAPES = {"small": (128, 128, 4, 64), "base": (32, 512, 12, 64)}
 
@@ -44,7 +46,8 @@ def main():
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    print(f"{args.shape}, padding {args.padding}, dropout {args.dropout}, deterministic {args.deterministic}: "
+    print(f"{args.shape}, padding {args.padding}, dropout {args.dropout}, deterministic {args.deterministic}, "
+          f"sm_90a build {BUILD_INFO.WITH_SM90A}, ELECTRA_EXT_WGMMA={os.environ.get('ELECTRA_EXT_WGMMA', '1')}: "
           f"{args.steps} forward + backward steps")
     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from electra_ext import ops
+from electra_ext import BUILD_INFO, ops
 from electra_ext.ops.reference import attention_reference
 
 # (batch, seq_len, heads, head_dim). ELECTRA-Small (B=128, T=128, H=4) and Base (B=32, T=512, H=12) on CUDA; the
@@ -58,8 +58,13 @@ PROVIDERS = {
 # dP (7 tile products instead of 5) where the default adds dQ over key blocks with atomics. The CPU kernels have
 # one path.
 DETERMINISTIC = "electra_ext-deterministic"
+# On a compute capability 9.0 card with a _C built with sm_90a code (BUILD_INFO.WITH_SM90A), electra_ext runs the
+# wgmma forward and dK/dV kernel; this is the same build's mma.sync kernels (ELECTRA_EXT_WGMMA=0), so that one run
+# times both kinds side by side. Elsewhere electra_ext is the mma.sync kernels already, and this case skips.
+MMA_SYNC = "electra_ext-mma_sync"
+ELECTRA_EXT_VARIANTS = (DETERMINISTIC, MMA_SYNC)
 CASES = [("cpu", provider) for provider in PROVIDERS] + [
-    pytest.param("cuda", provider, marks=CUDA_MARKS) for provider in [*PROVIDERS, DETERMINISTIC]]
+    pytest.param("cuda", provider, marks=CUDA_MARKS) for provider in [*PROVIDERS, *ELECTRA_EXT_VARIANTS]]
 
 
 def make_inputs(device, shape, padding):
@@ -99,10 +104,15 @@ def deterministic_algorithms(on):
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("shape", ["small", "base", "host"])
 @pytest.mark.parametrize("device,provider", CASES)
-def test_attention(timed_benchmark, device, shape, padding, mode, provider):
+def test_attention(timed_benchmark, monkeypatch, device, shape, padding, mode, provider):
+    if provider == MMA_SYNC:
+        if not (BUILD_INFO.WITH_SM90A and torch.cuda.get_device_capability() == (9, 0)):
+            pytest.skip("electra_ext runs the mma.sync kernels here already (no sm_90a code in this build, or not a "
+                        "compute capability 9.0 card)")
+        monkeypatch.setenv("ELECTRA_EXT_WGMMA", "0")
     qkv, seqlens = make_inputs(device, shape, padding)
     deterministic = provider == DETERMINISTIC
-    attend = PROVIDERS["electra_ext" if deterministic else provider]
+    attend = PROVIDERS["electra_ext" if provider in ELECTRA_EXT_VARIANTS else provider]
     batch, seq_len, _, heads, head_dim = qkv.shape
     grad_out = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=qkv.dtype)
     if mode == "fwd":

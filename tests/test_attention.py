@@ -127,18 +127,26 @@ def test_head_dims(target, device, op, head_dim):
         check_against_float64(device, op, dtype, 3, 65, 2, head_dim)
 
 
-@pytest.mark.parametrize("sm", ["80", "90"])
-def test_emulated_kernels_on_each_architecture(monkeypatch, sm):
-    """The emulated device is an sm_90 (the launchers take the wgmma forward at head dims 64 and 128 and the wgmma
-    dK/dV kernel at 64, which every other emulated test runs) unless ELECTRA_EXT_EMULATED_SM is "80": then the
-    mma.sync kernels, the A100's (and the H100's in a build without sm_90a). Both forward and backward against the
-    float64 reference, with dropout's mask too. Which kernels each setting takes is checked by
-    tests/native/test_attention_emulated.cpp."""
-    monkeypatch.setenv("ELECTRA_EXT_EMULATED_SM", sm)
-    op = functools.partial(attention, backend="emulated")
+# Kernel kinds besides each target's default, as the environment settings that select them (read at every
+# launch; csrc/cuda/attention_forward.cu): ELECTRA_EXT_WGMMA="0" keeps an sm_90 on the mma.sync kernels, the
+# A100's, where it would take the wgmma forward (head dims 64 and 128) and dK/dV kernel (64). The emulated device
+# is an sm_90, so every other emulated test runs the wgmma kernels; on a GPU they run only on compute capability
+# 9.0 in a build with sm_90a code, so elsewhere "mma_sync" repeats the default. Which kernels each setting takes
+# (ELECTRA_EXT_EMULATED_SM="80" too) is checked by tests/native/test_attention_emulated.cpp.
+KERNEL_KINDS = {"cpu": [], "emulated": ["mma_sync"], "cuda": ["mma_sync"]}
+KIND_SETTINGS = {"mma_sync": {"ELECTRA_EXT_WGMMA": "0"}}
+
+
+@pytest.mark.parametrize("target,kind", per_target(KERNEL_KINDS))
+def test_each_kernel_kind(monkeypatch, target, device, op, kind):
+    """Forward and backward against the float64 reference, and dropout's mask in both, on the kernels `kind`
+    selects."""
+    for name, value in KIND_SETTINGS[kind].items():
+        monkeypatch.setenv(name, value)
     for head_dim, seq_len in [(64, 17), (64, 130), (128, 65)]:
-        check_against_float64("cpu", op, torch.bfloat16, 3, seq_len, 2, head_dim)
-    test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p("emulated", "cpu", op, 0.1)
+        check_against_float64(device, op, DTYPES[target][0], 3, seq_len, 2, head_dim)
+    test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p(target, device, op, 0.1)
+    test_float32_dropout_matches_reference_with_the_same_seed(device, op, target)
 
 
 def test_float32_dropout_matches_reference_with_the_same_seed(device, op, target):

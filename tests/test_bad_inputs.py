@@ -201,7 +201,8 @@ def test_bad_input_raises_a_clear_error(tmp_path, name, call, error, message):
         call(tmp_path)
 
 
-@pytest.mark.parametrize("variable,value", [("ELECTRA_EXT_BACKEND", "gpu"), ("ELECTRA_EXT_EMULATED_SM", "sm_80")])
+@pytest.mark.parametrize("variable,value", [("ELECTRA_EXT_BACKEND", "gpu"), ("ELECTRA_EXT_EMULATED_SM", "sm_80"),
+                                            ("ELECTRA_EXT_WGMMA", "off")])
 def test_bad_environment_names_the_variable(variable, value, tmp_path):
     """The environment variables are read at import: a bad value fails the import with ValueError naming it. The
     child imports the electra_ext this process runs (not a source tree without a compiled _C in its folder)."""

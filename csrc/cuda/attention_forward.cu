@@ -3,6 +3,8 @@
 // GPU (namespace cuda) and by the host compiler for the SIMT emulation (namespace emulated, through
 // csrc/emulated/attention_forward.cpp).
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/attention_forward_device.cuh"
 #include "cuda/attention_forward_hopper_device.cuh"
@@ -74,12 +76,17 @@ cudaError_t launch_typed(const AttentionForwardArgs& args, cudaStream_t stream) 
 
 // The wgmma kernels need compute capability 9.0 (sm_90a code runs there only) and a _C built with sm_90a code:
 // setup.py defines ELECTRA_EXT_SM90A when TORCH_CUDA_ARCH_LIST names 9.0a. The emulation runs both kinds; its
-// device reports the compute capability that ELECTRA_EXT_EMULATED_SM names (default 90).
+// device reports the compute capability that ELECTRA_EXT_EMULATED_SM names (default 90). ELECTRA_EXT_WGMMA="0"
+// keeps every device on the mma.sync kernels, which an sm_90a build holds too: a fallback, and the way to time
+// both kinds side by side from one build. Read at every launch (one getenv, under a microsecond), so
+// that a process can switch.
 AttentionKernels attention_kernels(int head_dim) {
 #if defined(__CUDACC__) && !defined(ELECTRA_EXT_SM90A)
   (void)head_dim;
   return AttentionKernels::kMmaSync;
 #else
+  const char* wgmma_setting = std::getenv("ELECTRA_EXT_WGMMA");
+  if (wgmma_setting != nullptr && std::strcmp(wgmma_setting, "0") == 0) return AttentionKernels::kMmaSync;
   int device = 0;
   const bool hopper = cudaGetDevice(&device) == cudaSuccess &&
                       device_attribute(cudaDevAttrComputeCapabilityMajor, device) == 9;

@@ -11,7 +11,8 @@ CUDA tensors keep their kernels; asked for per call with tensors on another devi
 
 The emulated device is an sm_90 (H100): where a launcher picks kernels per architecture, the emulation runs the
 Hopper ones. ELECTRA_EXT_EMULATED_SM="80" makes it an sm_80 (A100) instead, for testing the other kernels; the
-emulation reads it at every launch.
+emulation reads it at every launch. ELECTRA_EXT_WGMMA="0" keeps every device, emulated or real, on the mma.sync
+kernels where it would take the Hopper (wgmma) ones; also read at every launch.
 """
 import os
 
@@ -31,9 +32,19 @@ def _backend_from_environment() -> str:
 
 DEFAULT_BACKEND = _backend_from_environment()
 
-if os.environ.get("ELECTRA_EXT_EMULATED_SM", "90") not in ("80", "90"):
-    raise ValueError(f"ELECTRA_EXT_EMULATED_SM must be 80 or 90 (or unset: 90); "
-                     f"got {os.environ['ELECTRA_EXT_EMULATED_SM']!r}")
+# Settings the compiled launchers read at every launch (csrc/cuda/attention_forward.cu), with their values: a
+# value they would not recognise fails here, at import, instead of being taken as the default.
+LAUNCH_SETTINGS = {"ELECTRA_EXT_EMULATED_SM": ("80", "90"), "ELECTRA_EXT_WGMMA": ("0", "1")}
+
+
+def _check_launch_settings():
+    for name, values in LAUNCH_SETTINGS.items():
+        if os.environ.get(name, values[-1]) not in values:
+            raise ValueError(f"{name} must be {' or '.join(values)} (or unset: {values[-1]}); "
+                             f"got {os.environ[name]!r}")
+
+
+_check_launch_settings()
 
 
 def has_kernel(op, device_type: str) -> bool:

@@ -151,20 +151,29 @@ void check(int head_dim, std::vector<int> lengths, float dropout_p, std::mt19937
   }
 }
 
+// Whether the launchers take the mma.sync kernels at head dims 64 and 128 under one environment setting.
+bool takes_mma_sync_with(const char* variable, const char* value) {
+  using electra_ext::AttentionKernels;
+  setenv(variable, value, 1);
+  const bool mma_sync = emulated::attention_kernels(64) == AttentionKernels::kMmaSync &&
+                        emulated::attention_kernels(128) == AttentionKernels::kMmaSync;
+  unsetenv(variable);
+  return mma_sync;
+}
+
 // The emulated device is an sm_90 unless ELECTRA_EXT_EMULATED_SM is "80": the launchers take the wgmma kernels
-// at head dims 64 and 128 there, the mma.sync kernels everywhere else (the checks below run the sm_90 choice;
-// pytest runs both against the float64 reference).
+// at head dims 64 and 128 there, unless ELECTRA_EXT_WGMMA is "0", and the mma.sync kernels everywhere else (the
+// checks below run the sm_90 choice; pytest runs both kinds against the float64 reference).
 void check_kernel_choice() {
   using electra_ext::AttentionKernels;
   const bool sm90 = emulated::attention_kernels(32) == AttentionKernels::kMmaSync &&
                     emulated::attention_kernels(64) == AttentionKernels::kWgmma &&
                     emulated::attention_kernels(128) == AttentionKernels::kWgmma;
-  setenv("ELECTRA_EXT_EMULATED_SM", "80", 1);
-  const bool sm80 = emulated::attention_kernels(64) == AttentionKernels::kMmaSync &&
-                    emulated::attention_kernels(128) == AttentionKernels::kMmaSync;
-  unsetenv("ELECTRA_EXT_EMULATED_SM");
   expect(sm90, "the emulated sm_90 takes the wgmma kernels at head dims 64 and 128 only", 0, 0.0f);
-  expect(sm80, "the emulated sm_80 takes the mma.sync kernels", 0, 0.0f);
+  expect(takes_mma_sync_with("ELECTRA_EXT_EMULATED_SM", "80"), "the emulated sm_80 takes the mma.sync kernels", 0,
+         0.0f);
+  expect(takes_mma_sync_with("ELECTRA_EXT_WGMMA", "0"), "ELECTRA_EXT_WGMMA=0 keeps the sm_90 on mma.sync", 0, 0.0f);
+  expect(!takes_mma_sync_with("ELECTRA_EXT_WGMMA", "1"), "ELECTRA_EXT_WGMMA=1 takes wgmma, as unset does", 0, 0.0f);
 }
 
 }  // namespace
