@@ -15,8 +15,10 @@
 //   dV += (P^T o Z~) dO            4 wgmma m64nDk16, A from registers, B (dO) MN-major
 //   dK += dS^T Q                   4 wgmma m64nDk16, A from registers, B (Q) MN-major
 //   dQ (64 queries x D) = dS K     4 wgmma m64nDk16: dS^T is written transposed (2-byte stores) into a swizzled
-//                                  [queries][keys] tile, the K-major A; B (K) MN-major; the sums go to the
-//                                  workspace with red.global.add.v2.f32, as the mma.sync kernel's.
+//                                  [queries][keys] tile, the K-major A; B (K) MN-major; the sums are staged as
+//                                  fp32 rows in shared memory and added to the workspace by one bulk reduction
+//                                  per query row (simt/bulk_reduce.cuh), where the mma.sync kernel issues 16
+//                                  red.global.add.v2.f32 per thread and tile.
 // S^T and dP^T are issued together and waited for once; dV and dK are issued, then the dQ product after the
 // barrier that publishes dS, and all three are waited for at the end of the tile.
 //
@@ -24,8 +26,9 @@
 // element-wise step is 1 MUFU.EX2 per score (27 us of the special-function unit at Base, as in the forward) and
 // ~10 FP32 instructions per score. With no overlap inside a warpgroup and 8 warps per SM (registers below),
 // ~150-200 us is the aim, against 279 + 171 us for the mma.sync dK/dV and dQ kernels at 2a31c20.
-// Shared memory: K, V 64 D 2 B each, Q and dO 2 x 64 D 2 B each, dS 8 KB, lse, delta 0.5 KB, dropout bits 0.5 KB:
-// 57 KB at D = 64, plus 1 KB to align the tiles to 1024 bytes. Registers (ptxas, sm_90a, D = 64): 234, no spills,
+// Shared memory: K, V 64 D 2 B each, Q and dO 2 x 64 D 2 B each, dS 8 KB, lse, delta 0.5 KB, dropout bits 0.5 KB,
+// dQ's fp32 rows 64 x (4 D + 32) B: 75 KB at D = 64, plus 1 KB to align the tiles to 1024 bytes (2 blocks per SM
+// take 152 of the 227 KB). Registers (ptxas, sm_90a, D = 64): 234, no spills,
 // so 2 blocks (8 warps) per SM: dV, dK, S^T, dP^T are 128 per thread, and P's and dS's A fragments (32) stay live
 // until the dV and dK products that read them complete.
 #pragma once
@@ -34,6 +37,7 @@
 #include <cstdint>
 
 #include "cuda/attention_backward_device.cuh"
+#include "simt/bulk_reduce.cuh"
 #include "simt/warpgroup_mma.cuh"
 
 namespace electra_ext::ELECTRA_BACKEND::attention_backward_hopper_device {
@@ -60,7 +64,11 @@ struct Layout {
   static constexpr int kLse = kDs + DsTile::kBytes;               // float[kQ]
   static constexpr int kDelta = kLse + kQ * 4;                    // float[kQ]
   static constexpr int kBits = kDelta + kQ * 4;                   // uint32_t[kQ][kBlockKeys / 32]
-  static constexpr int kBytes = kBits + kQ * kBlockKeys / 8;
+  // dQ's sums, float[kQ][kDqStride]: rows of D floats (16-byte aligned, the bulk reductions' sources) 32 bytes
+  // apart beyond their length, so that a half-warp's 8-byte stores (4 rows x 4 lanes) fill the 32 banks once.
+  static constexpr int kDqStride = D + 8;
+  static constexpr int kDq = kBits + kQ * kBlockKeys / 8;
+  static constexpr int kBytes = kDq + kQ * kDqStride * 4;
   static constexpr size_t kSharedBytes = size_t(kBytes) + kSwizzleSlackBytes;
 };
 
@@ -80,6 +88,35 @@ __device__ __forceinline__ void store_transposed(const float (&x)[kQ / 8][4], T*
     }
   }
 }
+
+#if ELECTRA_WGMMA_AVAILABLE
+// The warp's 16 rows of dQ's accumulator (rows 16 warp + group and + 8, columns 8 n + 2 pair and + 1) into the
+// fp32 staging rows, then one bulk reduction per valid query row (q0 + row < len) by lanes 0-15 into the
+// workspace rows `dq_rows` (row stride `stride` floats). Each lane first waits until its previous tile's reduction
+// has read the row it overwrites (long done: a tile's products ago).
+template <int D>
+__device__ __forceinline__ void add_dq_rows_in_bulk(const float (&dq)[D / 8][4], float* staging, float* dq_rows,
+                                                    int64_t stride, int q0, int len) {
+  constexpr int kStride = Layout<D>::kDqStride;
+  const int lane = threadIdx.x % tiles::kWarpSize, group = lane / 4, pair = lane % 4;
+  const int warp_row0 = 16 * (threadIdx.x / tiles::kWarpSize);
+  bulk_wait_group_read<0>();
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      *reinterpret_cast<float2*>(staging + (warp_row0 + group + 8 * half) * kStride + 8 * n + 2 * pair) =
+          make_float2(dq[n][2 * half], dq[n][2 * half + 1]);
+    }
+  }
+  fence_proxy_async_shared();  // the lanes' stores, for the TMA unit's reads after the warp barrier
+  __syncwarp();
+  const int row = warp_row0 + lane;
+  if (lane < 16 && q0 + row < len) bulk_reduce_add_f32(dq_rows + (q0 + row) * stride, staging + row * kStride, D);
+  bulk_commit_group();
+}
+#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardArgs args) {
@@ -105,6 +142,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
   float* const sLse = reinterpret_cast<float*>(shared + L::kLse);
   float* const sDelta = reinterpret_cast<float*>(shared + L::kDelta);
   uint32_t* const sBits = reinterpret_cast<uint32_t*>(shared + L::kBits);
+  float* const sDq = reinterpret_cast<float*>(shared + L::kDq);
 
   const shared_pieces::HeadRows<T> rows = shared_pieces::head_rows<T, D>(args, seq, h);
   const int64_t row_stride = rows.dout_stride;
@@ -198,8 +236,9 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
     wgmma_fence_operands(dv[0]);
     wgmma_fence_operands(dk[0]);
     wgmma_fence_operands(dq);
-    shared_pieces::add_dq_rows(dq, dq_rows, row_stride, q0 + 16 * warp, 0, len);  // the warp's 16 queries
+    add_dq_rows_in_bulk<D>(dq, sDq, dq_rows, row_stride, q0, len);
   }
+  bulk_wait_group_read<0>();  // the staging rows are read before the block ends
   __syncthreads();  // every warp's products are done before the tiles become the output's stage
 
   shared_pieces::store_rows<T, D, 1, kThreads, KeyTile>(

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -106,6 +107,47 @@ void fail(const char* what) {
   std::abort();
 }
 
+namespace {
+
+struct BulkReduction {
+  float* global;
+  const float* shared;
+  std::size_t count;
+};
+
+// This thread's bulk reductions: those issued since its last commit, and the committed groups, oldest first.
+thread_local std::vector<BulkReduction> uncommitted_reductions;
+thread_local std::deque<std::vector<BulkReduction>> committed_reductions;
+
+void check_no_bulk_reductions_left() {
+  if (!uncommitted_reductions.empty() || !committed_reductions.empty()) {
+    fail("a thread ended its block with bulk reductions it never waited for (bulk_wait_group_read<0>)");
+  }
+}
+
+}  // namespace
+
+void bulk_reduce_add_f32(float* global, const float* shared, std::size_t count) {
+  uncommitted_reductions.push_back({global, shared, count});
+}
+
+void bulk_commit_group() {
+  committed_reductions.push_back(std::move(uncommitted_reductions));
+  uncommitted_reductions.clear();
+}
+
+void bulk_wait_group_read(int pending) {
+  if (!uncommitted_reductions.empty()) {
+    fail("bulk_wait_group_read: bulk reductions issued since the last bulk_commit_group are never waited for");
+  }
+  while (committed_reductions.size() > static_cast<std::size_t>(pending)) {
+    for (const BulkReduction& r : committed_reductions.front()) {
+      for (std::size_t i = 0; i < r.count; ++i) atomicAdd(r.global + i, r.shared[i]);
+    }
+    committed_reductions.pop_front();
+  }
+}
+
 void sync_block() { current_block->barrier.arrive_and_wait(); }
 void sync_warp() { current_warp().barrier.arrive_and_wait(); }
 int lane_id() { return current_thread % kWarpSize; }
@@ -192,6 +234,7 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
       blockIdx = unlinear(b, grid);
       collective_count = 0;
       body();
+      check_no_bulk_reductions_left();
       current_warp().barrier.arrive_and_drop();
       block.barrier.arrive_and_drop();
       between_blocks.arrive_and_wait(start_block);

@@ -79,6 +79,13 @@ T shuffle_from(unsigned mask, T value, int source_lane, int width) {
   return out;
 }
 
+// Bulk asynchronous reductions (cp.reduce.async.bulk .add.f32) of the calling thread: issued ones wait in their
+// commit group and are carried out by the bulk_wait_group_read that covers the group. A thread that ends its
+// block with reductions not waited for, or waits with some issued but not committed, fails the launch.
+void bulk_reduce_add_f32(float* global, const float* shared, std::size_t count);
+void bulk_commit_group();
+void bulk_wait_group_read(int pending);
+
 // Runs `body` for every thread of every block of the grid (see the top of this file).
 void run_grid(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, const std::function<void()>& body);
 

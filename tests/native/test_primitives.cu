@@ -1,4 +1,5 @@
-// Self-tests of the tensor-core and async-copy primitives (csrc/simt/primitives.cuh, warpgroup_mma.cuh), each
+// Self-tests of the tensor-core and async-copy primitives (csrc/simt/primitives.cuh, warpgroup_mma.cuh,
+// bulk_reduce.cuh), each
 // against a direct computation on the host. The same source runs on a GPU (built by nvcc: target
 // test_primitives_cuda, run by benchmarks/gpu_check.sh) and under the SIMT emulation (test_primitives_emulated.cpp,
 // in every CI run): the pair proves that the emulation computes what the hardware does.
@@ -14,6 +15,7 @@
 #include <unistd.h>
 #endif
 
+#include "simt/bulk_reduce.cuh"
 #include "simt/primitives.cuh"
 #include "simt/warpgroup_mma.cuh"
 
@@ -319,7 +321,73 @@ void test_wgmma(std::mt19937& rng, bool accumulate, const char* what) {
   expect(worst < 2e-4, what);
 }
 
+// What a bulk_reduce_kernel leaves out, for the emulation's checks.
+enum class BulkMistake { kNone, kNoFinalWait, kNoCommit };
+
+// Bulk reductions as the attention backward issues them: rows of 64 floats written to shared memory by the whole
+// block, then one reduction per row by 16 threads into the same 16 global rows from every block, twice from one
+// shared buffer (rewritten after the first round's reads are waited for). Values are small integers: any lost or
+// doubled addition, or a read of the rewritten buffer by the first round, shows exactly.
+template <BulkMistake kMistake = BulkMistake::kNone>
+__global__ void bulk_reduce_kernel(float* rows) {
+#if ELECTRA_WGMMA_AVAILABLE
+  constexpr int kRows = 16, kCols = 64;
+  alignas(16) __shared__ float source[kRows * kCols];
+  for (int round = 0; round < 2; ++round) {
+    if (round > 0) {
+      bulk_wait_group_read<0>();
+      __syncthreads();  // every issuing thread's reads are done before anyone rewrites the rows
+    }
+    for (int i = threadIdx.x; i < kRows * kCols; i += blockDim.x) {
+      source[i] = float((round + 1) * (blockIdx.x + 1) + i % kCols);
+    }
+    fence_proxy_async_shared();
+    __syncthreads();
+    if (threadIdx.x < kRows) bulk_reduce_add_f32(rows + threadIdx.x * kCols, source + threadIdx.x * kCols, kCols);
+    if constexpr (kMistake != BulkMistake::kNoCommit) bulk_commit_group();
+  }
+  if constexpr (kMistake != BulkMistake::kNoFinalWait) bulk_wait_group_read<0>();
+#else
+  rows[threadIdx.x] = NAN;  // a build without sm_90a: the test fails and says so
+#endif
+}
+
+void test_bulk_reduce() {
+  constexpr int kBlocks = 4;
+  DeviceBuffer<float> rows_device(std::vector<float>(16 * 64, 0.5f));
+  launch_kernel(bulk_reduce_kernel<>, kBlocks, 128, 0, nullptr, rows_device.data);
+  check_launch("bulk reduce kernel");
+  const std::vector<float> rows = rows_device.to_host();
+  bool ok = true;
+  for (int i = 0; i < 16 * 64; ++i) {
+    // Each block b adds (b + 1) + column, then 2 (b + 1) + column: 3 (1 + 2 + 3 + 4) + 8 column in all.
+    ok = ok && rows[i] == 0.5f + 3 * 10 + 2 * kBlocks * (i % 64);
+  }
+  expect(ok, "cp.reduce.async.bulk.add.f32: every block's rows added once, from the data before the rewrite");
+}
+
 #if !defined(__CUDACC__)
+// A kernel whose emulated launch must abort (run in a child process).
+template <typename Launch>
+void expect_abort(Launch launch, const char* what) {
+  std::fflush(stdout);
+  const pid_t child = fork();
+  if (child == 0) {
+    std::freopen("/dev/null", "w", stderr);
+    launch();
+    std::_Exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, what);
+}
+
+template <BulkMistake kMistake>
+void test_bulk_mistake_is_caught(const char* what) {
+  DeviceBuffer<float> rows_device(std::vector<float>(16 * 64, 0.0f));
+  expect_abort([&] { launch_kernel(bulk_reduce_kernel<kMistake>, 1, 128, 0, nullptr, rows_device.data); }, what);
+}
+
 // The emulation stops a kernel that issues wgmma without wgmma_fence() or waits with wgmma uncommitted (in a
 // child process: it aborts).
 template <OrderingMistake kMistake>
@@ -329,17 +397,10 @@ void test_wgmma_ordering_mistake_is_caught(const char* what) {
   const DeviceBuffer<__nv_bfloat16> a_device(a), b_device(a);
   const DeviceBuffer<float> c_device(c);
   DeviceBuffer<float> d_device(c);
-  std::fflush(stdout);
-  const pid_t child = fork();
-  if (child == 0) {
-    std::freopen("/dev/null", "w", stderr);
+  expect_abort([&] {
     launch_kernel(wgmma_kernel<__nv_bfloat16, 64, false, kMistake>, 1, 128, 0, nullptr, a_device.data,
                   b_device.data, c_device.data, d_device.data, false);
-    std::_Exit(0);
-  }
-  int status = 0;
-  waitpid(child, &status, 0);
-  expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, what);
+  }, what);
 }
 #endif
 
@@ -377,12 +438,16 @@ int run() {
       test_wgmma<__nv_bfloat16, 128, true>(rng, accumulate, "wgmma m64n128k16 bf16, A from registers, B MN-major");
       test_wgmma<__half, 64, false>(rng, accumulate, "wgmma m64n64k16 fp16, A and B K-major from shared memory");
     }
+    test_bulk_reduce();
   } else {
-    std::printf("wgmma self-tests skipped: compute capability 9.0 only\n");
+    std::printf("wgmma and bulk reduction self-tests skipped: compute capability 9.0 only\n");
   }
 #if !defined(__CUDACC__)
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoFence>("the emulation stops a wgmma without a fence");
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoCommit>("the emulation stops a wait on uncommitted wgmma");
+  test_bulk_mistake_is_caught<BulkMistake::kNoFinalWait>("the emulation stops a block that ends before its bulk "
+                                                         "reductions are waited for");
+  test_bulk_mistake_is_caught<BulkMistake::kNoCommit>("the emulation stops a wait on uncommitted bulk reductions");
 #endif
   std::printf("%s primitive self-tests: %s, %d failure(s)\n", ELECTRA_BACKEND_NAME,
               failures == 0 ? "passed" : "FAILED", failures);
