@@ -515,17 +515,39 @@ __device__ __forceinline__ HeadRows<T> head_rows(const AttentionBackwardArgs& ar
   return r;
 }
 
-// A dK/dV kernel's per-query-tile values in shared memory: lse (times log2 e; +inf past the sequence, so that P is
-// 0 there) and delta of queries q0 .. q0 + kQ - 1, and with dropout the keep bits of those queries and the block's
-// kDkdvBlockKeys keys from key0. Read after the caller's next barrier.
+// One query's lse and delta as read from global memory by thread threadIdx.x of a dK/dV kernel (query q0 +
+// threadIdx.x of a tile; threads past the tile or the sequence read nothing). Loaded a tile ahead of
+// stage_query_tile, which is their first use: an L2 hit costs ~300 cycles, which every tile's start would
+// otherwise wait for (the block's warps all stage and then meet at a barrier), and which the loads in flight now
+// spend under the previous tile's products.
+struct QueryValues {
+  float lse = 0.0f, delta = 0.0f;
+  bool valid = false;
+};
+
 template <int kQ, int kThreads, typename T>
-__device__ __forceinline__ void stage_query_tile(float* s_lse, float* s_delta, uint32_t* s_bits,
-                                                 const HeadRows<T>& rows, const AttentionShape& s, uint64_t seed,
-                                                 int b, int h, int q0, int key0, int len) {
-  for (int i = threadIdx.x; i < kQ; i += kThreads) {
-    const bool valid = q0 + i < len;
-    s_lse[i] = valid ? rows.lse[q0 + i] * kLog2e : INFINITY;
-    s_delta[i] = valid ? rows.delta[q0 + i] : 0.0f;
+__device__ __forceinline__ QueryValues load_query_values(const HeadRows<T>& rows, int q0, int len) {
+  static_assert(kQ <= kThreads, "one query per thread");
+  QueryValues v;
+  const int q = q0 + static_cast<int>(threadIdx.x);
+  v.valid = threadIdx.x < kQ && q < len;
+  if (v.valid) {  // predicated loads into zeroed registers: nothing waits for them until stage_query_tile
+    v.lse = rows.lse[q];
+    v.delta = rows.delta[q];
+  }
+  return v;
+}
+
+// A dK/dV kernel's per-query-tile values in shared memory: lse (times log2 e; +inf past the sequence, so that P is
+// 0 there) and delta of queries q0 .. q0 + kQ - 1 from `v` (load_query_values of this tile), and with dropout the
+// keep bits of those queries and the block's kDkdvBlockKeys keys from key0. Read after the caller's next barrier.
+template <int kQ, int kThreads>
+__device__ __forceinline__ void stage_query_tile(float* s_lse, float* s_delta, uint32_t* s_bits, const QueryValues& v,
+                                                 const AttentionShape& s, uint64_t seed, int b, int h, int q0,
+                                                 int key0) {
+  if (threadIdx.x < kQ) {
+    s_lse[threadIdx.x] = v.valid ? v.lse * kLog2e : INFINITY;
+    s_delta[threadIdx.x] = v.valid ? v.delta : 0.0f;
   }
   if (s.dropout_threshold > 0) {
     dropout_bits<kQ, kDkdvBlockKeys, kThreads>(s_bits, seed, b, h, q0, key0, s.dropout_threshold);
@@ -575,14 +597,17 @@ __global__ void __launch_bounds__(Dkdv<D>::kThreads) dkdv_kernel(const Attention
 
   float dv[kM][D / 8][4] = {}, dk[kM][D / 8][4] = {};
   const int tiles = (len + kQ - 1) / kQ;
+  QueryValues next_values = load_query_values<kQ, kThreads>(rows, 0, len);
   for (int t = 0; t < tiles; ++t) {
     const int q0 = t * kQ;
+    const QueryValues values = next_values;
+    next_values = load_query_values<kQ, kThreads>(rows, q0 + kQ, len);
     if (t + 1 < tiles) {
       load_tile<D, kQ, kThreads>(sQ + row_offset<D>(((t + 1) & 1) * kQ), rows.q, args.q.token_stride, q0 + kQ, len);
       load_tile<D, kQ, kThreads>(sdO + row_offset<D>(((t + 1) & 1) * kQ), rows.dout, row_stride, q0 + kQ, len);
     }
     cp_async_commit();
-    stage_query_tile<kQ, kThreads>(sLse, sDelta, sBits, rows, s, seed, b, h, q0, key0, len);
+    stage_query_tile<kQ, kThreads>(sLse, sDelta, sBits, values, s, seed, b, h, q0, key0);
     cp_async_wait<1>();
     __syncthreads();
 

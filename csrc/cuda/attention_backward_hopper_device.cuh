@@ -14,7 +14,7 @@
 //   element-wise (shared): P^T o Z~ and dS^T = P^T o (dP^T o Z~ - delta) in place, in registers
 //   dV += (P^T o Z~) dO            4 wgmma m64nDk16, A from registers, B (dO) MN-major
 //   dK += dS^T Q                   4 wgmma m64nDk16, A from registers, B (Q) MN-major
-//   dQ (64 queries x D) = dS K     4 wgmma m64nDk16: dS^T is written transposed (2-byte stores) into a swizzled
+//   dQ (64 queries x D) = dS K     4 wgmma m64nDk16: dS^T is written transposed (stmatrix) into a swizzled
 //                                  [queries][keys] tile, the K-major A; B (K) MN-major; the sums are staged as
 //                                  fp32 rows in shared memory and added to the workspace by one bulk reduction
 //                                  per query row (simt/bulk_reduce.cuh), where the mma.sync kernel issues 16
@@ -28,9 +28,9 @@
 // ~150-200 us is the aim, against 279 + 171 us for the mma.sync dK/dV and dQ kernels at 2a31c20.
 // Shared memory: K, V 64 D 2 B each, Q and dO 2 x 64 D 2 B each, dS 8 KB, lse, delta 0.5 KB, dropout bits 0.5 KB,
 // dQ's fp32 rows 64 x (4 D + 32) B: 75 KB at D = 64, plus 1 KB to align the tiles to 1024 bytes (2 blocks per SM
-// take 152 of the 227 KB). Registers (ptxas, sm_90a, D = 64): 234, no spills,
-// so 2 blocks (8 warps) per SM: dV, dK, S^T, dP^T are 128 per thread, and P's and dS's A fragments (32) stay live
-// until the dV and dK products that read them complete.
+// take 152 of the 227 KB). Registers (ptxas, sm_90a, D = 64): 255, no spills (234 with dS^T stored by 2-byte
+// stores), so 2 blocks (8 warps, 65,536 registers) per SM: dV, dK, S^T, dP^T are 128 per thread, and P's and dS's
+// A fragments (32) stay live until the dV and dK products that read them complete.
 #pragma once
 
 #include <cmath>
@@ -72,24 +72,20 @@ struct Layout {
   static constexpr size_t kSharedBytes = size_t(kBytes) + kSwizzleSlackBytes;
 };
 
-// dS^T's accumulator fragments (rows: keys key0 + group and + 8; columns: queries 8 n + 2 pair and + 1) as T into
-// the [queries][keys] tile, rounded as the dK product rounds them (tiles::float2_to_pair).
+#if ELECTRA_WGMMA_AVAILABLE
+// dS^T as the dK product's A fragments (ds[j]: rows keys key0 + group and + 8, columns queries 16 j + 2 pair and
+// + 1, and + 8) into the [queries][keys] tile. Each fragment is four 8 x 8 matrices in the mma C layout, which
+// stmatrix.trans stores transposed: matrix i's 8 rows of 8 keys (16 bytes, one swizzled chunk) are tile rows
+// 16 j + 8 (i / 2) .. + 7 at keys key0 + 8 (i % 2). 4 stmatrix.x4 per thread instead of 32 two-byte stores.
 template <typename Tile, typename T>
-__device__ __forceinline__ void store_transposed(const float (&x)[kQ / 8][4], T* tile, int key0) {
-  const int lane = threadIdx.x % tiles::kWarpSize, group = lane / 4, pair = lane % 4;
+__device__ __forceinline__ void store_transposed(const uint32_t (&ds)[kQ / 16][4], T* tile, int key0) {
+  const int lane = threadIdx.x % tiles::kWarpSize, matrix = lane / 8;  // lane l gives row l % 8 of matrix l / 8
 #pragma unroll
-  for (int n = 0; n < kQ / 8; ++n) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const uint32_t two = tiles::float2_to_pair<T>(x[n][2 * half], x[n][2 * half + 1]);
-      const int key = key0 + group + 8 * half, query = 8 * n + 2 * pair;
-      *reinterpret_cast<uint16_t*>(Tile::at(tile, query, key)) = static_cast<uint16_t>(two);
-      *reinterpret_cast<uint16_t*>(Tile::at(tile, query + 1, key)) = static_cast<uint16_t>(two >> 16);
-    }
+  for (int j = 0; j < kQ / 16; ++j) {
+    stmatrix<4, true>(ds[j], Tile::at(tile, 16 * j + 8 * (matrix / 2) + lane % 8, key0 + 8 * (matrix % 2)));
   }
 }
 
-#if ELECTRA_WGMMA_AVAILABLE
 // The warp's 16 rows of dQ's accumulator (rows 16 warp + group and + 8, columns 8 n + 2 pair and + 1) into the
 // fp32 staging rows, then one bulk reduction per valid query row (q0 + row < len) by lanes 0-15 into the
 // workspace rows `dq_rows` (row stride `stride` floats). Each lane first waits until its previous tile's reduction
@@ -171,11 +167,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
 
   float dv[1][D / 8][4] = {}, dk[1][D / 8][4] = {};
   const int query_tiles = (len + kQ - 1) / kQ;
+  shared_pieces::QueryValues next_values = shared_pieces::load_query_values<kQ, kThreads>(rows, 0, len);
   for (int t = 0; t < query_tiles; ++t) {
     const int q0 = t * kQ;
+    const shared_pieces::QueryValues values = next_values;
+    next_values = shared_pieces::load_query_values<kQ, kThreads>(rows, q0 + kQ, len);
     if (t + 1 < query_tiles) load_queries(t + 1);
     cp_async_commit();
-    shared_pieces::stage_query_tile<kQ, kThreads>(sLse, sDelta, sBits, rows, s, seed, b, h, q0, key0, len);
+    shared_pieces::stage_query_tile<kQ, kThreads>(sLse, sDelta, sBits, values, s, seed, b, h, q0, key0);
     cp_async_wait<1>();
     fence_proxy_async_shared();  // this thread's copies, for the tensor cores' reads after the barrier
     __syncthreads();  // tile t, lse, delta and bits visible; the previous tile's products are all done
@@ -203,14 +202,13 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
       shared_pieces::dkdv_elementwise<decltype(with_dropout)::value, decltype(mask_keys)::value, 1, kQ>(
           st, dpt, scale_log2, dropout_scale, sLse, sDelta, sBits, 0, warp_key0, valid_keys);
     });
-    store_transposed<DsTile>(dpt[0], sDs, warp_key0);
-
     uint32_t p[kQSteps][4], ds[kQSteps][4];
 #pragma unroll
     for (int j = 0; j < kQSteps; ++j) {
       tiles::c_fragments_to_a<T>(p[j], st[0][2 * j], st[0][2 * j + 1]);
       tiles::c_fragments_to_a<T>(ds[j], dpt[0][2 * j], dpt[0][2 * j + 1]);
     }
+    store_transposed<DsTile>(ds, sDs, warp_key0);
     wgmma_fence_operands(p);
     wgmma_fence_operands(ds);
     wgmma_fence_operands(dv[0]);

@@ -98,6 +98,38 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const void* r
   }
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+// stmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (sm_90), ldmatrix's inverse: r[m] holds, per lane, row
+// l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix m (an mma C fragment's pair, packed as 16-bit values);
+// lanes 8m..8m+7 give the 16-byte rows of matrix m, which receive its rows (its columns with .trans).
+template <int kMatrices, bool kTranspose>
+__device__ __forceinline__ void stmatrix(const uint32_t (&r)[kMatrices], void* row) {
+  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "stmatrix stores 1, 2 or 4 matrices");
+  const uint32_t address = shared_address(row);
+  if constexpr (kMatrices == 1 && !kTranspose) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x1.shared.b16 [%0], {%1};\n" ::"r"(address), "r"(r[0]) : "memory");
+  } else if constexpr (kMatrices == 1) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x1.trans.shared.b16 [%0], {%1};\n" ::"r"(address), "r"(r[0])
+                 : "memory");
+  } else if constexpr (kMatrices == 2 && !kTranspose) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x2.shared.b16 [%0], {%1, %2};\n" ::"r"(address), "r"(r[0]), "r"(r[1])
+                 : "memory");
+  } else if constexpr (kMatrices == 2) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};\n" ::"r"(address), "r"(r[0]),
+                 "r"(r[1])
+                 : "memory");
+  } else if constexpr (!kTranspose) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+  } else {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
+                 "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+  }
+}
+#endif
+
 // 16 bytes global -> shared without passing through registers (cp.async.cg: cached in L2 only). Both
 // addresses 16-byte aligned. The copy is complete only after cp_async_commit and a cp_async_wait that covers
 // its group, and visible to other threads only after a __syncthreads as well.
@@ -202,6 +234,22 @@ void ldmatrix(uint32_t (&r)[kMatrices], const void* row) {
       r[m] = element(m, out_row, out_column) | (element(m, out_row, out_column + 1) << 16);
     }
   }
+}
+
+template <int kMatrices, bool kTranspose>
+void stmatrix(const uint32_t (&r)[kMatrices], void* row) {
+  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "stmatrix stores 1, 2 or 4 matrices");
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) ::simt::fail("stmatrix: a row address is not 16-byte aligned");
+  uint32_t registers[::simt::kWarpSize][kMatrices];
+  ::simt::warp_gather(r, registers, sizeof(r));
+  const int lane = ::simt::lane_id();
+  if (lane >= 8 * kMatrices) return;  // lanes past the matrices give no row
+  const int m = lane / 8, stored_row = lane % 8;
+  // Element (i, j) of matrix m sits with lane 4 i + j / 2, in the lower half for even j.
+  auto element = [&](int i, int j) { return static_cast<uint16_t>(registers[4 * i + j / 2][m] >> (16 * (j % 2))); };
+  uint16_t values[8];
+  for (int c = 0; c < 8; ++c) values[c] = kTranspose ? element(c, stored_row) : element(stored_row, c);
+  std::memcpy(row, values, sizeof(values));
 }
 
 // The copy happens at issue time, so commit and wait have nothing left to do; kernels still need them (and

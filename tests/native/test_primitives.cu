@@ -157,6 +157,44 @@ void test_ldmatrix(const char* what) {
   expect(ok, what);
 }
 
+// ldmatrix's inverse: lane l holds the C-fragment pairs of matrices 0..kMatrices-1 built from the same ids, and
+// points at row l % 8 of matrix l / 8 of a shared tile whose every element starts as 0xFFFF; the tile comes back
+// whole, so rows the instruction should not write show too.
+template <int kMatrices, bool kTranspose>
+__global__ void stmatrix_kernel(uint16_t* out) {
+#if ELECTRA_WGMMA_AVAILABLE  // stmatrix is sm_90; CMake builds this test for 90a where it builds for 90
+  alignas(16) __shared__ uint16_t tile[4 * 64];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 4 * 64; i += 32) tile[i] = 0xFFFF;
+  __syncwarp();
+  uint32_t r[kMatrices];
+  for (int m = 0; m < kMatrices; ++m) {
+    const uint32_t id = 256 * m + 16 * (lane / 4) + 2 * (lane % 4);
+    r[m] = id | ((id + 1) << 16);
+  }
+  stmatrix<kMatrices, kTranspose>(r, &tile[(lane / 8) * 64 + (lane % 8) * 8]);
+  __syncwarp();
+  for (int i = lane; i < 4 * 64; i += 32) out[i] = tile[i];
+#else
+  out[threadIdx.x] = 0x1234;  // a build without sm_90a: the test fails
+#endif
+}
+
+template <int kMatrices, bool kTranspose>
+void test_stmatrix(const char* what) {
+  DeviceBuffer<uint16_t> out_device(std::vector<uint16_t>(4 * 64, 0));
+  launch_kernel(stmatrix_kernel<kMatrices, kTranspose>, 1, 32, 0, nullptr, out_device.data);
+  check_launch(what);
+  const std::vector<uint16_t> out = out_device.to_host();
+  bool ok = true;
+  for (int i = 0; i < 4 * 64; ++i) {
+    const int m = i / 64, row = (i % 64) / 8, column = i % 8;
+    const int expected = m >= kMatrices ? 0xFFFF : 256 * m + (kTranspose ? 16 * column + row : 16 * row + column);
+    ok = ok && out[i] == expected;
+  }
+  expect(ok, what);
+}
+
 // 128 threads copy 2 KB (16 bytes each) into shared memory with cp.async, the last quarter zero-filled, then
 // write it back reversed by thread, which reads what other threads copied (so the wait and the barrier count).
 __global__ void cp_async_kernel(const uint4* in, uint4* out, int copied) {
@@ -439,8 +477,14 @@ int run() {
       test_wgmma<__half, 64, false>(rng, accumulate, "wgmma m64n64k16 fp16, A and B K-major from shared memory");
     }
     test_bulk_reduce();
+    test_stmatrix<1, false>("stmatrix.x1");
+    test_stmatrix<2, false>("stmatrix.x2");
+    test_stmatrix<4, false>("stmatrix.x4");
+    test_stmatrix<1, true>("stmatrix.x1.trans");
+    test_stmatrix<2, true>("stmatrix.x2.trans");
+    test_stmatrix<4, true>("stmatrix.x4.trans");
   } else {
-    std::printf("wgmma and bulk reduction self-tests skipped: compute capability 9.0 only\n");
+    std::printf("wgmma, bulk reduction and stmatrix self-tests skipped: compute capability 9.0 only\n");
   }
 #if !defined(__CUDACC__)
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoFence>("the emulation stops a wgmma without a fence");
