@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #if !defined(__CUDACC__)
@@ -454,16 +456,27 @@ bool device_has_wgmma() {
 #endif
 }
 
+// test(matrices, transpose, ".x<matrices>[.trans]") for the 1, 2 and 4 matrices of ldmatrix and stmatrix, without
+// and with .trans (matrices and transpose as std::integral_constant types).
+template <typename Test>
+void for_each_matrix_count(Test test) {
+  auto both = [&](auto matrices) {
+    const std::string shape = ".x" + std::to_string(decltype(matrices)::value);
+    test(matrices, std::false_type{}, shape);
+    test(matrices, std::true_type{}, shape + ".trans");
+  };
+  both(std::integral_constant<int, 1>{});
+  both(std::integral_constant<int, 2>{});
+  both(std::integral_constant<int, 4>{});
+}
+
 int run() {
   std::mt19937 rng(0);
   test_mma<__nv_bfloat16>(rng);
   test_mma<__half>(rng);
-  test_ldmatrix<1, false>("ldmatrix.x1");
-  test_ldmatrix<2, false>("ldmatrix.x2");
-  test_ldmatrix<4, false>("ldmatrix.x4");
-  test_ldmatrix<1, true>("ldmatrix.x1.trans");
-  test_ldmatrix<2, true>("ldmatrix.x2.trans");
-  test_ldmatrix<4, true>("ldmatrix.x4.trans");
+  for_each_matrix_count([](auto matrices, auto transpose, const std::string& shape) {
+    test_ldmatrix<decltype(matrices)::value, decltype(transpose)::value>(("ldmatrix" + shape).c_str());
+  });
   test_cp_async(rng);
   test_exp2_ftz();
   test_red_add();
@@ -477,12 +490,9 @@ int run() {
       test_wgmma<__half, 64, false>(rng, accumulate, "wgmma m64n64k16 fp16, A and B K-major from shared memory");
     }
     test_bulk_reduce();
-    test_stmatrix<1, false>("stmatrix.x1");
-    test_stmatrix<2, false>("stmatrix.x2");
-    test_stmatrix<4, false>("stmatrix.x4");
-    test_stmatrix<1, true>("stmatrix.x1.trans");
-    test_stmatrix<2, true>("stmatrix.x2.trans");
-    test_stmatrix<4, true>("stmatrix.x4.trans");
+    for_each_matrix_count([](auto matrices, auto transpose, const std::string& shape) {
+      test_stmatrix<decltype(matrices)::value, decltype(transpose)::value>(("stmatrix" + shape).c_str());
+    });
   } else {
     std::printf("wgmma, bulk reduction and stmatrix self-tests skipped: compute capability 9.0 only\n");
   }
