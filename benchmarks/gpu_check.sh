@@ -132,6 +132,22 @@ profile_attention() {
     done
 }
 run_step attention-profile "$LOG_DIR/attention_profile.log" profile_attention
+# With ELECTRA_EXT_GPU_CHECK_NCU=1, Nsight Compute's counters for one forward and one dK/dV kernel at Base, per
+# kind as above (~15 s each; the clocks left alone, as the device notes ask): where the issue slots, tensor pipes
+# and memory go, which the timings alone cannot say. ncu reads counters on Firecracker machines only.
+attention_counters() {
+    local kind
+    for kind in 1 $([[ $ARCH == 9.0a ]] && echo 0); do
+        # 3 untimed steps launch 6 forward and dK/dV kernels before the 2 profiled.
+        ELECTRA_EXT_WGMMA=$kind ncu --clock-control none -k regex:'forward_kernel|dkdv_kernel' --launch-skip 6 \
+            --launch-count 2 --section SpeedOfLight --section Occupancy --section SchedulerStats \
+            --section WarpStateStats --section MemoryWorkloadAnalysis \
+            python3 "$REPO/benchmarks/profile_attention.py" --steps 1 --no-torch-profiler || return 1
+    done
+}
+if [[ ${ELECTRA_EXT_GPU_CHECK_NCU:-0} == 1 ]]; then
+    run_step attention-counters "$LOG_DIR/attention_counters.log" attention_counters
+fi
 
 # Convergence parity in bf16: ELECTRA-Small trained 300 steps on the kernels and on the reference path (two
 # reference seeds set the tolerance); the curves (JSON) and their plot go to $LOG_DIR.

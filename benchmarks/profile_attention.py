@@ -1,10 +1,13 @@
 """Where the time of one attention forward + backward goes on a GPU: the top CUDA kernels by total time.
 
 usage: python benchmarks/profile_attention.py [--shape base|small] [--padding 0.15] [--dropout 0.1] [--deterministic]
+       [--steps N] [--no-torch-profiler]
 
 --deterministic: under torch.use_deterministic_algorithms(True), the backward's dQ kernel (S and dP recomputed)
 instead of dQ added over key blocks with atomics. With ELECTRA_EXT_WGMMA=0 in the environment, a build with sm_90a
 code runs the mma.sync kernels on an H100/H200 instead of the wgmma ones (the header line says which).
+--no-torch-profiler: only run the steps, for a profiler outside (Nsight Compute, which cannot share CUPTI with
+torch.profiler); 3 untimed steps come first, each one forward and one dK/dV kernel launch.
 """
 import argparse
 import os
@@ -24,6 +27,7 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--no-torch-profiler", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_attention.py needs a CUDA device")
@@ -42,6 +46,11 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if args.no_torch_profiler:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(args.steps):
             step()
