@@ -127,22 +127,15 @@ def test_head_dims(target, device, op, head_dim):
         check_against_float64(device, op, dtype, 3, 65, 2, head_dim)
 
 
-# Kernel kinds besides each target's default, as the environment settings that select them (read at every
-# launch; csrc/cuda/attention_forward.cu): ELECTRA_EXT_WGMMA="0" keeps an sm_90 on the mma.sync kernels, the
-# A100's, where it would take the wgmma forward (head dims 64 and 128) and dK/dV kernel (64). The emulated device
-# is an sm_90, so every other emulated test runs the wgmma kernels; on a GPU they run only on compute capability
-# 9.0 in a build with sm_90a code, so elsewhere "mma_sync" repeats the default. Which kernels each setting takes
-# (ELECTRA_EXT_EMULATED_SM="80" too) is checked by tests/native/test_attention_emulated.cpp.
-KERNEL_KINDS = {"cpu": [], "emulated": ["mma_sync"], "cuda": ["mma_sync"]}
-KIND_SETTINGS = {"mma_sync": {"ELECTRA_EXT_WGMMA": "0"}}
-
-
-@pytest.mark.parametrize("target,kind", per_target(KERNEL_KINDS))
-def test_each_kernel_kind(monkeypatch, target, device, op, kind):
-    """Forward and backward against the float64 reference, and dropout's mask in both, on the kernels `kind`
-    selects."""
-    for name, value in KIND_SETTINGS[kind].items():
-        monkeypatch.setenv(name, value)
+@pytest.mark.parametrize("target", [target for target in TARGETS if target != "cpu"])
+def test_mma_sync_kernels_where_wgmma_would_run(monkeypatch, target, device, op):
+    """ELECTRA_EXT_WGMMA="0" keeps an sm_90 on the mma.sync kernels (the A100's) where it would take the wgmma
+    forward (head dims 64 and 128) and dK/dV kernel (64). The emulated device is an sm_90, so every other emulated
+    test runs the wgmma kernels; on a GPU those run only on compute capability 9.0 in a build with sm_90a code, so
+    elsewhere this repeats the default. Forward and backward against the float64 reference, and dropout's mask in
+    both. Which kernels each setting takes (ELECTRA_EXT_EMULATED_SM="80" too) is checked by
+    tests/native/test_attention_emulated.cpp."""
+    monkeypatch.setenv("ELECTRA_EXT_WGMMA", "0")
     for head_dim, seq_len in [(64, 17), (64, 130), (128, 65)]:
         check_against_float64(device, op, DTYPES[target][0], 3, seq_len, 2, head_dim)
     test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p(target, device, op, 0.1)

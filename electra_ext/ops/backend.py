@@ -32,8 +32,8 @@ def _backend_from_environment() -> str:
 
 DEFAULT_BACKEND = _backend_from_environment()
 
-# Settings the compiled launchers read at every launch (csrc/cuda/attention_forward.cu), with their values: a
-# value they would not recognise fails here, at import, instead of being taken as the default.
+# Settings the compiled launchers read at every launch (csrc/cuda/attention_forward.cu), with their values, the
+# default last: a value they would not recognise fails here, at import, instead of being taken as the default.
 LAUNCH_SETTINGS = {"ELECTRA_EXT_EMULATED_SM": ("80", "90"), "ELECTRA_EXT_WGMMA": ("0", "1")}
 
 
