@@ -124,9 +124,13 @@ run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" 
 # Attention's kernels by time at Base, without and with ELECTRA's dropout 0.1 (the benchmarks have no dropout case;
 # 7f25193's profile: dropout cost the backward kernels +30% and +41% before the byte draws). In an sm_90a build the
 # same two again on the mma.sync kernels (ELECTRA_EXT_WGMMA=0), the wgmma ones' baseline.
+WGMMA_SETTINGS=(1)
+if [[ $ARCH == 9.0a ]]; then
+    WGMMA_SETTINGS+=(0)
+fi
 profile_attention() {
     local kind
-    for kind in 1 $([[ $ARCH == 9.0a ]] && echo 0); do
+    for kind in "${WGMMA_SETTINGS[@]}"; do
         ELECTRA_EXT_WGMMA=$kind python3 "$REPO/benchmarks/profile_attention.py" &&
             ELECTRA_EXT_WGMMA=$kind python3 "$REPO/benchmarks/profile_attention.py" --dropout 0.1 || return 1
     done
@@ -137,7 +141,7 @@ run_step attention-profile "$LOG_DIR/attention_profile.log" profile_attention
 # and memory go, which the timings alone cannot say. ncu reads counters on Firecracker machines only.
 attention_counters() {
     local kind
-    for kind in 1 $([[ $ARCH == 9.0a ]] && echo 0); do
+    for kind in "${WGMMA_SETTINGS[@]}"; do
         # 3 untimed steps launch 6 forward and dK/dV kernels before the 2 profiled.
         ELECTRA_EXT_WGMMA=$kind ncu --clock-control none -k regex:'forward_kernel|dkdv_kernel' --launch-skip 6 \
             --launch-count 2 --section SpeedOfLight --section Occupancy --section SchedulerStats \
