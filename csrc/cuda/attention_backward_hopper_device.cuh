@@ -172,12 +172,16 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
     const int q0 = t * kQ;
     const shared_pieces::QueryValues values = next_values;
     next_values = shared_pieces::load_query_values<kQ, kThreads>(rows, q0 + kQ, len);
-    if (t + 1 < query_tiles) load_queries(t + 1);
-    cp_async_commit();
     shared_pieces::stage_query_tile<kQ, kThreads>(sLse, sDelta, sBits, values, s, seed, b, h, q0, key0);
-    cp_async_wait<1>();
+    cp_async_wait<0>();
     fence_proxy_async_shared();  // this thread's copies, for the tensor cores' reads after the barrier
-    __syncthreads();  // tile t, lse, delta and bits visible; the previous tile's products are all done
+    __syncthreads();  // tile t, lse, delta and bits visible; every warp has waited for the previous tile's products
+    // Into the previous tile's buffers only now: each warp's dV and dK products of that tile read them until the
+    // warp's own wait at the tile's end, past the barrier before its dQ product.
+    if (t + 1 < query_tiles) {
+      load_queries(t + 1);
+      cp_async_commit();
+    }
     const T* const cQ = q_tile(t);
     const T* const cdO = do_tile(t);
 

@@ -50,12 +50,14 @@ inline void bulk_reduce_add_f32(float* global, const float* shared, uint32_t cou
     ::simt::fail("cp.reduce.async.bulk: an address is not 16-byte aligned");
   }
   if (count % 4 != 0) ::simt::fail("cp.reduce.async.bulk: the size is not a multiple of 16 bytes");
-  ::simt::bulk_reduce_add_f32(global, shared, count);
+  ::simt::async_issue(::simt::AsyncKind::kBulkReduction, [=] {
+    for (uint32_t i = 0; i < count; ++i) atomicAdd(global + i, shared[i]);
+  });
 }
-inline void bulk_commit_group() { ::simt::bulk_commit_group(); }
+inline void bulk_commit_group() { ::simt::async_commit_group(::simt::AsyncKind::kBulkReduction); }
 template <int kPending>
 void bulk_wait_group_read() {
-  ::simt::bulk_wait_group_read(kPending);
+  ::simt::async_wait_group(::simt::AsyncKind::kBulkReduction, kPending);
 }
 
 #endif

@@ -109,42 +109,54 @@ void fail(const char* what) {
 
 namespace {
 
-struct BulkReduction {
-  float* global;
-  const float* shared;
-  std::size_t count;
+// This thread's asynchronous operations of one kind: those issued since its last commit, and the committed
+// groups, oldest first.
+struct AsyncQueue {
+  const char* operations;  // for messages: what they are, and the wait that carries them out
+  const char* wait;
+  std::vector<std::function<void()>> uncommitted;
+  std::deque<std::vector<std::function<void()>>> committed;
+};
+thread_local AsyncQueue async_queues[] = {
+    {"bulk reductions", "bulk_wait_group_read", {}, {}},
+    {"wgmma", "wgmma_wait_group", {}, {}},
 };
 
-// This thread's bulk reductions: those issued since its last commit, and the committed groups, oldest first.
-thread_local std::vector<BulkReduction> uncommitted_reductions;
-thread_local std::deque<std::vector<BulkReduction>> committed_reductions;
+AsyncQueue& async_queue(AsyncKind kind) { return async_queues[static_cast<int>(kind)]; }
 
-void check_no_bulk_reductions_left() {
-  if (!uncommitted_reductions.empty() || !committed_reductions.empty()) {
-    fail("a thread ended its block with bulk reductions it never waited for (bulk_wait_group_read<0>)");
+[[noreturn]] void fail_about(const AsyncQueue& queue, const char* format) {
+  char message[256];
+  std::snprintf(message, sizeof(message), format, queue.operations, queue.wait);
+  fail(message);
+}
+
+void check_no_async_operations_left() {
+  for (const AsyncQueue& queue : async_queues) {
+    if (!queue.uncommitted.empty() || !queue.committed.empty()) {
+      fail_about(queue, "a thread ended its block with %s it never waited for (%s<0>)");
+    }
   }
 }
 
 }  // namespace
 
-void bulk_reduce_add_f32(float* global, const float* shared, std::size_t count) {
-  uncommitted_reductions.push_back({global, shared, count});
+void async_issue(AsyncKind kind, std::function<void()> operation) {
+  async_queue(kind).uncommitted.push_back(std::move(operation));
 }
 
-void bulk_commit_group() {
-  committed_reductions.push_back(std::move(uncommitted_reductions));
-  uncommitted_reductions.clear();
+void async_commit_group(AsyncKind kind) {
+  AsyncQueue& queue = async_queue(kind);
+  queue.committed.push_back(std::move(queue.uncommitted));
+  queue.uncommitted.clear();
 }
 
-void bulk_wait_group_read(int pending) {
-  if (!uncommitted_reductions.empty()) {
-    fail("bulk_wait_group_read: bulk reductions issued since the last bulk_commit_group are never waited for");
-  }
-  while (committed_reductions.size() > static_cast<std::size_t>(pending)) {
-    for (const BulkReduction& r : committed_reductions.front()) {
-      for (std::size_t i = 0; i < r.count; ++i) atomicAdd(r.global + i, r.shared[i]);
-    }
-    committed_reductions.pop_front();
+void async_wait_group(AsyncKind kind, int pending) {
+  AsyncQueue& queue = async_queue(kind);
+  if (!queue.uncommitted.empty()) fail_about(queue, "%s issued since the last commit are never waited for (%s)");
+  while (queue.committed.size() > static_cast<std::size_t>(pending)) {
+    std::vector<std::function<void()>> group = std::move(queue.committed.front());
+    queue.committed.pop_front();
+    for (const std::function<void()>& operation : group) operation();
   }
 }
 
@@ -234,7 +246,7 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
       blockIdx = unlinear(b, grid);
       collective_count = 0;
       body();
-      check_no_bulk_reductions_left();
+      check_no_async_operations_left();
       current_warp().barrier.arrive_and_drop();
       block.barrier.arrive_and_drop();
       between_blocks.arrive_and_wait(start_block);

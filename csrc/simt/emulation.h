@@ -79,12 +79,15 @@ T shuffle_from(unsigned mask, T value, int source_lane, int width) {
   return out;
 }
 
-// Bulk asynchronous reductions (cp.reduce.async.bulk .add.f32) of the calling thread: issued ones wait in their
-// commit group and are carried out by the bulk_wait_group_read that covers the group. A thread that ends its
-// block with reductions not waited for, or waits with some issued but not committed, fails the launch.
-void bulk_reduce_add_f32(float* global, const float* shared, std::size_t count);
-void bulk_commit_group();
-void bulk_wait_group_read(int pending);
+// Asynchronous operations of the calling thread (cp.reduce.async.bulk, wgmma.mma_async), one queue per kind: an
+// issued operation waits in its commit group and is carried out by the wait that covers the group, the latest
+// moment the PTX ISA allows, so that a kernel that rewrites an operation's sources or reads its results before
+// that wait computes wrong values. Waiting with operations issued but not committed (they would never be waited
+// for), or ending the block with operations not waited for, fails the launch.
+enum class AsyncKind : int { kBulkReduction = 0, kWgmma = 1 };
+void async_issue(AsyncKind kind, std::function<void()> operation);
+void async_commit_group(AsyncKind kind);
+void async_wait_group(AsyncKind kind, int pending);
 
 // Runs `body` for every thread of every block of the grid (see the top of this file).
 void run_grid(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, const std::function<void()>& body);

@@ -24,8 +24,11 @@
 //   operand's 16 k are 16 rows: two 8-row atoms, stride byte offset apart; 64-column panels are the leading
 //   byte offset apart.
 //
-// Ordering (the emulation completes each wgmma at issue, as it does cp.async, and checks only that each wgmma
-// follows a wgmma_fence() since the last wait and that no wait leaves wgmma uncommitted):
+// Ordering (the emulation carries out each wgmma at the wait that covers its group, as the PTX ISA allows, reading
+// its shared-memory operands and A fragment then; it fills the accumulators with NaN from the issue of the first
+// wgmma on them to that wait, so that an early read shows, and stops a kernel that writes them (a write that
+// leaves them NaN, a scaling, is lost instead) or the A fragment meanwhile, issues wgmma without a wgmma_fence()
+// since the last wait, waits with wgmma uncommitted or ends with wgmma in flight):
 // wgmma_fence() before the first wgmma of a sequence and whenever registers it reads were written since;
 // fence_proxy_async_shared() by every thread that wrote an operand tile, before the barrier that publishes it;
 // wgmma_commit_group() and wgmma_wait_group<n>() before the accumulators are read or the tiles overwritten; and
@@ -36,6 +39,11 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if !defined(__CUDACC__)
+#include <algorithm>
+#include <array>
+#include <map>
+#endif
 
 #include "simt/primitives.cuh"
 
@@ -195,25 +203,20 @@ inline WgmmaDescriptor wgmma_descriptor(const void* tile, uint32_t start_bytes, 
 
 namespace wgmma_emulation {
 
-// The ordering rules the emulation can check, per thread: a wgmma needs a wgmma_fence() since the thread's last
-// wait (after which it reads the results: a register access), and a wait must not leave wgmma uncommitted (they
-// would never be waited for). On a GPU either mistake is a silent race.
-struct Ordering {
-  bool fenced = false;
-  int uncommitted = 0;
-};
-inline thread_local Ordering ordering;
+// Per thread: whether a wgmma_fence() came since the last wait (a wgmma needs one: after the wait the thread reads
+// the results, a register access), and how many wgmma in flight write each accumulator array. On a GPU a missing
+// fence or an early access is a silent race.
+inline thread_local bool fenced = false;
+inline thread_local std::map<const float*, int> in_flight;
 
 }  // namespace wgmma_emulation
 
-inline void wgmma_fence() { wgmma_emulation::ordering.fenced = true; }
-inline void wgmma_commit_group() { wgmma_emulation::ordering.uncommitted = 0; }
+inline void wgmma_fence() { wgmma_emulation::fenced = true; }
+inline void wgmma_commit_group() { ::simt::async_commit_group(::simt::AsyncKind::kWgmma); }
 template <int kPending>
 void wgmma_wait_group() {
-  if (wgmma_emulation::ordering.uncommitted != 0) {
-    ::simt::fail("wgmma_wait_group: wgmma issued since the last wgmma_commit_group are never waited for");
-  }
-  wgmma_emulation::ordering.fenced = false;
+  ::simt::async_wait_group(::simt::AsyncKind::kWgmma, kPending);
+  wgmma_emulation::fenced = false;
 }
 inline void fence_proxy_async_shared() {}
 template <typename Register, int kTiles>
@@ -238,27 +241,45 @@ float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
   return element_to_float(value);
 }
 
-// This thread's accumulators: warp w of the warpgroup computes rows 16 w .. 16 w + 15 (`a_rows`, 16 x 16) times B.
-template <typename T, int N, Major kBMajor>
-void multiply(float (&d)[N / 8][4], const float (&a_rows)[16][16], const WgmmaDescriptor& b, bool accumulate) {
-  const int group = ::simt::lane_id() / 4, pair = ::simt::lane_id() % 4;
-  for (int j = 0; j < N / 8; ++j) {
-    for (int i = 0; i < 4; ++i) {
-      const int row = group + 8 * (i / 2), column = 8 * j + 2 * pair + i % 2;
-      float sum = accumulate ? d[j][i] : 0.0f;
-      for (int k = 0; k < 16; ++k) sum += a_rows[row][k] * element<T>(b, kBMajor, column, k);
-      d[j][i] = sum;
-    }
-  }
-}
-
-// Checks and records one wgmma issue; returns the calling warp's index in its warpgroup.
-inline int issue() {
+// Issues d (64 x N) = A B + (accumulate ? d : 0) for this thread, warp w of its warpgroup computing rows 16 w ..
+// 16 w + 15: `a_rows(w, rows)` fills those rows of A (16 x 16) when the wait carries the wgmma out. The first
+// wgmma in flight on d keeps d's values and fills d with NaN bytes; at the wait it fails if d holds other bytes
+// (the kernel wrote it), then puts the values back.
+template <typename T, int N, Major kBMajor, typename ARows>
+void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor& b, bool accumulate) {
   if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0) ::simt::fail("wgmma: the block is not whole warpgroups");
-  if (!ordering.fenced) ::simt::fail("wgmma issued without a wgmma_fence() since the thread's last wait");
-  ++ordering.uncommitted;
+  if (!fenced) ::simt::fail("wgmma issued without a wgmma_fence() since the thread's last wait");
   const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  return static_cast<int>(thread / ::simt::kWarpSize) % 4;
+  const int warp = static_cast<int>(thread / ::simt::kWarpSize) % 4;
+  constexpr size_t kBytes = sizeof(d);
+  const bool first = in_flight[&d[0][0]]++ == 0;
+  std::array<unsigned char, kBytes> kept{};
+  if (first) {
+    std::memcpy(kept.data(), d, kBytes);
+    std::memset(d, 0xFF, kBytes);
+  }
+  ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, a_rows, b, accumulate, warp, first, kept] {
+    if (first) {
+      std::array<unsigned char, kBytes> now;
+      std::memcpy(now.data(), d, kBytes);
+      if (std::any_of(now.begin(), now.end(), [](unsigned char byte) { return byte != 0xFF; })) {
+        ::simt::fail("wgmma: the accumulator registers were written while a wgmma on them was in flight");
+      }
+      std::memcpy(d, kept.data(), kBytes);
+    }
+    if (--in_flight[&d[0][0]] == 0) in_flight.erase(&d[0][0]);
+    float rows[16][16];
+    a_rows(warp, rows);
+    const int group = ::simt::lane_id() / 4, pair = ::simt::lane_id() % 4;
+    for (int j = 0; j < N / 8; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        const int row = group + 8 * (i / 2), column = 8 * j + 2 * pair + i % 2;
+        float sum = accumulate ? d[j][i] : 0.0f;
+        for (int k = 0; k < 16; ++k) sum += rows[row][k] * element<T>(b, kBMajor, column, k);
+        d[j][i] = sum;
+      }
+    }
+  });
 }
 
 }  // namespace wgmma_emulation
@@ -267,28 +288,33 @@ template <typename T, int N, Major kBMajor>
 void wgmma_ss(float (&d)[N / 8][4], WgmmaDescriptor a, WgmmaDescriptor b, bool accumulate) {
   static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
   static_assert(N == 64 || N == 128, "N = 64 or 128");
-  const int warp = wgmma_emulation::issue();
-  float a_rows[16][16];
-  for (int row = 0; row < 16; ++row) {
-    for (int k = 0; k < 16; ++k) a_rows[row][k] = wgmma_emulation::element<T>(a, Major::K, 16 * warp + row, k);
-  }
-  wgmma_emulation::multiply<T, N, kBMajor>(d, a_rows, b, accumulate);
+  auto a_rows = [a](int warp, float (&rows)[16][16]) {
+    for (int row = 0; row < 16; ++row) {
+      for (int k = 0; k < 16; ++k) rows[row][k] = wgmma_emulation::element<T>(a, Major::K, 16 * warp + row, k);
+    }
+  };
+  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, b, accumulate);
 }
 
+// The A fragment is read at the wait too, through `a`: the kernel must leave those registers alone meanwhile.
 template <typename T, int N, Major kBMajor>
 void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b, bool accumulate) {
   static_assert(is_wgmma_type<T>, "bf16 or fp16 operands");
   static_assert(N == 64 || N == 128, "N = 64 or 128");
-  wgmma_emulation::issue();
   struct Fragment {
     uint32_t a[4];
   };
-  const Fragment mine{{a[0], a[1], a[2], a[3]}};
-  Fragment lanes[::simt::kWarpSize];
-  ::simt::warp_gather(&mine, lanes, sizeof(Fragment));
-  float a_rows[16][16];
-  for (int lane = 0; lane < ::simt::kWarpSize; ++lane) place_a_fragment<T>(lanes[lane].a, lane, a_rows);
-  wgmma_emulation::multiply<T, N, kBMajor>(d, a_rows, b, accumulate);
+  const Fragment at_issue{{a[0], a[1], a[2], a[3]}};
+  auto a_rows = [&a, at_issue](int, float (&rows)[16][16]) {
+    const Fragment mine{{a[0], a[1], a[2], a[3]}};
+    if (std::memcmp(&mine, &at_issue, sizeof(Fragment)) != 0) {
+      ::simt::fail("wgmma: the A fragment registers were written while a wgmma reading them was in flight");
+    }
+    Fragment lanes[::simt::kWarpSize];
+    ::simt::warp_gather(&mine, lanes, sizeof(Fragment));
+    for (int lane = 0; lane < ::simt::kWarpSize; ++lane) place_a_fragment<T>(lanes[lane].a, lane, rows);
+  };
+  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, b, accumulate);
 }
 
 #endif

@@ -3,6 +3,7 @@
 // against a direct computation on the host. The same source runs on a GPU (built by nvcc: target
 // test_primitives_cuda, run by benchmarks/gpu_check.sh) and under the SIMT emulation (test_primitives_emulated.cpp,
 // in every CI run): the pair proves that the emulation computes what the hardware does.
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -279,8 +280,10 @@ void test_red_add() {
 // - registers x shared (O = P V): A as mma A fragments built from global memory by the documented layout, B [64
 //   x N] an MN-major swizzled tile, each k step 16 rows further.
 // d = A B + c when `accumulate` (scale-d 1 from the first step), else A B (scale-d 0 first).
-// What a wgmma_kernel leaves out, for the emulation's ordering checks (a GPU would race instead).
-enum class OrderingMistake { kNone, kNoFence, kNoCommit };
+// What a wgmma_kernel gets wrong, for the emulation's ordering checks (a GPU would race instead): no fence, no
+// commit, no wait, a write of the accumulators or of the A fragment, or a read of the accumulators, while the
+// wgmma are in flight.
+enum class OrderingMistake { kNone, kNoFence, kNoCommit, kNoWait, kWriteAccumulators, kWriteFragment, kReadEarly };
 
 template <typename T, int N, bool kAFromRegisters, OrderingMistake kMistake = OrderingMistake::kNone>
 __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, bool accumulate) {
@@ -320,12 +323,18 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
       wgmma_ss<T, N, Major::K>(acc, ATile::k_major(a_tile, step), BTile::k_major(b_tile, step), add);
     }
   }
+  auto store = [&] {
+    for (int j = 0; j < N / 8; ++j) {
+      for (int i = 0; i < 4; ++i) d[d_index(j, i)] = acc[j][i];
+    }
+  };
+  if constexpr (kMistake == OrderingMistake::kReadEarly) store();
+  if constexpr (kMistake == OrderingMistake::kWriteAccumulators) acc[0][0] = 0.0f;
+  if constexpr (kMistake == OrderingMistake::kWriteFragment) fragments[0][0] ^= 1u;
   if constexpr (kMistake != OrderingMistake::kNoCommit) wgmma_commit_group();
-  wgmma_wait_group<0>();
+  if constexpr (kMistake != OrderingMistake::kNoWait) wgmma_wait_group<0>();
   wgmma_fence_operands(acc);
-  for (int j = 0; j < N / 8; ++j) {
-    for (int i = 0; i < 4; ++i) d[d_index(j, i)] = acc[j][i];
-  }
+  if constexpr (kMistake != OrderingMistake::kReadEarly) store();
 #else
   d[threadIdx.x] = NAN;  // a build without sm_90a: the test fails and says so
 #endif
@@ -428,19 +437,37 @@ void test_bulk_mistake_is_caught(const char* what) {
   expect_abort([&] { launch_kernel(bulk_reduce_kernel<kMistake>, 1, 128, 0, nullptr, rows_device.data); }, what);
 }
 
-// The emulation stops a kernel that issues wgmma without wgmma_fence() or waits with wgmma uncommitted (in a
-// child process: it aborts).
-template <OrderingMistake kMistake>
-void test_wgmma_ordering_mistake_is_caught(const char* what) {
+// Launches wgmma_kernel with kMistake on 64 x 64 bf16 ones, A from registers where the mistake is about its
+// fragment; returns d.
+template <OrderingMistake kMistake, typename Launch>
+std::vector<float> run_wgmma_mistake(Launch wrap) {
+  constexpr bool kAFromRegisters = kMistake == OrderingMistake::kWriteFragment;
   const std::vector<__nv_bfloat16> a(64 * 64, from_float<__nv_bfloat16>(1.0f));
   const std::vector<float> c(64 * 64, 0.0f);
   const DeviceBuffer<__nv_bfloat16> a_device(a), b_device(a);
   const DeviceBuffer<float> c_device(c);
   DeviceBuffer<float> d_device(c);
-  expect_abort([&] {
-    launch_kernel(wgmma_kernel<__nv_bfloat16, 64, false, kMistake>, 1, 128, 0, nullptr, a_device.data,
+  wrap([&] {
+    launch_kernel(wgmma_kernel<__nv_bfloat16, 64, kAFromRegisters, kMistake>, 1, 128, 0, nullptr, a_device.data,
                   b_device.data, c_device.data, d_device.data, false);
-  }, what);
+  });
+  return d_device.to_host();
+}
+
+// The emulation stops a kernel that gets the wgmma ordering wrong (in a child process: it aborts).
+template <OrderingMistake kMistake>
+void test_wgmma_ordering_mistake_is_caught(const char* what) {
+  run_wgmma_mistake<kMistake>([&](auto launch) { expect_abort(launch, what); });
+}
+
+// Accumulators read before the wait are NaN under the emulation (on a GPU, whatever the registers held).
+void test_wgmma_early_read_is_nan() {
+  const std::vector<float> d = run_wgmma_mistake<OrderingMistake::kReadEarly>([](auto launch) {
+    launch();
+    check_launch("wgmma kernel reading its accumulators early");
+  });
+  expect(std::all_of(d.begin(), d.end(), [](float v) { return v != v; }),
+         "the emulation's accumulators are NaN between a wgmma's issue and its wait");
 }
 #endif
 
@@ -499,6 +526,13 @@ int run() {
 #if !defined(__CUDACC__)
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoFence>("the emulation stops a wgmma without a fence");
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoCommit>("the emulation stops a wait on uncommitted wgmma");
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoWait>("the emulation stops a block that ends with wgmma "
+                                                                  "in flight");
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kWriteAccumulators>("the emulation stops a write of the "
+                                                                             "accumulators of wgmma in flight");
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kWriteFragment>("the emulation stops a write of the A "
+                                                                         "fragment of wgmma in flight");
+  test_wgmma_early_read_is_nan();
   test_bulk_mistake_is_caught<BulkMistake::kNoFinalWait>("the emulation stops a block that ends before its bulk "
                                                          "reductions are waited for");
   test_bulk_mistake_is_caught<BulkMistake::kNoCommit>("the emulation stops a wait on uncommitted bulk reductions");
