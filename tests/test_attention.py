@@ -17,9 +17,10 @@ OP = torch.ops.electra_ext.attention.default
 BACKWARD_OP = torch.ops.electra_ext.attention_backward.default
 
 # Sequence lengths around the kernels' 64-row tiles and ELECTRA's 128 and 512; the emulation runs a host thread
-# per CUDA thread, so it gets the short ones (still partial, full and multi-tile).
+# per CUDA thread, so it gets the short ones (still partial, full and multi-tile; 200 is 4 key tiles, one more than
+# the wgmma forward's ring of K and V buffers).
 LENGTHS = {"cpu": [1, 17, 127, 128, 129, 511, 512, 513, 2048], "cuda": [1, 17, 127, 128, 129, 511, 512, 513, 2048],
-           "emulated": [1, 17, 64, 65, 130]}
+           "emulated": [1, 17, 64, 65, 130, 200]}
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "emulated": [torch.bfloat16, torch.float16],
           "cuda": [torch.bfloat16, torch.float16]}
 

@@ -171,11 +171,11 @@ __device__ __forceinline__ void mask_keys_past_sequence(float (&s)[kSTiles][4], 
 
 // One key tile of the online softmax for a warp's 16-row tile (rows group and group + 8): the running maxima of the
 // raw scores, P = exp2(S scale log2 e - max scale log2 e) in place of S, the lane's part of the row sums (P before
-// dropout) and O rescaled by exp2((max_old - max_new) scale log2 e). Every tile has a valid key, so the new maxima
-// are finite.
-template <int kSTiles, int kOTiles>
-__device__ __forceinline__ void online_softmax_tile(float (&s)[kSTiles][4], float (&o)[kOTiles][4],
-                                                    float (&row_max)[2], float (&row_sum)[2], float scale_log2) {
+// dropout), and in `rescale` the factors exp2((max_old - max_new) scale log2 e) by which O must be multiplied (by
+// rescale_rows) before P V is added. Every tile has a valid key, so the new maxima are finite.
+template <int kSTiles>
+__device__ __forceinline__ void softmax_tile(float (&s)[kSTiles][4], float (&row_max)[2], float (&row_sum)[2],
+                                             float scale_log2, float (&rescale)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float tile_max = row_max[r];
@@ -186,7 +186,7 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kSTiles][4], floa
     const float max_scaled = tile_max * scale_log2;
     // exp2f, not exp2_ftz: once per row and tile, and with exp2_ftz here ptxas spilled 28 bytes at D = 128 with
     // dropout. 0 on the first tile.
-    const float rescale = tiles::fast_exp2(row_max[r] * scale_log2 - max_scaled);
+    rescale[r] = tiles::fast_exp2(row_max[r] * scale_log2 - max_scaled);
     row_max[r] = tile_max;
     float sum = 0.0f;
 #pragma unroll
@@ -198,13 +198,27 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kSTiles][4], floa
         sum += p;
       }
     }
-    row_sum[r] = row_sum[r] * rescale + sum;
-#pragma unroll
-    for (int t = 0; t < kOTiles; ++t) {
-      o[t][2 * r] *= rescale;
-      o[t][2 * r + 1] *= rescale;
-    }
+    row_sum[r] = row_sum[r] * rescale[r] + sum;
   }
+}
+
+// O's rows group and group + 8 times rescale[0] and rescale[1].
+template <int kOTiles>
+__device__ __forceinline__ void rescale_rows(float (&o)[kOTiles][4], const float (&rescale)[2]) {
+#pragma unroll
+  for (int t = 0; t < kOTiles; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[t][i] *= rescale[i / 2];
+  }
+}
+
+// softmax_tile with O rescaled at once (O is not being written by a product meanwhile).
+template <int kSTiles, int kOTiles>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kSTiles][4], float (&o)[kOTiles][4],
+                                                    float (&row_max)[2], float (&row_sum)[2], float scale_log2) {
+  float rescale[2];
+  softmax_tile(s, row_max, row_sum, scale_log2, rescale);
+  rescale_rows(o, rescale);
 }
 
 // The end of a warp's kRowTiles x 16 rows, first row warp_m0 of the sequence: the quad (4 lanes of a row) reduces
