@@ -79,12 +79,12 @@ T shuffle_from(unsigned mask, T value, int source_lane, int width) {
   return out;
 }
 
-// Asynchronous operations of the calling thread (cp.reduce.async.bulk, wgmma.mma_async), one queue per kind: an
-// issued operation waits in its commit group and is carried out by the wait that covers the group, the latest
-// moment the PTX ISA allows, so that a kernel that rewrites an operation's sources or reads its results before
-// that wait computes wrong values. Waiting with operations issued but not committed (they would never be waited
-// for), or ending the block with operations not waited for, fails the launch.
-enum class AsyncKind : int { kBulkReduction = 0, kWgmma = 1 };
+// Asynchronous operations of the calling thread (cp.async, cp.reduce.async.bulk, wgmma.mma_async), one queue per
+// kind: an issued operation waits in its commit group and is carried out by the wait that covers the group, the
+// latest moment the PTX ISA allows, so that a kernel that rewrites an operation's sources or reads its results
+// before that wait computes wrong values. Waiting with operations issued but not committed (they would never be
+// waited for), or ending the block with operations not waited for, fails the launch.
+enum class AsyncKind : int { kCpAsync = 0, kBulkReduction = 1, kWgmma = 2 };
 void async_issue(AsyncKind kind, std::function<void()> operation);
 void async_commit_group(AsyncKind kind);
 void async_wait_group(AsyncKind kind, int pending);

@@ -252,8 +252,8 @@ void stmatrix(const uint32_t (&r)[kMatrices], void* row) {
   std::memcpy(row, values, sizeof(values));
 }
 
-// The copy happens at issue time, so commit and wait have nothing left to do; kernels still need them (and
-// the __syncthreads after the wait) for the GPU.
+// Each copy is made by the cp_async_wait that covers its group, the latest moment the PTX ISA allows, so that a
+// kernel that reads a tile before waiting for it (or waits for too few groups) reads the tile's old bytes.
 inline void check_copy_alignment(const void* shared, const void* global) {
   if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 || reinterpret_cast<uintptr_t>(global) % 16 != 0) {
     ::simt::fail("cp.async: an address is not 16-byte aligned");
@@ -261,18 +261,20 @@ inline void check_copy_alignment(const void* shared, const void* global) {
 }
 inline void cp_async_16(void* shared, const void* global) {
   check_copy_alignment(shared, global);
-  std::memcpy(shared, global, 16);
+  ::simt::async_issue(::simt::AsyncKind::kCpAsync, [shared, global] { std::memcpy(shared, global, 16); });
 }
 inline void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
   if (copy) {
     cp_async_16(shared, global);
   } else {
-    std::memset(shared, 0, 16);
+    ::simt::async_issue(::simt::AsyncKind::kCpAsync, [shared] { std::memset(shared, 0, 16); });
   }
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() { ::simt::async_commit_group(::simt::AsyncKind::kCpAsync); }
 template <int kPending>
-void cp_async_wait() {}
+void cp_async_wait() {
+  ::simt::async_wait_group(::simt::AsyncKind::kCpAsync, kPending);
+}
 
 inline void red_add_f32x2(float* address, float x, float y) {
   if (reinterpret_cast<uintptr_t>(address) % 8 != 0) ::simt::fail("red.global.add.v2.f32: address not 8-byte aligned");

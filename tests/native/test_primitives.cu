@@ -200,14 +200,24 @@ void test_stmatrix(const char* what) {
 
 // 128 threads copy 2 KB (16 bytes each) into shared memory with cp.async, the last quarter zero-filled, then
 // write it back reversed by thread, which reads what other threads copied (so the wait and the barrier count).
+// kReadBeforeWait (the emulation only): the tile holds 7s before the copies, and is read before the wait.
+template <bool kReadBeforeWait = false>
 __global__ void cp_async_kernel(const uint4* in, uint4* out, int copied) {
   alignas(16) __shared__ uint4 staged[128];
   const int t = threadIdx.x;
+  if constexpr (kReadBeforeWait) {
+    staged[t] = uint4{7, 7, 7, 7};
+    __syncthreads();
+  }
   cp_async_16_or_zero(&staged[t], &in[t < copied ? t : 0], t < copied);
   cp_async_commit();
-  cp_async_wait<0>();
+  if constexpr (!kReadBeforeWait) cp_async_wait<0>();
   __syncthreads();
   out[t] = staged[127 - t];
+  if constexpr (kReadBeforeWait) {
+    __syncthreads();  // every read before any thread's wait
+    cp_async_wait<0>();
+  }
 }
 
 void test_cp_async(std::mt19937& rng) {
@@ -216,7 +226,7 @@ void test_cp_async(std::mt19937& rng) {
   const DeviceBuffer<uint4> in_device(in);
   DeviceBuffer<uint4> out_device(std::vector<uint4>(128, uint4{1, 1, 1, 1}));
   const int copied = 96;
-  launch_kernel(cp_async_kernel, 1, 128, 0, nullptr, in_device.data, out_device.data, copied);
+  launch_kernel(cp_async_kernel<>, 1, 128, 0, nullptr, in_device.data, out_device.data, copied);
   check_launch("cp.async kernel");
   const std::vector<uint4> out = out_device.to_host();
   bool ok = true;
@@ -460,6 +470,19 @@ void test_wgmma_ordering_mistake_is_caught(const char* what) {
   run_wgmma_mistake<kMistake>([&](auto launch) { expect_abort(launch, what); });
 }
 
+// A cp.async tile read before its wait holds its old bytes under the emulation (on a GPU, old or new ones).
+void test_cp_async_read_before_wait_sees_old_bytes() {
+  const DeviceBuffer<uint4> in_device(std::vector<uint4>(128, uint4{1, 2, 3, 4}));
+  DeviceBuffer<uint4> out_device(std::vector<uint4>(128, uint4{0, 0, 0, 0}));
+  launch_kernel(cp_async_kernel<true>, 1, 128, 0, nullptr, in_device.data, out_device.data, 128);
+  check_launch("cp.async kernel reading before its wait");
+  const std::vector<uint4> out = out_device.to_host();
+  const bool old_bytes = std::all_of(out.begin(), out.end(), [](const uint4& v) {
+    return v.x == 7 && v.y == 7 && v.z == 7 && v.w == 7;
+  });
+  expect(old_bytes, "the emulation makes cp.async copies at the wait");
+}
+
 // Accumulators read before the wait are NaN under the emulation (on a GPU, whatever the registers held).
 void test_wgmma_early_read_is_nan() {
   const std::vector<float> d = run_wgmma_mistake<OrderingMistake::kReadEarly>([](auto launch) {
@@ -533,6 +556,7 @@ int run() {
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kWriteFragment>("the emulation stops a write of the A "
                                                                          "fragment of wgmma in flight");
   test_wgmma_early_read_is_nan();
+  test_cp_async_read_before_wait_sees_old_bytes();
   test_bulk_mistake_is_caught<BulkMistake::kNoFinalWait>("the emulation stops a block that ends before its bulk "
                                                          "reductions are waited for");
   test_bulk_mistake_is_caught<BulkMistake::kNoCommit>("the emulation stops a wait on uncommitted bulk reductions");
