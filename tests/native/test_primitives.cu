@@ -447,17 +447,17 @@ void test_bulk_mistake_is_caught(const char* what) {
   expect_abort([&] { launch_kernel(bulk_reduce_kernel<kMistake>, 1, 128, 0, nullptr, rows_device.data); }, what);
 }
 
-// Launches wgmma_kernel with kMistake on 64 x 64 bf16 ones, A from registers where the mistake is about its
-// fragment; returns d.
-template <OrderingMistake kMistake, typename Launch>
-std::vector<float> run_wgmma_mistake(Launch wrap) {
+// Calls run_launch(launch), where launch() launches wgmma_kernel with kMistake on 64 x 64 bf16 ones (A from
+// registers where the mistake is about its fragment); returns d.
+template <OrderingMistake kMistake, typename RunLaunch>
+std::vector<float> run_wgmma_mistake(RunLaunch run_launch) {
   constexpr bool kAFromRegisters = kMistake == OrderingMistake::kWriteFragment;
   const std::vector<__nv_bfloat16> a(64 * 64, from_float<__nv_bfloat16>(1.0f));
   const std::vector<float> c(64 * 64, 0.0f);
   const DeviceBuffer<__nv_bfloat16> a_device(a), b_device(a);
   const DeviceBuffer<float> c_device(c);
   DeviceBuffer<float> d_device(c);
-  wrap([&] {
+  run_launch([&] {
     launch_kernel(wgmma_kernel<__nv_bfloat16, 64, kAFromRegisters, kMistake>, 1, 128, 0, nullptr, a_device.data,
                   b_device.data, c_device.data, d_device.data, false);
   });
