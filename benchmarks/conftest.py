@@ -45,7 +45,7 @@ def peak_cuda_bytes(call):
 
 @pytest.fixture
 def timed_benchmark(benchmark, request):
-    """Returns run(call, device=, shape=, mode=, bytes_per_call=, reps=None, **info).
+    """Returns run(call, device=, shape=, mode=, bytes_per_call=, reps=None, measure_peak=True, **info).
 
     Each timed round makes `reps` back-to-back calls (default CUDA_REPS or CPU_REPS), then waits for the
     device, so a round covers the device's work and not only the launches; summarize.py divides the round
@@ -53,7 +53,7 @@ def timed_benchmark(benchmark, request):
     """
     rounds = request.config.getoption("benchmark_min_rounds")
 
-    def run(call, *, device, shape, mode, bytes_per_call, reps=None, **info):
+    def run(call, *, device, shape, mode, bytes_per_call, reps=None, measure_peak=True, **info):
         reps = reps or (CUDA_REPS if device == "cuda" else CPU_REPS)
 
         def timed_round():
@@ -67,7 +67,7 @@ def timed_benchmark(benchmark, request):
         benchmark.extra_info.update(
             info, device=device, shape=shape, mode=mode, bytes=bytes_per_call, reps=reps
         )
-        if device == "cuda":
+        if device == "cuda" and measure_peak:
             above_inputs, peak = peak_cuda_bytes(call)
             benchmark.extra_info.update(peak_bytes_above_inputs=above_inputs, peak_bytes=peak)
 

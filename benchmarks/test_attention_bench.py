@@ -3,7 +3,8 @@ the math reference, each on one fused QKV projection's output.
 
 SDPA with a padding mask (a boolean attn_mask) can only use its memory-efficient or cuDNN backends; without one
 it also has flash. Each case runs with no padding and with ~15% padding (lengths spread evenly from 70% to 100%
-of T), forward, backward alone and forward + backward, in bf16 on CUDA and float32 on the CPU.
+of T), forward, backward alone and forward + backward, in bf16 on CUDA and float32 on the CPU. On CUDA, forward +
+backward also runs captured in a CUDA graph (mode fwd_bwd_graph): the kernels' device time without the host's.
 
 TFLOP/s counts the work on valid tokens: 4 * H * D * sum_b(len_b^2) per forward (q k^T and P v), 2.5x that per
 backward (five products, FlashAttention's convention), 3.5x for forward + backward.
@@ -100,21 +101,45 @@ def deterministic_algorithms(on):
         torch.utils.deterministic.fill_uninitialized_memory = was_filling
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("shape", ["small", "base", "host"])
-@pytest.mark.parametrize("device,provider", CASES)
-def test_attention(timed_benchmark, monkeypatch, device, shape, padding, mode, provider):
+def attention_case(monkeypatch, device, shape, padding, provider):
+    """(attend, qkv, seqlens, grad_out) of one case, with the mma.sync variant's setting made (or the case skipped
+    where it would time the same kernels as electra_ext)."""
     if provider == MMA_SYNC:
         if not (BUILD_INFO.WITH_SM90A and torch.cuda.get_device_capability() == (9, 0)):
             pytest.skip("electra_ext runs the mma.sync kernels here already (no sm_90a code in this build, or not a "
                         "compute capability 9.0 card)")
         monkeypatch.setenv("ELECTRA_EXT_WGMMA", "0")
     qkv, seqlens = make_inputs(device, shape, padding)
-    deterministic = provider == DETERMINISTIC
     attend = PROVIDERS["electra_ext" if provider in ELECTRA_EXT_VARIANTS else provider]
     batch, seq_len, _, heads, head_dim = qkv.shape
     grad_out = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=qkv.dtype)
+    return attend, qkv, seqlens, grad_out
+
+
+def case_info(qkv, seqlens, grad_out, provider, shape, padding, mode):
+    """What summarize.py reads of a case, besides its time."""
+    batch, seq_len, _, heads, head_dim = qkv.shape
+    flops = forward_flops(seq_len, heads, head_dim, batch, seqlens)
+    flops *= {"fwd": 1.0, "bwd": BACKWARD_FLOPS_FACTOR}.get(mode, 1.0 + BACKWARD_FLOPS_FACTOR)
+    return dict(
+        device=qkv.device.type,
+        bytes_per_call=4 * grad_out.numel() * qkv.element_size(),  # q, k, v read and out written once
+        flops=flops,
+        op="attention",
+        provider=provider,
+        shape=f"{shape}-{padding}",
+        mode=mode,
+        dtype=str(qkv.dtype),
+        B=batch, T=seq_len, H=heads, D=head_dim,
+    )
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("shape", ["small", "base", "host"])
+@pytest.mark.parametrize("device,provider", CASES)
+def test_attention(timed_benchmark, monkeypatch, device, shape, padding, mode, provider):
+    attend, qkv, seqlens, grad_out = attention_case(monkeypatch, device, shape, padding, provider)
     if mode == "fwd":
         def call():
             with torch.no_grad():
@@ -128,18 +153,37 @@ def test_attention(timed_benchmark, monkeypatch, device, shape, padding, mode, p
         def call():
             return torch.autograd.grad(attend(qkv, seqlens), qkv, grad_out)
 
-    flops = forward_flops(seq_len, heads, head_dim, batch, seqlens)
-    flops *= {"fwd": 1.0, "bwd": BACKWARD_FLOPS_FACTOR, "fwd_bwd": 1.0 + BACKWARD_FLOPS_FACTOR}[mode]
-    with deterministic_algorithms(deterministic):
-        timed_benchmark(
-            call,
-            device=device,
-            bytes_per_call=4 * grad_out.numel() * qkv.element_size(),  # q, k, v read and out written once
-            flops=flops,
-            op="attention",
-            provider=provider,
-            shape=f"{shape}-{padding}",
-            mode=mode,
-            dtype=str(qkv.dtype),
-            B=batch, T=seq_len, H=heads, D=head_dim,
-        )
+    with deterministic_algorithms(provider == DETERMINISTIC):
+        timed_benchmark(call, **case_info(qkv, seqlens, grad_out, provider, shape, padding, mode))
+
+
+def cuda_graph_replay(call):
+    """call captured once in a CUDA graph, after warm-up calls on a side stream (as torch.cuda.graph asks: they
+    fill the caching allocator and leave no first-call work in the capture); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("shape", ["small", "base"])
+@pytest.mark.parametrize("provider", [pytest.param(provider, marks=CUDA_MARKS)
+                                      for provider in ("electra_ext", MMA_SYNC, "sdpa")])
+def test_attention_cuda_graph(timed_benchmark, monkeypatch, shape, padding, provider):
+    """Forward + backward captured in a CUDA graph and replayed: the kernels' device time with no host time between
+    them, as in a training step whose host runs ahead of the device, or one captured whole (torch.compile's
+    mode="reduce-overhead"). At ELECTRA-Small an eager call's host time is longer than its kernels
+    (benchmarks/NOTES.md), so test_attention's fwd_bwd times the host there; this times the kernels, SDPA's
+    under the same capture."""
+    attend, qkv, seqlens, grad_out = attention_case(monkeypatch, "cuda", shape, padding, provider)
+    replay = cuda_graph_replay(lambda: torch.autograd.grad(attend(qkv, seqlens), qkv, grad_out))
+    # The graph's memory is its own pool, allocated at capture: a replay allocates nothing to measure.
+    timed_benchmark(replay, measure_peak=False,
+                    **case_info(qkv, seqlens, grad_out, provider, shape, padding, "fwd_bwd_graph"))

@@ -600,9 +600,16 @@ def test_bad_qkvpacked_options_name_the_argument(kwargs, error, message):
         attention_qkvpacked(torch.randn(2, 5, 3, 2, 8), **kwargs)
 
 
-def test_bad_qkvpacked_shape_names_the_argument():
-    with pytest.raises(ValueError, match="qkv must be \\[batch, seq, 3, heads, head_dim\\]"):
-        attention_qkvpacked(torch.randn(2, 5, 2, 2, 8))
+@pytest.mark.parametrize("qkv,error,message", [
+    (torch.randn(2, 5, 2, 2, 8), ValueError, "qkv must be \\[batch, seq, 3, heads, head_dim\\]"),
+    (torch.randn(2, 5, 3, 2), ValueError, "qkv must be \\[batch, seq, 3, heads, head_dim\\]"),
+    (torch.ones(2, 5, 3, 2, 8, dtype=torch.int32), TypeError, "qkv must be a floating tensor, got torch.int32"),
+    (torch.randn(2, 5, 3, 0, 8), ValueError, "qkv must have heads > 0 and head_dim > 0"),
+    (torch.randn(2, 5, 3, 2, 0), ValueError, "qkv must have heads > 0 and head_dim > 0"),
+])
+def test_bad_qkvpacked_tensor_names_the_argument(qkv, error, message):
+    with pytest.raises(error, match=message):
+        attention_qkvpacked(qkv)
 
 
 BAD_VARLEN = [

@@ -29,7 +29,7 @@ from electra_ext.ops.eager_autograd import register_autograd
 from electra_ext.ops.reference import attention_reference, philox_seed
 
 _OP = torch.ops.electra_ext.attention
-_BACKWARD_OP = torch.ops.electra_ext.attention_backward
+_BACKWARD_OP = torch.ops.electra_ext.attention_backward.default
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -120,17 +120,21 @@ def attention_qkvpacked(qkv, *, seqlens=None, dropout_p=0.0, softmax_scale=None,
     so; unit stride along D). The kernels read the three in place and their backward writes qkv's gradient as
     one [B, T, 3, H, D] tensor, where `attention` on the unbound views ends in a stack of three gradients (a
     copy of the whole projection's gradient per layer). Same options; returns [B, T, H, D]."""
+    # qkv itself is checked, never unbound: at ELECTRA-Small on a GPU the host time of each call paces the layer.
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention_qkvpacked: qkv must be [batch, seq, 3, heads, head_dim], got shape "
                          f"{tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(2)
-    _check_qkv(q, k, v, ("batch", "seq", "heads", "head_dim"))
-    return _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, backend, qkv=qkv)
+    if not qkv.is_floating_point():
+        raise TypeError(f"attention_qkvpacked: qkv must be a floating tensor, got {qkv.dtype}")
+    if qkv.shape[-1] == 0 or qkv.shape[-2] == 0:
+        raise ValueError(f"attention_qkvpacked: qkv must have heads > 0 and head_dim > 0, got shape "
+                         f"{tuple(qkv.shape)}")
+    return _padded_attention(qkv, None, None, seqlens, dropout_p, softmax_scale, generator, backend)
 
 
-def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, backend, qkv=None):
-    """attention on checked [B, T, H, D] q, k, v; with qkv ([B, T, 3, H, D], q, k, v its views) the op takes the
-    packed tensor, so that its gradient comes back packed."""
+def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, backend):
+    """attention on checked [B, T, H, D] q, k, v, or with k and v None on q = qkv [B, T, 3, H, D]; the op then
+    takes the packed tensor, so that its gradient comes back packed."""
     if seqlens is not None:
         if seqlens.shape != q.shape[:1] or seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"attention: seqlens must be an int32/int64 tensor of shape [{q.shape[0]}], "
@@ -142,13 +146,15 @@ def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, bac
     implementation = _implementation(q, backend)
     seed = _dropout_seed(q, dropout_p, generator)
     if implementation == "reference":
-        return attention_reference(q, k, v, seqlens, dropout_p, softmax_scale, seed)
-    batch, seq_len, heads, head_dim = q.shape
+        return attention_reference(*(q.unbind(2) if k is None else (q, k, v)), seqlens, dropout_p, softmax_scale,
+                                   seed)
+    batch, seq_len = q.shape[:2]
+    heads, head_dim = q.shape[-2:]
     tokens = batch * seq_len
     # seqlens None stays None: the op's padded layout then takes every sequence as whole, no lengths tensor made.
     lengths = None if seqlens is None else seqlens.to(torch.int32)
     # A fused QKV projection's output (or views of it) keeps its token stride 3HD after flattening (B, T): no copy.
-    tensors = ((qkv.reshape(tokens, 3, heads, head_dim), None, None) if qkv is not None
+    tensors = ((q.reshape(tokens, 3, heads, head_dim), None, None) if k is None
                else tuple(t.reshape(tokens, heads, head_dim) for t in (q, k, v)))
     # starts None: the op's padded layout (sequence b at token b * seq_len), whose kernels also write the padding
     # rows, so that no output needs a zero fill first.
@@ -224,8 +230,9 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, starts, seqlens, seed)
     ctx.options = (max_seqlen, dropout_p, softmax_scale)
     ctx.emulated = keyword_only_inputs["emulated"]
-    # lse's gradient is always None (it only feeds the backward): not materialised, no zero-filled [H, tokens]
-    # float32 tensor and fill kernel per call.
+    # lse only feeds the backward: no gradient, so autograd keeps no slot for it. out's gradient is not
+    # materialised either when out goes unused (no zero-filled tensor and fill kernel per call).
+    ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
 
 

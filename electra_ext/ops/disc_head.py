@@ -15,7 +15,7 @@ from electra_ext.ops.eager_autograd import register_autograd
 from electra_ext.ops.reference import disc_head_reference
 
 _OP = torch.ops.electra_ext.disc_head
-_BACKWARD_OP = torch.ops.electra_ext.disc_head_backward
+_BACKWARD_OP = torch.ops.electra_ext.disc_head_backward.default
 
 _SELECT = backends.Selector(_OP.default)
 

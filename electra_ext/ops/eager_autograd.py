@@ -13,7 +13,9 @@ ELECTRA-Small on a GPU the host, not the kernels, sets a layer's pace, and both 
 layer.
 
 So `register_autograd` registers the formulas with torch.library and returns the op wrapped: an eager call with
-gradients runs them through the autograd.Function, one without dispatches below autograd directly, and under
+gradients runs them through the autograd.Function (its backward enters once_differentiable's no_grad block and
+error wrapping only under create_graph, the one case where they do anything), one without dispatches below
+autograd directly (the default overload, not the packet, which resolves its overload per call), and under
 torch.compile the wrapper calls the op itself, so that the compiler sees the registered autograd. torch.func
 transforms need the setup_context form, and torch.library's generated Function lacks it too: neither path
 supports them.
@@ -27,9 +29,10 @@ def register_autograd(op, backward, setup_context):
     (its default overload); returns a callable with op's signature, every positional argument passed (keyword-only
     ones may be left to their defaults). The backward kernels have no derivative of their own, so `backward` is
     once_differentiable on both paths: a second derivative raises instead of coming back silently wrong."""
-    backward = once_differentiable(backward)
-    torch.library.register_autograd(op.default, backward, setup_context=setup_context)
-    schema = op.default._schema
+    differentiable_once = once_differentiable(backward)
+    overload = op.default
+    torch.library.register_autograd(overload, differentiable_once, setup_context=setup_context)
+    schema = overload._schema
     positional = sum(not argument.kwarg_only for argument in schema.arguments)
     keyword_defaults = {argument.name: argument.default_value for argument in schema.arguments
                         if argument.kwarg_only}
@@ -38,12 +41,16 @@ def register_autograd(op, backward, setup_context):
         @staticmethod
         def forward(ctx, keyword_only, *args):
             with torch._C._AutoDispatchBelowAutograd():
-                output = op(*args, **keyword_only)
+                output = overload(*args, **keyword_only)
             setup_context(ctx, args, keyword_only, output)
             return output
 
         @staticmethod
         def backward(ctx, *grads):
+            # Grad mode is off here unless the caller asked for create_graph; only then does once_differentiable's
+            # wrapping (a no_grad block, and error nodes on the results) have anything to do.
+            if torch.is_grad_enabled():
+                return None, *differentiable_once(ctx, *grads)
             return None, *backward(ctx, *grads)
 
     def call(*args, **keyword_only):
@@ -54,6 +61,6 @@ def register_autograd(op, backward, setup_context):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return EagerAutograd.apply({**keyword_defaults, **keyword_only}, *args)
         with torch._C._AutoDispatchBelowAutograd():
-            return op(*args, **keyword_only)
+            return overload(*args, **keyword_only)
 
     return call

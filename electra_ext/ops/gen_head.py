@@ -28,7 +28,7 @@ from electra_ext.ops.eager_autograd import register_autograd
 from electra_ext.ops.reference import gen_head_reference, philox_seed
 
 _OP = torch.ops.electra_ext.gen_head
-_BACKWARD_OP = torch.ops.electra_ext.gen_head_backward
+_BACKWARD_OP = torch.ops.electra_ext.gen_head_backward.default
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
