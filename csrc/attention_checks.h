@@ -21,6 +21,7 @@ struct AttentionInputs {
   at::Tensor starts, seqlens;
   int64_t batch;
   bool padded_layout;
+  bool batch_layout;           // q (k, v) given as [batch, max_seqlen, ...]: outputs go back in that shape
   int64_t max_seqlen;
   double softmax_scale;
   uint32_t dropout_threshold;  // common/philox.h dropout_threshold(p), 0 .. 255; 0: no dropout
@@ -40,19 +41,35 @@ inline void check_attention_sequences(const char* op, const at::Tensor& q, const
 
 struct QkvViews {
   at::Tensor q, k, v;
+  bool batch_layout;
 };
 
 // q, k, v as given, or, with k and v None, the three [tokens, heads, head_dim] views of q = [tokens, 3, heads,
 // head_dim] (a fused QKV projection's output, which the backward's gradient then matches: no copy either way).
+// The padded layout also takes them as [batch, max_seqlen, ...] (one more dimension), viewed here as tokens: the
+// caller then needs no view op on either side of the op, whose autograd nodes cost more host time per call than
+// the op's own glue (benchmarks/NOTES.md, "Host time").
 inline QkvViews qkv_views(const char* op, const at::Tensor& q, const c10::optional<at::Tensor>& k,
-                          const c10::optional<at::Tensor>& v) {
+                          const c10::optional<at::Tensor>& v, bool padded_layout, int64_t max_seqlen) {
   TORCH_CHECK_VALUE(k.has_value() == v.has_value(), op,
                     ": k and v must both be tensors, or both None with q packing q, k, v as [tokens, 3, heads, "
                     "head_dim]");
-  if (k.has_value()) return {q, *k, *v};
-  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(1) == 3, op,
-                    ": with k and v None, q must be [tokens, 3, heads, head_dim], got shape ", q.sizes());
-  return {q.select(1, 0), q.select(1, 1), q.select(1, 2)};
+  const bool packed = !k.has_value();
+  const bool batch_layout = q.dim() == (packed ? 5 : 4);
+  if (batch_layout) {
+    TORCH_CHECK_VALUE(padded_layout, op, ": q as [batch, max_seqlen, ...] is the padded layout: starts must be None");
+    TORCH_CHECK_VALUE(q.size(1) == max_seqlen, op, ": q as [batch, max_seqlen, ...] needs max_seqlen = ", q.size(1),
+                      ", got ", max_seqlen);
+    TORCH_CHECK_VALUE(packed || (k->sizes() == q.sizes() && v->sizes() == q.sizes()), op,
+                      ": k and v must have q's shape ", q.sizes(), ", got ", k->sizes(), " and ", v->sizes());
+  }
+  const auto tokens = [&](const at::Tensor& t) { return batch_layout ? t.flatten(0, 1) : t; };
+  if (!packed) return {tokens(q), tokens(*k), tokens(*v), batch_layout};
+  const at::Tensor qkv = tokens(q);
+  TORCH_CHECK_VALUE(qkv.dim() == 4 && qkv.size(1) == 3, op,
+                    ": with k and v None, q must be [tokens, 3, heads, head_dim] (or [batch, max_seqlen, 3, heads, "
+                    "head_dim]), got shape ", q.sizes());
+  return {qkv.select(1, 0), qkv.select(1, 1), qkv.select(1, 2), batch_layout};
 }
 
 inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor& q_in,
@@ -62,8 +79,9 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                                                 const c10::optional<at::Tensor>& seqlens, int64_t max_seqlen,
                                                 double dropout_p, double softmax_scale,
                                                 const c10::optional<at::Tensor>& seed) {
-  const auto [q, k, v] = qkv_views(op, q_in, k_in, v_in);
-  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be 3-D [tokens, heads, head_dim], got shape ", q.sizes());
+  const auto [q, k, v, batch_layout] = qkv_views(op, q_in, k_in, v_in, !starts.has_value(), max_seqlen);
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be [tokens, heads, head_dim] (or [batch, max_seqlen, heads, "
+                    "head_dim]), got shape ", q_in.sizes());
   TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ",
                     q.sizes(), ", got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
@@ -86,8 +104,10 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
     TORCH_CHECK_VALUE(max_seqlen > 0 ? q.size(0) % max_seqlen == 0 : q.size(0) == 0, op,
                       ": with starts and seqlens None, q must hold whole sequences of max_seqlen = ", max_seqlen,
                       " tokens, got ", q.size(0));
-    batch = max_seqlen > 0 ? q.size(0) / max_seqlen : 0;
+    batch = batch_layout ? q_in.size(0) : max_seqlen > 0 ? q.size(0) / max_seqlen : 0;
   }
+  TORCH_CHECK_VALUE(!batch_layout || batch == q_in.size(0), op, ": seqlens must have one entry per sequence of q (",
+                    q_in.size(0), "), got ", batch);
   if (starts.has_value()) {
     check_attention_sequences(op, q, *starts, "starts");
     TORCH_CHECK_VALUE(starts->size(0) == batch, op, ": starts and seqlens must have one entry per sequence, got ",
@@ -113,6 +133,7 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
                      seqlens.has_value() ? seqlens->contiguous() : at::Tensor(),
                      batch,
                      !starts.has_value(),
+                     batch_layout,
                      max_seqlen,
                      softmax_scale,
                      threshold,
@@ -145,12 +166,20 @@ inline AttentionInputs prepare_attention_inputs(const char* op, const at::Tensor
   return in;
 }
 
-inline void check_attention_backward_inputs(const char* op, const AttentionInputs& in, const at::Tensor& grad_out,
-                                            const at::Tensor& out, const at::Tensor& lse) {
+// t ([batch, max_seqlen, heads, head_dim] in the batch layout) as [tokens, heads, head_dim].
+inline at::Tensor token_rows(const AttentionInputs& in, const at::Tensor& t) {
+  return in.batch_layout && t.dim() == 4 ? t.flatten(0, 1) : t;
+}
+
+// grad_out and out as the kernels read them ([tokens, heads, head_dim]), checked against q.
+inline std::tuple<at::Tensor, at::Tensor> attention_backward_rows(const char* op, const AttentionInputs& in,
+                                                                  const at::Tensor& grad_out_in,
+                                                                  const at::Tensor& out_in, const at::Tensor& lse) {
   const at::Tensor& q = in.q;
+  const at::Tensor grad_out = token_rows(in, grad_out_in), out = token_rows(in, out_in);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-                    ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ",
-                    out.sizes());
+                    ": grad_out and out must have the shape of q's rows ", q.sizes(), ", got ", grad_out_in.sizes(),
+                    " and ", out_in.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
                    ": grad_out and out must have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(),
                    " and ", out.scalar_type());
@@ -160,6 +189,7 @@ inline void check_attention_backward_inputs(const char* op, const AttentionInput
                     lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK_VALUE(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
                     op, ": grad_out, out and lse must be on q's device (", q.device(), ")");
+  return {grad_out, out};
 }
 
 // An output: uninitialised in the padded layout, whose every row the backend writes (no fill kernel before the
@@ -174,6 +204,14 @@ inline at::Tensor attention_output(const AttentionInputs& in, at::IntArrayRef si
 // QKV projection takes it as is; select(1, i) are the three.
 inline at::Tensor attention_grad_qkv(const AttentionInputs& in) {
   return attention_output(in, {in.q.size(0), 3, in.q.size(1), in.q.size(2)}, in.q.options());
+}
+
+// An output of [tokens, ...] rows as the caller gave q: [batch, max_seqlen, ...] in the batch layout.
+inline at::Tensor caller_rows(const AttentionInputs& in, const at::Tensor& t) {
+  if (!in.batch_layout) return t;
+  std::vector<int64_t> sizes{in.batch, in.max_seqlen};
+  sizes.insert(sizes.end(), t.sizes().begin() + 1, t.sizes().end());
+  return t.view(sizes);
 }
 
 // The CPU kernels read starts[b] and seqlens[b] in either layout: the padded layout's b * max_seqlen, and

@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
   const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
   at::Tensor out = attention_output(in, in.q.sizes(), in.q.options());
   at::Tensor lse = attention_output(in, {in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
-  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {out, lse};
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {caller_rows(in, out), lse};
   const AttentionForwardArgs args{dtype,
                                   attention_shape(in),
                                   attention_tensor(q),
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_on_device(const at::Tensor&
                                   out.data_ptr(),
                                   lse.data_ptr<float>()};
   Launchers::check(Launchers::attention_forward(args, Launchers::stream()));
-  return {out, lse};
+  return {caller_rows(in, out), lse};
 }
 
 template <typename Launchers>
@@ -102,15 +102,15 @@ at::Tensor attention_backward_on_device(
   constexpr const char* op = "attention_backward";
   const AttentionInputs in =
       prepare_attention_inputs(op, q_in, k_in, v_in, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
-  check_attention_backward_inputs(op, in, grad_out_in, out_in, lse_in);
+  const auto [grad_out_rows, out_rows] = attention_backward_rows(op, in, grad_out_in, out_in, lse_in);
   const FloatType dtype = attention_float_type(op, in.q);
   check_cuda_head_dim(op, in.q);
   const at::Tensor q = rows_16_byte_aligned(in.q), k = rows_16_byte_aligned(in.k), v = rows_16_byte_aligned(in.v);
-  const at::Tensor grad_out = contiguous_16_byte_aligned(grad_out_in);
-  const at::Tensor out = contiguous_16_byte_aligned(out_in);
+  const at::Tensor grad_out = contiguous_16_byte_aligned(grad_out_rows);
+  const at::Tensor out = contiguous_16_byte_aligned(out_rows);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor grad_qkv = attention_grad_qkv(in);
-  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return caller_rows(in, grad_qkv);
   at::Tensor delta = at::empty({in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
   // dQ summed over key blocks with atomics (cuda/attention_launch.h), unless PyTorch is asked for deterministic
   // algorithms: then the dQ kernel recomputes S and dP instead.
@@ -131,7 +131,7 @@ at::Tensor attention_backward_on_device(
                                    grad_qkv.stride(0),
                                    dq_accum.defined() ? dq_accum.data_ptr<float>() : nullptr};
   Launchers::check(Launchers::attention_backward(args, Launchers::stream()));
-  return grad_qkv;
+  return caller_rows(in, grad_qkv);
 }
 
 }  // namespace electra_ext

@@ -26,7 +26,8 @@ TORCH_LIBRARY(electra_ext, m) {
   // starts None: the padded layout, sequence b at tokens b * max_seqlen .., tokens = batch * max_seqlen; there,
   // seqlens None means no padding (every sequence max_seqlen tokens long), with no lengths tensor to make per call.
   // k and v None: q is [tokens, 3, heads, head_dim], a fused QKV projection's output. The backward returns the
-  // gradients of q, k, v as one [tokens, 3, heads, head_dim] tensor, which such a projection takes as is.
+  // gradients of q, k, v as one [tokens, 3, heads, head_dim] tensor, which such a projection takes as is. The
+  // padded layout also takes q, k, v as [batch, max_seqlen, ...]: out and the gradient then come back so shaped.
   m.def(
       "attention(Tensor q, Tensor? k, Tensor? v, Tensor? starts, Tensor? seqlens, int max_seqlen, float dropout_p, "
       "float softmax_scale, Tensor? seed, *, bool emulated=False) -> (Tensor out, Tensor lse)");

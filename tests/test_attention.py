@@ -458,13 +458,18 @@ def packed_op_inputs(device, dtype, dropout_p):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("layout", ["q, k, v", "qkv packed", "padded (starts None)", "no padding (seqlens None)"])
+@pytest.mark.parametrize("layout", ["q, k, v", "qkv packed", "padded (starts None)", "no padding (seqlens None)",
+                                    "padded [B, T, H, D]", "padded qkv packed [B, T, 3, H, D]"])
 def test_opcheck(target, device, backend, dropout_p, layout):
     inputs = packed_op_inputs(device, DTYPES[target][0], dropout_p)
-    if layout == "qkv packed":  # q = [tokens, 3, H, D], k = v = None
+    batch, max_seqlen = inputs[4].shape[0], inputs[5]
+    if "qkv packed" in layout:  # q = [tokens, 3, H, D], k = v = None
         inputs = (torch.stack(inputs[:3], dim=1).detach().requires_grad_(), None, None) + inputs[3:]
-    if layout == "padded (starts None)":  # the inputs' starts are b * max_seqlen already
+    if layout.startswith("padded"):  # the inputs' starts are b * max_seqlen already
         inputs = inputs[:3] + (None,) + inputs[4:]
+    if "[B, T" in layout:  # q, k, v as the sequences [batch, max_seqlen, ...]
+        inputs = tuple(t if t is None else t.detach().view(batch, max_seqlen, *t.shape[1:]).requires_grad_()
+                       for t in inputs[:3]) + inputs[3:]
     if layout == "no padding (seqlens None)":  # every sequence max_seqlen tokens long
         inputs = inputs[:3] + (None, None) + inputs[5:]
     torch.library.opcheck(OP, inputs, {"emulated": backend == "emulated"})
@@ -530,6 +535,26 @@ def test_no_padding_without_seqlens_equals_full_lengths(target, device, backend,
                                                  backend) for seqlens in (full, None))
     for a, b in zip(full_lengths, without):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["q, k, v", "qkv packed"])
+@pytest.mark.parametrize("lengths", ["seqlens", "no padding"])
+def test_batch_layout_equals_token_layout(target, device, backend, packed, lengths):
+    """The padded layout's q, k, v as [B, T, ...] (what the encoder has) against the same tokens as [B * T, ...]:
+    the same bits out, in the caller's shape."""
+    q, k, v, grad_out = layout_test_inputs(target, device)
+    batch, seq_len = 3, LAYOUT_SEQ_LEN
+    if packed:
+        q, k, v = torch.stack((q, k, v), dim=1), None, None
+    seqlens = torch.tensor([seq_len, 5, 0], dtype=torch.int32, device=device) if lengths == "seqlens" else None
+    options = (None, seqlens, seq_len, 0.2, 0.125, torch.tensor([7], dtype=torch.int64, device=device))
+    batch_inputs = (t if t is None else t.view(batch, seq_len, *t.shape[1:]) for t in (q, k, v))
+    tokens = op_forward_backward(q, k, v, grad_out, options, backend)
+    batched = op_forward_backward(*batch_inputs, grad_out.view(batch, seq_len, 2, 64), options, backend)
+    for name, token_rows, batch_rows in zip(("out", "lse", "grad"), tokens, batched):
+        expected_shape = token_rows.shape if name == "lse" else (batch, seq_len, *token_rows.shape[1:])
+        assert batch_rows.shape == expected_shape, name
+        assert torch.equal(batch_rows.reshape(token_rows.shape), token_rows), name
 
 
 def test_torch_compile_fullgraph_no_graph_breaks(target, device, op, bitwise_backward):
@@ -649,6 +674,15 @@ def test_op_checks_name_the_argument(target, device, backend):
         OP(q, k, None, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
     with pytest.raises(ValueError, match="with k and v None, q must be \\[tokens, 3, heads, head_dim\\]"):
         OP(q, None, None, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
+    batch_q, batch_k, batch_v = (t.view(3, max_seqlen, 2, 64) for t in (q, k, v))
+    with pytest.raises(ValueError, match="q as \\[batch, max_seqlen, ...\\] is the padded layout: starts must be None"):
+        OP(batch_q, batch_k, batch_v, starts, seqlens, max_seqlen, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match=f"q as \\[batch, max_seqlen, ...\\] needs max_seqlen = {max_seqlen}, got 7"):
+        OP(batch_q, batch_k, batch_v, None, seqlens, 7, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match="k and v must have q's shape"):
+        OP(batch_q, batch_k[:2], batch_v[:2], None, seqlens, max_seqlen, 0.0, scale, None, **emulated)
+    with pytest.raises(ValueError, match="seqlens must have one entry per sequence of q \\(3\\), got 2"):
+        OP(batch_q, batch_k, batch_v, None, seqlens[:2], max_seqlen, 0.0, scale, None, **emulated)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     for dropout_p in (0.0019, 0.999):  # below 1/512 and from 511/512 on: no dropout, or all dropped, at 1/256
         with pytest.raises(ValueError, match="dropout_p must be 0 or in \\[1/512, 511/512\\)"):

@@ -291,14 +291,14 @@ std::tuple<at::Tensor, at::Tensor> attention_aten(const at::Tensor& q, const c10
   make_layout_explicit(in);
   at::Tensor out = attention_output(in, in.q.sizes(), in.q.options());
   at::Tensor lse = attention_output(in, {in.q.size(1), in.q.size(0)}, in.q.options().dtype(at::kFloat));
-  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {out, lse};
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return {caller_rows(in, out), lse};
   AT_DISPATCH_SWITCH(in.q.scalar_type(), "attention_cpu",
                      AT_DISPATCH_CASE(at::kFloat, [&] { attention_forward<scalar_t>(in, out, lse); })
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(
                              [&] { attention_forward<scalar_t>(in, out, lse); }));
   zero_padding_tokens(in, out, 1);
   zero_padding_tokens(in, lse, in.q.size(1));
-  return {out, lse};
+  return {caller_rows(in, out), lse};
 }
 
 at::Tensor attention_backward_aten(
@@ -310,14 +310,14 @@ at::Tensor attention_backward_aten(
   constexpr const char* op = "attention_backward";
   AttentionInputs in =
       prepare_attention_inputs(op, q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed);
-  check_attention_backward_inputs(op, in, grad_out_in, out, lse_in);
+  const auto [grad_out_rows, out_rows] = attention_backward_rows(op, in, grad_out_in, out, lse_in);
   check_cpu_dtype(op, in.q);
   make_layout_explicit(in);
-  const at::Tensor grad_out = unit_last_stride(grad_out_in);
+  const at::Tensor grad_out = unit_last_stride(grad_out_rows);
   const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor out_contiguous = unit_last_stride(out);
+  const at::Tensor out_contiguous = unit_last_stride(out_rows);
   at::Tensor grad_qkv = attention_grad_qkv(in);
-  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return grad_qkv;
+  if (in.q.size(0) == 0 || in.batch == 0 || in.max_seqlen == 0) return caller_rows(in, grad_qkv);
   at::Tensor grad_q = grad_qkv.select(1, 0), grad_k = grad_qkv.select(1, 1), grad_v = grad_qkv.select(1, 2);
 #define ELECTRA_ATTENTION_BACKWARD_KERNEL \
   [&] { attention_backward<scalar_t>(in, grad_out, out_contiguous, lse, grad_q, grad_k, grad_v); }
@@ -326,7 +326,7 @@ at::Tensor attention_backward_aten(
                          AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(ELECTRA_ATTENTION_BACKWARD_KERNEL));
 #undef ELECTRA_ATTENTION_BACKWARD_KERNEL
   zero_padding_tokens(in, grad_qkv, 1);
-  return grad_qkv;
+  return caller_rows(in, grad_qkv);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& k,

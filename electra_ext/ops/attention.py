@@ -148,19 +148,14 @@ def _padded_attention(q, k, v, seqlens, dropout_p, softmax_scale, generator, bac
     if implementation == "reference":
         return attention_reference(*(q.unbind(2) if k is None else (q, k, v)), seqlens, dropout_p, softmax_scale,
                                    seed)
-    batch, seq_len = q.shape[:2]
-    heads, head_dim = q.shape[-2:]
-    tokens = batch * seq_len
     # seqlens None stays None: the op's padded layout then takes every sequence as whole, no lengths tensor made.
     lengths = None if seqlens is None else seqlens.to(torch.int32)
-    # A fused QKV projection's output (or views of it) keeps its token stride 3HD after flattening (B, T): no copy.
-    tensors = ((q.reshape(tokens, 3, heads, head_dim), None, None) if k is None
-               else tuple(t.reshape(tokens, heads, head_dim) for t in (q, k, v)))
-    # starts None: the op's padded layout (sequence b at token b * seq_len), whose kernels also write the padding
-    # rows, so that no output needs a zero fill first.
-    out, _ = _ATTENTION(*tensors, None, lengths, seq_len, dropout_p, softmax_scale, seed,
+    # starts None: the op's padded layout (sequence b at token b * T), whose kernels also write the padding rows,
+    # so that no output needs a zero fill first. The op takes [B, T, ...] as it is and returns out as [B, T, H, D]:
+    # no view op (and autograd node) on either side, ~58 k instructions per forward + backward (benchmarks/NOTES.md).
+    out, _ = _ATTENTION(q, k, v, None, lengths, q.shape[1], dropout_p, softmax_scale, seed,
                         emulated=implementation == "emulated")
-    return out.view(batch, seq_len, heads, head_dim)
+    return out
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, softmax_scale=None, generator=None,
@@ -206,22 +201,24 @@ def _varlen_reference(q, k, v, starts, lengths, max_seqlen, dropout_p, softmax_s
     return torch.zeros_like(q).index_put((tokens[valid],), padded[valid])
 
 
-def _tokens_heads_dim(q, k):
-    """(tokens, heads, head_dim) of the op's q: [tokens, H, D], or [tokens, 3, H, D] packed when k is None."""
-    return (q.shape[0], q.shape[2], q.shape[3]) if k is None else tuple(q.shape)
+def _rows_heads_dim(q, k):
+    """(rows, heads, head_dim) of the op's q, rows being its leading sizes: (tokens,) or (batch, max_seqlen). q is
+    [*rows, H, D], or [*rows, 3, H, D] packed when k is None."""
+    rows = q.shape[:-3] if k is None else q.shape[:-2]
+    return tuple(rows), q.shape[-2], q.shape[-1]
 
 
 @torch.library.register_fake("electra_ext::attention")
 def _attention_fake(q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale, seed, *, emulated=False):
-    tokens, heads, head_dim = _tokens_heads_dim(q, k)
-    return (q.new_empty((tokens, heads, head_dim)), q.new_empty((heads, tokens), dtype=torch.float32))
+    rows, heads, head_dim = _rows_heads_dim(q, k)
+    return (q.new_empty((*rows, heads, head_dim)), q.new_empty((heads, math.prod(rows)), dtype=torch.float32))
 
 
 @torch.library.register_fake("electra_ext::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p, softmax_scale,
                              seed, *, emulated=False):
-    tokens, heads, head_dim = _tokens_heads_dim(q, k)
-    return q.new_empty((tokens, 3, heads, head_dim))
+    rows, heads, head_dim = _rows_heads_dim(q, k)
+    return q.new_empty((*rows, 3, heads, head_dim))
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -243,7 +240,7 @@ def _backward(ctx, grad_out, grad_lse):
     max_seqlen, dropout_p, softmax_scale = ctx.options
     grad_qkv = _BACKWARD_OP(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen, dropout_p, softmax_scale,
                             seed, emulated=ctx.emulated)
-    grads = (grad_qkv, None, None) if k is None else grad_qkv.unbind(1)
+    grads = (grad_qkv, None, None) if k is None else grad_qkv.unbind(-3)
     return *grads, None, None, None, None, None, None
 
 
