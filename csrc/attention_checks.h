@@ -63,6 +63,8 @@ inline QkvViews qkv_views(const char* op, const at::Tensor& q, const c10::option
     TORCH_CHECK_VALUE(packed || (k->sizes() == q.sizes() && v->sizes() == q.sizes()), op,
                       ": k and v must have q's shape ", q.sizes(), ", got ", k->sizes(), " and ", v->sizes());
   }
+  // A fused QKV projection's output keeps its token stride (3 heads head_dim) as (batch, max_seqlen) flatten: a
+  // view, no copy.
   const auto tokens = [&](const at::Tensor& t) { return batch_layout ? t.flatten(0, 1) : t; };
   if (!packed) return {tokens(q), tokens(*k), tokens(*v), batch_layout};
   const at::Tensor qkv = tokens(q);
