@@ -120,7 +120,9 @@ def case_info(qkv, seqlens, grad_out, provider, shape, padding, mode):
     """What summarize.py reads of a case, besides its time."""
     batch, seq_len, _, heads, head_dim = qkv.shape
     flops = forward_flops(seq_len, heads, head_dim, batch, seqlens)
-    flops *= {"fwd": 1.0, "bwd": BACKWARD_FLOPS_FACTOR}.get(mode, 1.0 + BACKWARD_FLOPS_FACTOR)
+    forward_backward = 1.0 + BACKWARD_FLOPS_FACTOR
+    flops *= {"fwd": 1.0, "bwd": BACKWARD_FLOPS_FACTOR, "fwd_bwd": forward_backward,
+              "fwd_bwd_graph": forward_backward}[mode]
     return dict(
         device=qkv.device.type,
         bytes_per_call=4 * grad_out.numel() * qkv.element_size(),  # q, k, v read and out written once
