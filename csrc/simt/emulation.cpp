@@ -1,50 +1,192 @@
-// The SIMT emulation runtime: runs a grid's blocks one after another, each block's threads as host threads.
+// The SIMT emulation runtime: runs a grid's blocks one after another, each block's threads as fibers (user-space
+// contexts) that take turns on the launching host thread.
+//
+// Why fibers and not one host thread per CUDA thread: a block's threads meet at every barrier and every warp
+// collective (each emulated ldmatrix and mma gathers its warp), tens of thousands of times per launch. As host
+// threads each meeting cost a futex wake-up and a kernel context switch per thread: an emulated attention forward
+// + backward (T = 130, 2 heads) took 1.3 s, most of it in the scheduler, against 0.13 s as fibers, whose switch
+// saves and restores registers in user space (the test suite: 17 -> 7 minutes on 2 cores).
 #include "simt/emulation.h"
 
+#include <sys/mman.h>
+#include <ucontext.h>
+
 #include <algorithm>
-#include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
-#include <thread>
+#include <string>
+#include <typeindex>
+#include <unordered_map>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define ELECTRA_SIMT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ELECTRA_SIMT_ASAN 1
+#endif
+#endif
+#if defined(ELECTRA_SIMT_ASAN)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace simt {
 namespace {
 
-// Far above any legitimate wait (a block's threads reach a barrier within milliseconds, even under ASan).
-constexpr std::chrono::seconds kBarrierTimeout{120};
+// This thread's asynchronous operations of one kind: those issued since its last commit, and the committed
+// groups, oldest first.
+struct AsyncQueue {
+  const char* operations;  // for messages: what they are, and the wait that carries them out
+  const char* wait;
+  std::vector<std::function<void()>> uncommitted;
+  std::deque<std::vector<std::function<void()>>> committed;
+};
 
-// A reusable barrier for a fixed set of threads in which a thread that has finished (returned from the
-// kernel) drops out, as exited threads stop counting at a GPU barrier. std::barrier is C++20; this builds as
-// C++17 too.
+// A fiber's stack. 1 MiB is far above what the kernels' emulation takes (a few KiB of fragments, ~10x that under
+// ASan); the pages are only committed when touched, and a guard page below turns an overflow into a fault.
+constexpr std::size_t kStackBytes = std::size_t{1} << 20;
+constexpr std::size_t kGuardBytes = 4096;
+
+// The lowest usable address of each stack so far: stacks outlive launches (the next one reuses them), guarded by
+// launch_mutex.
+std::vector<unsigned char*> stack_pool;
+
+unsigned char* take_stack(std::size_t index) {
+  while (stack_pool.size() <= index) {
+    void* memory = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (memory == MAP_FAILED || mprotect(memory, kGuardBytes, PROT_NONE) != 0) fail("could not map a fiber stack");
+    stack_pool.push_back(static_cast<unsigned char*>(memory) + kGuardBytes);
+  }
+  return stack_pool[index];
+}
+
+// One emulated CUDA thread: its context, its indices, and the state that a host thread would keep in thread_local
+// variables (all fibers share the launching host thread's).
+struct Thread {
+  ucontext_t context{};
+  unsigned char* stack = nullptr;
+  int index = 0;  // linear thread index in the block
+  uint3 thread_idx{};
+  uint3 block_idx{};
+  unsigned collective_count = 0;  // warp collectives this thread has joined in the current block
+  AsyncQueue async_queues[3] = {
+      {"cp.async copies", "cp_async_wait", {}, {}},
+      {"bulk reductions", "bulk_wait_group_read", {}, {}},
+      {"wgmma", "wgmma_wait_group", {}, {}},
+  };
+  std::unordered_map<std::type_index, std::shared_ptr<void>> state;  // thread_state<T>()
+  bool finished = false;
+  const char* waiting_at = nullptr;  // the barrier that holds it, for the message when none can go on
+#if defined(ELECTRA_SIMT_ASAN)
+  void* fake_stack = nullptr;
+#endif
+};
+
+// A launch in progress on this host thread.
+struct Launch {
+  ucontext_t host{};
+  std::vector<Thread> threads;
+  std::deque<Thread*> runnable;  // threads ready to run, in the order they will
+  Thread* running = nullptr;
+#if defined(ELECTRA_SIMT_ASAN)
+  void* host_fake_stack = nullptr;
+  const void* host_stack_bottom = nullptr;
+  std::size_t host_stack_bytes = 0;
+  bool from_host = false;  // whether the switch in progress left the host context
+#endif
+};
+thread_local Launch* launch = nullptr;
+
+Thread& running_thread() { return *launch->running; }
+
+// Makes `thread` the running one: the CUDA built-in variables are thread_local, shared by the fibers.
+void activate(Thread* thread) {
+  launch->running = thread;
+  threadIdx = thread->thread_idx;
+  blockIdx = thread->block_idx;
+}
+
+// Tells AddressSanitizer which stack the switch lands on (it checks accesses against the running stack's bounds).
+void before_switch(Thread* from, Thread* to) {
+#if defined(ELECTRA_SIMT_ASAN)
+  launch->from_host = from == nullptr;
+  // A finished thread's stack is done with: no place to keep its fake stack tells ASan to free it.
+  void** fake_stack = from == nullptr ? &launch->host_fake_stack : (from->finished ? nullptr : &from->fake_stack);
+  if (to == nullptr) {
+    __sanitizer_start_switch_fiber(fake_stack, launch->host_stack_bottom, launch->host_stack_bytes);
+  } else {
+    __sanitizer_start_switch_fiber(fake_stack, to->stack, kStackBytes);
+  }
+#else
+  (void)from;
+  (void)to;
+#endif
+}
+
+void after_switch(Thread* to) {
+#if defined(ELECTRA_SIMT_ASAN)
+  const void* from_bottom = nullptr;
+  std::size_t from_bytes = 0;
+  __sanitizer_finish_switch_fiber(to == nullptr ? launch->host_fake_stack : to->fake_stack, &from_bottom, &from_bytes);
+  if (launch->from_host) {
+    launch->host_stack_bottom = from_bottom;
+    launch->host_stack_bytes = from_bytes;
+  }
+#else
+  (void)to;
+#endif
+}
+
+// Suspends the running thread (a barrier holds it, or it has finished) and runs the next runnable thread, or
+// returns to the host when none is left: the host then finds every thread finished, or a deadlock.
+void suspend_running() {
+  Thread* self = launch->running;
+  Thread* next = nullptr;
+  if (!launch->runnable.empty()) {
+    next = launch->runnable.front();
+    launch->runnable.pop_front();
+  }
+  before_switch(self, next);
+  if (next != nullptr) {
+    activate(next);
+    swapcontext(&self->context, &next->context);
+  } else {
+    swapcontext(&self->context, &launch->host);
+  }
+  after_switch(self);
+  activate(self);
+}
+
+// A barrier for a fixed set of threads in which a thread that has finished (returned from the kernel) drops out,
+// as exited threads stop counting at a GPU barrier.
 class Barrier {
  public:
+  explicit Barrier(const char* what) : what_(what) {}
+
   void reset(int participants) {
-    std::lock_guard<std::mutex> lock(mutex_);
     participants_ = participants;
-    waiting_ = 0;
+    waiting_.clear();
   }
 
-  // The last thread to arrive runs `on_release` (with no other thread past or inside the barrier), then
-  // releases the others.
+  // The last thread to arrive runs `on_release` (with every other thread waiting), then releases the others and
+  // goes on; they run after it, in the order they arrived.
   template <typename OnRelease>
   void arrive_and_wait(OnRelease&& on_release) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const unsigned long generation = generation_;
-    if (++waiting_ == participants_) {
+    if (static_cast<int>(waiting_.size()) + 1 == participants_) {
       on_release();
       release();
       return;
     }
-    // A GPU would hang here too; the emulation says why instead.
-    if (!released_.wait_for(lock, kBarrierTimeout, [&] { return generation != generation_; })) {
-      fail("a barrier waited 120 s for threads that never arrived (a __syncthreads or warp collective that "
-           "not every thread of the block or warp reaches?)");
-    }
+    Thread* self = launch->running;
+    waiting_.push_back(self);
+    self->waiting_at = what_;
+    suspend_running();
+    self->waiting_at = nullptr;
   }
 
   void arrive_and_wait() {
@@ -52,49 +194,56 @@ class Barrier {
   }
 
   void arrive_and_drop() {
-    std::lock_guard<std::mutex> lock(mutex_);
     --participants_;
-    if (participants_ > 0 && waiting_ == participants_) release();
+    if (participants_ > 0 && static_cast<int>(waiting_.size()) == participants_) release();
   }
 
  private:
   void release() {
-    waiting_ = 0;
-    ++generation_;
-    released_.notify_all();
+    launch->runnable.insert(launch->runnable.end(), waiting_.begin(), waiting_.end());
+    waiting_.clear();
   }
 
-  std::mutex mutex_;
-  std::condition_variable released_;
+  const char* what_;
   int participants_ = 0;
-  int waiting_ = 0;
-  unsigned long generation_ = 0;
+  std::vector<Thread*> waiting_;
 };
 
+// Poison for memory a kernel must write before reading (dynamic shared memory at the start of each block):
+// 0xFF bytes are NaN as float and -1 as integers, so a read of unwritten memory shows in the results.
+constexpr unsigned char kPoison = 0xFF;
+
 struct Warp {
-  Barrier barrier;
+  Barrier barrier{"__syncwarp or a warp collective"};
   // Two banks of one slot per lane: see publish().
   unsigned char slots[2][kWarpSize][kWarpSlotBytes];
 };
 
 struct Block {
-  Barrier barrier;
+  Barrier barrier{"__syncthreads"};
   std::vector<Warp> warps;
   std::vector<unsigned char> dynamic_shared;
+  // Where every thread waits between blocks; unlike the block's own barrier, threads never drop out of it.
+  Barrier between_blocks{"the end of the block"};
+
+  // Ready for the next block of the grid (every thread waits at between_blocks, or none has started).
+  void start() {
+    barrier.reset(static_cast<int>(warps.size()) * kWarpSize);
+    for (Warp& warp : warps) warp.barrier.reset(kWarpSize);
+    std::fill(dynamic_shared.begin(), dynamic_shared.end(), kPoison);
+  }
 };
 
-thread_local Block* current_block = nullptr;
-thread_local int current_thread = 0;  // linear thread index in the block
-thread_local unsigned collective_count = 0;  // warp collectives this thread has joined in the current block
+// The block and grid of the launch in progress (one at a time: launch_mutex).
+Block* current_block = nullptr;
+const std::function<void()>* current_body = nullptr;
+unsigned current_blocks = 0;
+dim3 current_grid;
 
-Warp& current_warp() { return current_block->warps[current_thread / kWarpSize]; }
+Warp& current_warp() { return current_block->warps[running_thread().index / kWarpSize]; }
 
 thread_local cudaError_t last_error = cudaSuccess;
 std::mutex launch_mutex;  // __shared__ statics are per kernel, not per launch: one launch at a time
-
-// Poison for memory a kernel must write before reading (dynamic shared memory at the start of each block):
-// 0xFF bytes are NaN as float and -1 as integers, so a read of unwritten memory shows in the results.
-constexpr unsigned char kPoison = 0xFF;
 
 uint3 unlinear(unsigned i, const dim3& extent) {
   return uint3{i % extent.x, (i / extent.x) % extent.y, i / (extent.x * extent.y)};
@@ -109,21 +258,7 @@ void fail(const char* what) {
 
 namespace {
 
-// This thread's asynchronous operations of one kind: those issued since its last commit, and the committed
-// groups, oldest first.
-struct AsyncQueue {
-  const char* operations;  // for messages: what they are, and the wait that carries them out
-  const char* wait;
-  std::vector<std::function<void()>> uncommitted;
-  std::deque<std::vector<std::function<void()>>> committed;
-};
-thread_local AsyncQueue async_queues[] = {
-    {"cp.async copies", "cp_async_wait", {}, {}},
-    {"bulk reductions", "bulk_wait_group_read", {}, {}},
-    {"wgmma", "wgmma_wait_group", {}, {}},
-};
-
-AsyncQueue& async_queue(AsyncKind kind) { return async_queues[static_cast<int>(kind)]; }
+AsyncQueue& async_queue(AsyncKind kind) { return running_thread().async_queues[static_cast<int>(kind)]; }
 
 [[noreturn]] void fail_about(const AsyncQueue& queue, const char* format) {
   char message[256];
@@ -133,7 +268,7 @@ AsyncQueue& async_queue(AsyncKind kind) { return async_queues[static_cast<int>(k
 
 // Empty groups may stay behind (a kernel commits one per tile, the last with nothing in it).
 void check_no_async_operations_left() {
-  for (AsyncQueue& queue : async_queues) {
+  for (AsyncQueue& queue : running_thread().async_queues) {
     const bool left = !queue.uncommitted.empty() ||
                       std::any_of(queue.committed.begin(), queue.committed.end(),
                                   [](const std::vector<std::function<void()>>& group) { return !group.empty(); });
@@ -164,9 +299,11 @@ void async_wait_group(AsyncKind kind, int pending) {
   }
 }
 
+std::shared_ptr<void>& thread_state_slot(std::type_index type) { return running_thread().state[type]; }
+
 void sync_block() { current_block->barrier.arrive_and_wait(); }
 void sync_warp() { current_warp().barrier.arrive_and_wait(); }
-int lane_id() { return current_thread % kWarpSize; }
+int lane_id() { return running_thread().index % kWarpSize; }
 void* dynamic_shared_memory() { return current_block->dynamic_shared.data(); }
 
 namespace {
@@ -179,7 +316,7 @@ using Bank = unsigned char (*)[kWarpSlotBytes];
 Bank publish(const void* value, std::size_t bytes) {
   if (bytes > kWarpSlotBytes) fail("a warp collective of more than kWarpSlotBytes per lane");
   Warp& warp = current_warp();
-  Bank bank = warp.slots[collective_count++ % 2];
+  Bank bank = warp.slots[running_thread().collective_count++ % 2];
   std::memcpy(bank[lane_id()], value, bytes);
   warp.barrier.arrive_and_wait();
   return bank;
@@ -209,6 +346,49 @@ unsigned warp_ballot(bool predicate) {
   return ballot;
 }
 
+namespace {
+
+// Where the threads that did not finish wait, as runs of thread indices ("0-95 at __syncthreads, 96-127 at ...").
+std::string describe_waits(const std::vector<Thread>& threads) {
+  std::string out;
+  for (std::size_t first = 0; first < threads.size();) {
+    std::size_t last = first;
+    while (last + 1 < threads.size() && threads[last + 1].waiting_at == threads[first].waiting_at) ++last;
+    if (!threads[first].finished) {
+      const uint3 block = threads[first].block_idx;
+      out += (out.empty() ? "in block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
+                                std::to_string(block.z) + ") threads "
+                          : ", ") +
+             std::to_string(first) + (last > first ? "-" + std::to_string(last) : "") + " wait at " +
+             threads[first].waiting_at;
+    }
+    first = last + 1;
+  }
+  return out;
+}
+
+// A fiber's whole life: the kernel for every block of the grid, in order. Between blocks every thread waits; the
+// last to arrive prepares the next block.
+void thread_main() {
+  Thread& self = running_thread();
+  after_switch(&self);
+  for (unsigned b = 0; b < current_blocks; ++b) {
+    self.block_idx = unlinear(b, current_grid);
+    blockIdx = self.block_idx;
+    self.collective_count = 0;
+    self.state.clear();
+    (*current_body)();
+    check_no_async_operations_left();
+    current_warp().barrier.arrive_and_drop();
+    current_block->barrier.arrive_and_drop();
+    current_block->between_blocks.arrive_and_wait([] { current_block->start(); });
+  }
+  self.finished = true;
+  suspend_running();  // never resumes: nothing makes a finished thread runnable
+}
+
+}  // namespace
+
 void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, const std::function<void()>& body) {
   const unsigned threads = block_shape.x * block_shape.y * block_shape.z;
   const unsigned blocks = grid.x * grid.y * grid.z;
@@ -228,38 +408,50 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
   Block block;
   block.warps = std::vector<Warp>(threads / kWarpSize);
   block.dynamic_shared.resize(dynamic_shared_bytes);
-  auto start_block = [&] {
-    block.barrier.reset(static_cast<int>(threads));
-    for (Warp& warp : block.warps) warp.barrier.reset(kWarpSize);
-    std::fill(block.dynamic_shared.begin(), block.dynamic_shared.end(), kPoison);
-  };
-  start_block();
-  // Between blocks every thread waits here; the last to arrive prepares the next block. Unlike the block's
-  // own barrier, threads never drop out of this one.
-  Barrier between_blocks;
-  between_blocks.reset(static_cast<int>(threads));
-
-  // One host thread per CUDA thread for the whole launch, running the blocks in order.
-  auto worker = [&](unsigned thread) {
-    current_block = &block;
-    current_thread = static_cast<int>(thread);
-    threadIdx = unlinear(thread, block_shape);
-    blockDim = block_shape;
-    gridDim = grid;
-    for (unsigned b = 0; b < blocks; ++b) {
-      blockIdx = unlinear(b, grid);
-      collective_count = 0;
-      body();
-      check_no_async_operations_left();
-      current_warp().barrier.arrive_and_drop();
-      block.barrier.arrive_and_drop();
-      between_blocks.arrive_and_wait(start_block);
-    }
-  };
-  std::vector<std::thread> workers;
-  workers.reserve(threads);
-  for (unsigned t = 0; t < threads; ++t) workers.emplace_back(worker, t);
-  for (std::thread& w : workers) w.join();
+  block.between_blocks.reset(static_cast<int>(threads));
+  block.start();
+  Launch state;
+  state.threads = std::vector<Thread>(threads);
+  launch = &state;
+  current_block = &block;
+  current_body = &body;
+  current_blocks = blocks;
+  current_grid = grid;
+  blockDim = block_shape;
+  gridDim = grid;
+  for (unsigned t = 0; t < threads; ++t) {
+    Thread& thread = state.threads[t];
+    thread.index = static_cast<int>(t);
+    thread.thread_idx = unlinear(t, block_shape);
+    thread.stack = take_stack(t);
+    getcontext(&thread.context);
+    thread.context.uc_stack.ss_sp = thread.stack;
+    thread.context.uc_stack.ss_size = kStackBytes;
+    thread.context.uc_link = nullptr;
+    makecontext(&thread.context, thread_main, 0);
+    // makecontext has placed the stack; later switches restore registers only. Forgetting uc_stack keeps
+    // AddressSanitizer's swapcontext interceptor from unpoisoning the whole 1 MiB stack (128 KiB of shadow) at
+    // every switch, which took half the emulated tests' time and dropped the redzones of the frames on it; the
+    // fiber annotations (before_switch) give ASan the stack bounds instead.
+    thread.context.uc_stack = stack_t{};
+    state.runnable.push_back(&thread);
+  }
+  // Threads switch to one another at barriers; the host context runs again only when none is runnable.
+  while (!state.runnable.empty()) {
+    Thread* next = state.runnable.front();
+    state.runnable.pop_front();
+    before_switch(nullptr, next);
+    activate(next);
+    swapcontext(&state.host, &next->context);
+    after_switch(nullptr);
+  }
+  // A GPU would hang here; the emulation says why instead.
+  const std::string waits = describe_waits(state.threads);
+  if (!waits.empty()) {
+    fail(("threads wait at a barrier that others never reach (a __syncthreads or warp collective that not every "
+          "thread of the block or warp reaches?): " + waits).c_str());
+  }
+  launch = nullptr;
 }
 
 cudaError_t cudaGetLastError() {

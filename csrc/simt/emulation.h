@@ -1,11 +1,14 @@
 // SIMT emulation of CUDA device code on the CPU (included through simt/simt.cuh by a host compiler only).
 //
-// A launch runs its blocks one after another; the threads of a block run as real host threads, so barriers,
-// warp shuffles and shared memory behave as on the GPU within a block: a missing __syncthreads shows up as a
-// wrong or run-to-run-different result, and AddressSanitizer sees out-of-bounds global and shared accesses.
-// Not modelled: timing, occupancy, bank conflicts, races between blocks (blocks never overlap) and the GPU's
-// weak memory model. Supported: 1-3 D grids and blocks of whole warps (blockDim a multiple of 32, at most
-// 1024 threads), full-warp collectives (mask 0xffffffff, width 32), static and dynamic shared memory.
+// A launch runs its blocks one after another; the threads of a block run as fibers that take turns on the
+// launching host thread, each running until it reaches a barrier or a warp collective (or finishes), then the next
+// in line. So barriers, warp shuffles and shared memory behave as on the GPU within a block, and a missing
+// __syncthreads shows up as a wrong result: a thread runs as far ahead of the other warps as barriers let it, so
+// it reads shared memory that they have not written yet, or overwrites what they have yet to read.
+// AddressSanitizer sees out-of-bounds global and shared accesses. Not modelled: timing, occupancy, bank conflicts,
+// races between blocks (blocks never overlap) and the GPU's weak memory model. Supported: 1-3 D grids and blocks
+// of whole warps (blockDim a multiple of 32, at most 1024 threads), full-warp collectives (mask 0xffffffff,
+// width 32), static and dynamic shared memory.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,7 +17,9 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <tuple>
+#include <typeindex>
 #include <type_traits>
 #include <utility>
 
@@ -88,6 +93,16 @@ enum class AsyncKind : int { kCpAsync = 0, kBulkReduction = 1, kWgmma = 2 };
 void async_issue(AsyncKind kind, std::function<void()> operation);
 void async_commit_group(AsyncKind kind);
 void async_wait_group(AsyncKind kind, int pending);
+
+// The calling emulated thread's own T, value-initialised when the thread starts a block: what a primitive's emulation
+// keeps per thread (a C++ thread_local would be shared by the fibers of the block).
+std::shared_ptr<void>& thread_state_slot(std::type_index type);
+template <typename T>
+T& thread_state() {
+  std::shared_ptr<void>& slot = thread_state_slot(std::type_index(typeid(T)));
+  if (!slot) slot = std::make_shared<T>();
+  return *static_cast<T*>(slot.get());
+}
 
 // Runs `body` for every thread of every block of the grid (see the top of this file).
 void run_grid(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, const std::function<void()>& body);

@@ -185,31 +185,37 @@ void place_a_fragment(const uint32_t (&a)[4], int lane, float (&A)[16][16]) {
   }
 }
 
+// Each lane reads, from the gathered fragments, only the two rows of A and two columns of B that its four
+// results take (64 conversions instead of the whole 16 x 16 A and 16 x 8 B: this is most of an emulated kernel's
+// time); C's elements are its own.
 template <typename T>
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or fp16 inputs");
   struct Fragments {
     uint32_t a[4];
     uint32_t b[2];
-    float c[4];
   };
-  const Fragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  const Fragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
   Fragments lanes[::simt::kWarpSize];
   ::simt::warp_gather(&mine, lanes, sizeof(Fragments));
-  float A[16][16], B[16][8], C[16][8];
-  for (int lane = 0; lane < ::simt::kWarpSize; ++lane) {
-    const int group = lane / 4, pair = lane % 4;
-    place_a_fragment<T>(lanes[lane].a, lane, A);
-    for (int i = 0; i < 4; ++i) {
-      B[2 * pair + i % 2 + 8 * (i / 2)][group] = element_to_float(pair_element<T>(lanes[lane].b[i / 2], i % 2));
-      C[group + 8 * (i / 2)][2 * pair + i % 2] = lanes[lane].c[i];
+  const int group = ::simt::lane_id() / 4, pair = ::simt::lane_id() % 4;
+  // A row group + 8 h, column k: lane 4 group + (k % 8) / 2, element 2 h + k % 2 + 4 (k / 8).
+  // B row k, column 2 pair + j: lane 4 (2 pair + j) + (k % 8) / 2, element k % 2 + 2 (k / 8).
+  float a_rows[2][16], b_columns[2][16];
+  for (int k = 0; k < 16; ++k) {
+    const int lane_in_group = (k % 8) / 2;
+    for (int h = 0; h < 2; ++h) {
+      const int i = 2 * h + k % 2 + 4 * (k / 8);
+      a_rows[h][k] = element_to_float(pair_element<T>(lanes[4 * group + lane_in_group].a[i / 2], i % 2));
+    }
+    for (int j = 0; j < 2; ++j) {
+      const int i = k % 2 + 2 * (k / 8);
+      b_columns[j][k] = element_to_float(pair_element<T>(lanes[4 * (2 * pair + j) + lane_in_group].b[i / 2], i % 2));
     }
   }
-  const int group = ::simt::lane_id() / 4, pair = ::simt::lane_id() % 4;
   for (int i = 0; i < 4; ++i) {
-    const int row = group + 8 * (i / 2), column = 2 * pair + i % 2;
-    float sum = C[row][column];
-    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][column];
+    float sum = c[i];
+    for (int k = 0; k < 16; ++k) sum += a_rows[i / 2][k] * b_columns[i % 2][k];
     d[i] = sum;
   }
 }

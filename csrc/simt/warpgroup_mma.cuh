@@ -206,17 +206,20 @@ namespace wgmma_emulation {
 // Per thread: whether a wgmma_fence() came since the last wait (a wgmma needs one: after the wait the thread reads
 // the results, a register access), and how many wgmma in flight write each accumulator array. On a GPU a missing
 // fence or an early access is a silent race.
-inline thread_local bool fenced = false;
-inline thread_local std::map<const float*, int> in_flight;
+struct ThreadState {
+  bool fenced = false;
+  std::map<const float*, int> in_flight;
+};
+inline ThreadState& thread_state() { return ::simt::thread_state<ThreadState>(); }
 
 }  // namespace wgmma_emulation
 
-inline void wgmma_fence() { wgmma_emulation::fenced = true; }
+inline void wgmma_fence() { wgmma_emulation::thread_state().fenced = true; }
 inline void wgmma_commit_group() { ::simt::async_commit_group(::simt::AsyncKind::kWgmma); }
 template <int kPending>
 void wgmma_wait_group() {
   ::simt::async_wait_group(::simt::AsyncKind::kWgmma, kPending);
-  wgmma_emulation::fenced = false;
+  wgmma_emulation::thread_state().fenced = false;
 }
 inline void fence_proxy_async_shared() {}
 template <typename Register, int kTiles>
@@ -248,7 +251,8 @@ float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
 template <typename T, int N, Major kBMajor, typename ARows>
 void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor& b, bool accumulate) {
   if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0) ::simt::fail("wgmma: the block is not whole warpgroups");
-  if (!fenced) ::simt::fail("wgmma issued without a wgmma_fence() since the thread's last wait");
+  std::map<const float*, int>& in_flight = thread_state().in_flight;  // the wait runs on this thread too
+  if (!thread_state().fenced) ::simt::fail("wgmma issued without a wgmma_fence() since the thread's last wait");
   const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   const int warp = static_cast<int>(thread / ::simt::kWarpSize) % 4;
   constexpr size_t kBytes = sizeof(d);
@@ -258,7 +262,7 @@ void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor& b, bool ac
     std::memcpy(kept.data(), d, kBytes);
     std::memset(d, 0xFF, kBytes);
   }
-  ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, a_rows, b, accumulate, warp, first, kept] {
+  ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, &in_flight, a_rows, b, accumulate, warp, first, kept] {
     if (first) {
       std::array<unsigned char, kBytes> now;
       std::memcpy(now.data(), d, kBytes);

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "simt/simt.cuh"
@@ -146,6 +147,32 @@ void test_early_exit() {
   for (int v : out) expect(v == 42, "a barrier after other warps returned");
 }
 
+// Without the barrier between the write and the read, a thread reads its mirror's slot before that thread has
+// run: each thread runs until it reaches a barrier, so threads 0-31 find the poison (NaN) that fills dynamic shared
+// memory, where a GPU would give a timing-dependent mix.
+__global__ void unsynchronised_reverse_kernel(const float* in, float* out) {
+  ELECTRA_DYNAMIC_SHARED(float, staged);
+  const int t = threadIdx.x;
+  staged[t] = in[t];
+  out[t] = staged[blockDim.x - 1 - t];
+}
+
+void test_a_missing_barrier_shows() {
+  constexpr int kThreads = 64;
+  std::vector<float> in(kThreads), out(kThreads, 0.0f);
+  for (int t = 0; t < kThreads; ++t) in[t] = static_cast<float>(t);
+  simt::launch_kernel(unsynchronised_reverse_kernel, 1, kThreads, kThreads * sizeof(float), nullptr, in.data(),
+                      out.data());
+  for (int t = 0; t < kThreads / 2; ++t) expect(std::isnan(out[t]), "a missing __syncthreads reads unwritten memory");
+}
+
+// Lane 0 waits at __syncthreads while the rest of its warp waits for it at a shuffle: a GPU hangs; the emulation
+// must stop and say where each thread waits (run as `test_simt deadlock`, a CTest that expects the message).
+__global__ void deadlock_kernel(int* out) {
+  if (threadIdx.x == 0) __syncthreads();
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+}
+
 void test_bad_configuration_is_an_error() {
   std::vector<int> out(64);
   simt::launch_kernel(early_exit_kernel, 1, 48, 0, nullptr, out.data());
@@ -157,13 +184,20 @@ void test_bad_configuration_is_an_error() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc == 2 && std::strcmp(argv[1], "deadlock") == 0) {
+    std::vector<int> out(64);
+    simt::launch_kernel(deadlock_kernel, 1, 64, 0, nullptr, out.data());
+    std::printf("the deadlocked launch returned\n");
+    return EXIT_FAILURE;
+  }
   test_shuffles();
   test_votes();
   test_shared_memory_and_barrier();
   test_dynamic_shared_memory();
   test_atomics();
   test_early_exit();
+  test_a_missing_barrier_shows();
   test_bad_configuration_is_an_error();
   std::printf("%s: %d failure(s)\n", failures == 0 ? "simt self-tests passed" : "simt self-tests FAILED", failures);
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
