@@ -46,8 +46,9 @@ struct AsyncQueue {
   std::deque<std::vector<std::function<void()>>> committed;
 };
 
-// A fiber's stack. 1 MiB is far above what the kernels' emulation takes (a few KiB of fragments, ~10x that under
-// ASan); the pages are only committed when touched, and a guard page below turns an overflow into a fault.
+// A fiber's stack: 1 MiB, far above what a kernel and the emulated primitives put on it (their fragments and
+// gathered lanes take KiB). Pages are committed only when touched (a 1024-thread block maps 1 GiB of address space,
+// not of memory), and a guard page below each turns an overflow into a fault.
 constexpr std::size_t kStackBytes = std::size_t{1} << 20;
 constexpr std::size_t kGuardBytes = 4096;
 
@@ -87,8 +88,13 @@ struct Thread {
 #endif
 };
 
+struct Block;
+
 // A launch in progress on this host thread.
 struct Launch {
+  dim3 grid;
+  const std::function<void()>* body = nullptr;  // the kernel with its arguments bound
+  Block* block = nullptr;  // the block that runs
   ucontext_t host{};
   std::vector<Thread> threads;
   std::deque<Thread*> runnable;  // threads ready to run, in the order they will
@@ -234,13 +240,7 @@ struct Block {
   }
 };
 
-// The block and grid of the launch in progress (one at a time: launch_mutex).
-Block* current_block = nullptr;
-const std::function<void()>* current_body = nullptr;
-unsigned current_blocks = 0;
-dim3 current_grid;
-
-Warp& current_warp() { return current_block->warps[running_thread().index / kWarpSize]; }
+Warp& current_warp() { return launch->block->warps[running_thread().index / kWarpSize]; }
 
 thread_local cudaError_t last_error = cudaSuccess;
 std::mutex launch_mutex;  // __shared__ statics are per kernel, not per launch: one launch at a time
@@ -301,10 +301,10 @@ void async_wait_group(AsyncKind kind, int pending) {
 
 std::shared_ptr<void>& thread_state_slot(std::type_index type) { return running_thread().state[type]; }
 
-void sync_block() { current_block->barrier.arrive_and_wait(); }
+void sync_block() { launch->block->barrier.arrive_and_wait(); }
 void sync_warp() { current_warp().barrier.arrive_and_wait(); }
 int lane_id() { return running_thread().index % kWarpSize; }
-void* dynamic_shared_memory() { return current_block->dynamic_shared.data(); }
+void* dynamic_shared_memory() { return launch->block->dynamic_shared.data(); }
 
 namespace {
 
@@ -372,16 +372,17 @@ std::string describe_waits(const std::vector<Thread>& threads) {
 void thread_main() {
   Thread& self = running_thread();
   after_switch(&self);
-  for (unsigned b = 0; b < current_blocks; ++b) {
-    self.block_idx = unlinear(b, current_grid);
+  const unsigned blocks = launch->grid.x * launch->grid.y * launch->grid.z;
+  for (unsigned b = 0; b < blocks; ++b) {
+    self.block_idx = unlinear(b, launch->grid);
     blockIdx = self.block_idx;
     self.collective_count = 0;
     self.state.clear();
-    (*current_body)();
+    (*launch->body)();
     check_no_async_operations_left();
     current_warp().barrier.arrive_and_drop();
-    current_block->barrier.arrive_and_drop();
-    current_block->between_blocks.arrive_and_wait([] { current_block->start(); });
+    launch->block->barrier.arrive_and_drop();
+    launch->block->between_blocks.arrive_and_wait([] { launch->block->start(); });
   }
   self.finished = true;
   suspend_running();  // never resumes: nothing makes a finished thread runnable
@@ -412,11 +413,10 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
   block.start();
   Launch state;
   state.threads = std::vector<Thread>(threads);
+  state.grid = grid;
+  state.body = &body;
+  state.block = &block;
   launch = &state;
-  current_block = &block;
-  current_body = &body;
-  current_blocks = blocks;
-  current_grid = grid;
   blockDim = block_shape;
   gridDim = grid;
   for (unsigned t = 0; t < threads; ++t) {
