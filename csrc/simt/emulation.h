@@ -20,6 +20,7 @@
 #include <memory>
 #include <tuple>
 #include <typeindex>
+#include <typeinfo>
 #include <type_traits>
 #include <utility>
 
