@@ -148,24 +148,29 @@ void after_switch(Thread* to) {
 #endif
 }
 
-// Suspends the running thread (a barrier holds it, or it has finished) and runs the next runnable thread, or
-// returns to the host when none is left: the host then finds every thread finished, or a deadlock.
-void suspend_running() {
-  Thread* self = launch->running;
+// Leaves `from` (nullptr: the host) for the next runnable thread, made the running one before it resumes, or for
+// the host when no thread is runnable: the host then finds every thread finished, or a deadlock.
+void switch_to_next(ucontext_t* from_context, Thread* from) {
   Thread* next = nullptr;
   if (!launch->runnable.empty()) {
     next = launch->runnable.front();
     launch->runnable.pop_front();
   }
-  before_switch(self, next);
+  before_switch(from, next);
   if (next != nullptr) {
     activate(next);
-    swapcontext(&self->context, &next->context);
+    swapcontext(from_context, &next->context);
   } else {
-    swapcontext(&self->context, &launch->host);
+    swapcontext(from_context, &launch->host);
   }
+}
+
+// Suspends the running thread (a barrier holds it, or it has finished) until a release makes it runnable and its
+// turn comes.
+void suspend_running() {
+  Thread* self = launch->running;
+  switch_to_next(&self->context, self);
   after_switch(self);
-  activate(self);
 }
 
 // A barrier for a fixed set of threads in which a thread that has finished (returned from the kernel) drops out,
@@ -437,14 +442,8 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
     state.runnable.push_back(&thread);
   }
   // Threads switch to one another at barriers; the host context runs again only when none is runnable.
-  while (!state.runnable.empty()) {
-    Thread* next = state.runnable.front();
-    state.runnable.pop_front();
-    before_switch(nullptr, next);
-    activate(next);
-    swapcontext(&state.host, &next->context);
-    after_switch(nullptr);
-  }
+  switch_to_next(&state.host, nullptr);
+  after_switch(nullptr);
   // A GPU would hang here; the emulation says why instead.
   const std::string waits = describe_waits(state.threads);
   if (!waits.empty()) {
