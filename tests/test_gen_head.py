@@ -363,9 +363,9 @@ def test_op_checks_name_the_argument(changes, error, message):
 
 # --- The CUDA kernels: on the GPU ("cuda") and their device code on the CPU ("emulated"). ---
 # (M, V, E) per target: one row; a ragged row block and vocabulary tile; hidden that is no multiple of 8 (padded);
-# on the GPU also the full BERT vocabulary, 4101 rows (33 row blocks, 5 backward chunks) and E = 768, which take
-# 20 s (4101 x 1000 x 64) to hours emulated; test_device_strided_h_mixed_dtypes_and_chunked_backward covers the
-# backward's chunks there.
+# on the GPU also the full BERT vocabulary, 4101 rows (33 row blocks, 5 backward chunks) and E = 768: emulated,
+# 4101 x 1000 x 64 took 20 s and the full-vocabulary shapes more than 6 minutes together (stopped there);
+# test_device_strided_h_mixed_dtypes_and_chunked_backward covers the backward's chunks there.
 DEVICE_SHAPES = {
     "emulated": [(1, 50, 64), (77, 600, 96), (130, 200, 24), (77, 1000, 128)],
     "cuda": [(1, 50, 64), (77, 1000, 128), (130, 200, 24), (77, 30522, 256), (4101, 30522, 768), (4101, 1000, 64)],
