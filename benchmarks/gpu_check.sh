@@ -66,19 +66,32 @@ PYTEST=(python3 -m pytest -p no:cacheprovider --rootdir "$REPO" -rs)
 # an H100, and device time is scarce, so every run records where it went.
 # ELECTRA_EXT_GPU_CHECK_SKIP: step names not to run this time (e.g. "primitives parity" when the device minutes
 # are for one op's kernels); each skipped step is named in the output.
-run_step() { # name, log file, command...: tees the output to the log, records a failure and the time taken
-    local name=$1 log=$2 started=$SECONDS
+# ELECTRA_EXT_GPU_CHECK_STEP_LIMIT: seconds a step may take before it is stopped (its process group killed) and
+# counted as failed, so that a kernel that hangs the card costs one step, not the device session (default 360;
+# the full test suite took 225 s on an H200 at 5269a96, one op's tests and benchmarks well under 60).
+STEP_LIMIT=${ELECTRA_EXT_GPU_CHECK_STEP_LIMIT:-360}
+run_step() { # name, log file, command or function...: tees the output to the log, records a failure and the time
+    local name=$1 log=$2 started=$SECONDS status=0
     shift 2
     if [[ " ${ELECTRA_EXT_GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
         echo "== $name: skipped (ELECTRA_EXT_GPU_CHECK_SKIP)"
         return
     fi
     echo "== $name (log: $log)"
-    if ! "$@" 2>&1 | tee "$log"; then
+    # timeout runs a program: a function of this script runs in a child bash (the functions and their variables
+    # are exported below).
+    if declare -F "$1" >/dev/null; then
+        set -- bash -c '"$@"' bash "$@"
+    fi
+    timeout --kill-after=10 "$STEP_LIMIT" "$@" 2>&1 | tee "$log" || status=${PIPESTATUS[0]}
+    if ((status == 124 || status == 137)); then
+        failed+=("$name (stopped after $STEP_LIMIT s)")
+    elif ((status)); then
         failed+=("$name")
     fi
     echo "$name $((SECONDS - started)) s" | tee -a "$LOG_DIR/timings.txt"
 }
+export REPO ARCH BUILD_CC BUILD_CXX
 
 # The tensor-core and cp.async primitives on the hardware: the same self-tests CI runs under the emulation (CMake
 # builds them for sm_90a where 90 is named, so the wgmma tests run on an H100/H200).
@@ -89,6 +102,7 @@ primitives() {
         cmake --build "$build" --target test_primitives_cuda -j "$(nproc)" >/dev/null &&
         "$build/test_primitives_cuda"
 }
+export -f primitives
 run_step primitives "$LOG_DIR/primitives.log" primitives "$(mktemp -d)"
 # Every CUDA kernel under NVIDIA's compute-sanitizer (memcheck: out-of-bounds and misaligned accesses; racecheck:
 # shared-memory hazards), when ELECTRA_EXT_GPU_CHECK_SANITIZE=1: slow (minutes), so not by default.
@@ -124,24 +138,26 @@ run_step benchmarks "$LOG_DIR/benchmarks.log" "${PYTEST[@]}" "$REPO/benchmarks" 
 # Attention's kernels by time at Base, without and with ELECTRA's dropout 0.1 (the benchmarks have no dropout case;
 # 7f25193's profile: dropout cost the backward kernels +30% and +41% before the byte draws). In an sm_90a build the
 # same two again on the mma.sync kernels (ELECTRA_EXT_WGMMA=0), the wgmma ones' baseline.
-WGMMA_SETTINGS=(1)
+WGMMA_SETTINGS=1
 if [[ $ARCH == 9.0a ]]; then
-    WGMMA_SETTINGS+=(0)
+    WGMMA_SETTINGS="1 0"
 fi
+export WGMMA_SETTINGS
 profile_attention() {
     local kind
-    for kind in "${WGMMA_SETTINGS[@]}"; do
+    for kind in $WGMMA_SETTINGS; do
         ELECTRA_EXT_WGMMA=$kind python3 "$REPO/benchmarks/profile_attention.py" &&
             ELECTRA_EXT_WGMMA=$kind python3 "$REPO/benchmarks/profile_attention.py" --dropout 0.1 || return 1
     done
 }
+export -f profile_attention
 run_step attention-profile "$LOG_DIR/attention_profile.log" profile_attention
 # With ELECTRA_EXT_GPU_CHECK_NCU=1, Nsight Compute's counters for one forward and one dK/dV kernel at Base, per
 # kind as above (~15 s each; the clocks left alone, as the device notes ask): where the issue slots, tensor pipes
 # and memory go, which the timings alone cannot say. ncu reads counters on Firecracker machines only.
 attention_counters() {
     local kind
-    for kind in "${WGMMA_SETTINGS[@]}"; do
+    for kind in $WGMMA_SETTINGS; do
         # 3 untimed steps launch 6 forward and dK/dV kernels before the 2 profiled.
         ELECTRA_EXT_WGMMA=$kind ncu --clock-control none -k regex:'forward_kernel|dkdv_kernel' --launch-skip 6 \
             --launch-count 2 --section SpeedOfLight --section Occupancy --section SchedulerStats \
@@ -149,6 +165,7 @@ attention_counters() {
             python3 "$REPO/benchmarks/profile_attention.py" --steps 1 --no-torch-profiler || return 1
     done
 }
+export -f attention_counters
 if [[ ${ELECTRA_EXT_GPU_CHECK_NCU:-0} == 1 ]]; then
     run_step attention-counters "$LOG_DIR/attention_counters.log" attention_counters
 fi

@@ -19,9 +19,9 @@
 //                                  fp32 rows in shared memory and added to the workspace by one bulk reduction
 //                                  per query row (simt/bulk_reduce.cuh), where the mma.sync kernel issues 16
 //                                  red.global.add.v2.f32 per thread and tile.
-// S^T and dP^T are issued together and waited for once, and while they run the previous tile's dQ sums go to the
-// workspace; dV and dK are issued, then the dQ product after the barrier that publishes dS, and all three are
-// waited for at the end of the tile.
+// S^T and dP^T are issued together and waited for once; dV and dK are issued, then the dQ product after the barrier
+// that publishes dS, and all three are waited for at the end of the tile, where the dQ sums are staged and their
+// bulk reductions issued: the TMA unit adds them to the workspace while the next tile's products run.
 //
 // Napkin math (ELECTRA-Base, backward 64 GFLOP useful): 5 products at wgmma's ~990 TFLOP/s take 65 us; the
 // element-wise step is 1 MUFU.EX2 per score (27 us of the special-function unit at Base, as in the forward) and
@@ -29,9 +29,9 @@
 // ~150-200 us is the aim, against 279 + 171 us for the mma.sync dK/dV and dQ kernels at 2a31c20.
 // Shared memory: K, V 64 D 2 B each, Q and dO 2 x 64 D 2 B each, dS 8 KB, lse, delta 0.5 KB, dropout bits 0.5 KB,
 // dQ's fp32 rows 64 x (4 D + 32) B: 75 KB at D = 64, plus 1 KB to align the tiles to 1024 bytes (2 blocks per SM
-// take 152 of the 227 KB). Registers (ptxas, sm_90a, D = 64): 254, no spills (234 with dS^T stored by 2-byte
-// stores), so 2 blocks (8 warps, 65,536 registers) per SM: dV, dK, S^T, dP^T are 128 per thread, and P's and dS's
-// A fragments (32) stay live until the dV and dK products that read them complete.
+// take 152 of the 227 KB). Registers (ptxas, sm_90a, D = 64): 234, no spills, so 2 blocks (8 warps) per SM (3 would
+// need at most 168): dV, dK, S^T, dP^T are 128 per thread, and P's and dS's A fragments (32) stay live until the dV
+// and dK products that read them complete.
 #pragma once
 
 #include <cmath>
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
   float* const dq_rows = args.dq_accum + seq.start * row_stride + h * D;
 
   float dv[1][D / 8][4] = {}, dk[1][D / 8][4] = {};
-  float dq[D / 8][4];  // the previous tile's dQ sums, added to the workspace while this tile's S^T and dP^T run
+  float dq[D / 8][4];
   const int query_tiles = (len + kQ - 1) / kQ;
   shared_pieces::QueryValues next_values = shared_pieces::load_query_values<kQ, kThreads>(rows, 0, len);
   for (int t = 0; t < query_tiles; ++t) {
@@ -200,7 +200,6 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
       wgmma_ss<T, kQ, Major::K>(dpt[0], KeyTile::k_major(sV, ks), QueryTile::k_major(cdO, ks), ks > 0);
     }
     wgmma_commit_group();
-    if (t > 0) add_dq_rows_in_bulk<D>(dq, sDq, dq_rows, row_stride, q0 - kQ, len);
     wgmma_wait_group<0>();
     wgmma_fence_operands(st[0]);
     wgmma_fence_operands(dpt[0]);
@@ -240,8 +239,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
     wgmma_fence_operands(dv[0]);
     wgmma_fence_operands(dk[0]);
     wgmma_fence_operands(dq);
+    // Staged here, after the wait, not while the next tile's S^T and dP^T run: reading dQ's registers with any
+    // wgmma in flight makes ptxas wait for that wgmma first (C7517; ctest's test_wgmma_pipeline_*). What overlaps
+    // the next tile's products is the bulk reductions' own work.
+    add_dq_rows_in_bulk<D>(dq, sDq, dq_rows, row_stride, q0, len);
   }
-  add_dq_rows_in_bulk<D>(dq, sDq, dq_rows, row_stride, (query_tiles - 1) * kQ, len);
   bulk_wait_group_read<0>();  // the staging rows are read before the block ends
   __syncthreads();  // every warp's products are done before the tiles become the output's stage
 

@@ -324,10 +324,16 @@ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b, b
 #endif
 
 // Dynamic shared memory is only 16-byte aligned, swizzle atoms need 1024: a kernel asks for kSwizzleSlackBytes more
-// than its tiles take and places them from swizzle_aligned(its dynamic shared memory).
+// than its tiles take and places them from swizzle_aligned(its dynamic shared memory). The swizzle XORs bits of the
+// shared-window address (the descriptors' start), so that address is what gets aligned, not the generic pointer.
 constexpr size_t kSwizzleSlackBytes = 1024;
 __device__ __forceinline__ unsigned char* swizzle_aligned(void* dynamic_shared) {
-  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dynamic_shared) + 1023) & ~uintptr_t(1023));
+#if defined(__CUDA_ARCH__)
+  const uint32_t address = shared_address(dynamic_shared);
+#else
+  const uintptr_t address = reinterpret_cast<uintptr_t>(dynamic_shared);  // the emulation's shared memory
+#endif
+  return static_cast<unsigned char*>(dynamic_shared) + (1024 - address % 1024) % 1024;
 }
 
 // A [kRows x kCols] tile of 16-bit elements under the 128-byte swizzle: kCols / 64 panels of kRows 128-byte rows,

@@ -284,23 +284,25 @@ void test_red_add() {
   expect(ok, "red.global.add.v2.f32: every block's and thread's pair added, none lost");
 }
 
-// One warpgroup, four k steps (K = 64) of 64 x N products, from the tiles kernels use:
-// - shared x shared (the S = Q K^T of attention): A [64 x 64] and B^T [N x 64] (row n holds column n of B), both
-//   K-major 128-byte-swizzled tiles, each k step's descriptors 32 bytes further along the rows;
-// - registers x shared (O = P V): A as mma A fragments built from global memory by the documented layout, B [64
-//   x N] an MN-major swizzled tile, each k step 16 rows further.
+// One warpgroup, four k steps (K = 64) of 64 x N products, from the tiles kernels use. A comes from shared memory
+// as a K-major 128-byte-swizzled tile [64 x 64], each k step's descriptor 32 bytes further along the rows, or from
+// registers as mma A fragments built from global memory by the documented layout. B is either
+// - K-major: B^T [N x 64] (row n holds column n of B), a tile like A's (the S = Q K^T of attention), or
+// - MN-major: B [64 x N], each k step 16 rows further (O = P V with A from registers; the backward's dQ = dS K
+//   with A from shared memory).
 // d = A B + c when `accumulate` (scale-d 1 from the first step), else A B (scale-d 0 first).
 // What a wgmma_kernel gets wrong, for the emulation's ordering checks (a GPU would race instead): no fence, no
 // commit, no wait, a write of the accumulators or of the A fragment, or a read of the accumulators, while the
 // wgmma are in flight.
 enum class OrderingMistake { kNone, kNoFence, kNoCommit, kNoWait, kWriteAccumulators, kWriteFragment, kReadEarly };
 
-template <typename T, int N, bool kAFromRegisters, OrderingMistake kMistake = OrderingMistake::kNone>
+template <typename T, int N, bool kAFromRegisters, Major kBMajor, OrderingMistake kMistake = OrderingMistake::kNone>
 __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, bool accumulate) {
 #if ELECTRA_WGMMA_AVAILABLE
   using ATile = SwizzledTile<64, 64>;
-  using BTile = std::conditional_t<kAFromRegisters, SwizzledTile<64, N>, SwizzledTile<N, 64>>;
-  constexpr int kBRows = kAFromRegisters ? 64 : N, kBCols = kAFromRegisters ? N : 64;
+  constexpr bool kBMnMajor = kBMajor == Major::MN;
+  using BTile = std::conditional_t<kBMnMajor, SwizzledTile<64, N>, SwizzledTile<N, 64>>;
+  constexpr int kBRows = kBMnMajor ? 64 : N, kBCols = kBMnMajor ? N : 64;
   alignas(1024) __shared__ unsigned char a_tile[ATile::kBytes];
   alignas(1024) __shared__ unsigned char b_tile[BTile::kBytes];
   const int thread = threadIdx.x, warp = thread / 32, group = (thread % 32) / 4, pair = thread % 4;
@@ -327,10 +329,11 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   if constexpr (kMistake != OrderingMistake::kNoFence) wgmma_fence();
   for (int step = 0; step < 4; ++step) {
     const bool add = accumulate || step > 0;
+    const WgmmaDescriptor b_step = kBMnMajor ? BTile::mn_major(b_tile, step) : BTile::k_major(b_tile, step);
     if constexpr (kAFromRegisters) {
-      wgmma_rs<T, N, Major::MN>(acc, fragments[step], BTile::mn_major(b_tile, step), add);
+      wgmma_rs<T, N, kBMajor>(acc, fragments[step], b_step, add);
     } else {
-      wgmma_ss<T, N, Major::K>(acc, ATile::k_major(a_tile, step), BTile::k_major(b_tile, step), add);
+      wgmma_ss<T, N, kBMajor>(acc, ATile::k_major(a_tile, step), b_step, add);
     }
   }
   auto store = [&] {
@@ -350,7 +353,7 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
 #endif
 }
 
-template <typename T, int N, bool kAFromRegisters>
+template <typename T, int N, bool kAFromRegisters, Major kBMajor>
 void test_wgmma(std::mt19937& rng, bool accumulate, const char* what) {
   std::normal_distribution<float> normal;
   std::vector<T> a(64 * 64), b(64 * N);
@@ -358,11 +361,11 @@ void test_wgmma(std::mt19937& rng, bool accumulate, const char* what) {
   for (T& v : a) v = from_float<T>(normal(rng));
   for (T& v : b) v = from_float<T>(normal(rng));
   for (float& v : c) v = normal(rng);
-  auto b_at = [&](int k, int n) { return element_to_float(kAFromRegisters ? b[k * N + n] : b[n * 64 + k]); };
+  auto b_at = [&](int k, int n) { return element_to_float(kBMajor == Major::MN ? b[k * N + n] : b[n * 64 + k]); };
   const DeviceBuffer<T> a_device(a), b_device(b);
   const DeviceBuffer<float> c_device(c);
   DeviceBuffer<float> d_device(std::vector<float>(64 * N, NAN));
-  launch_kernel(wgmma_kernel<T, N, kAFromRegisters>, 1, 128, 0, nullptr, a_device.data, b_device.data,
+  launch_kernel(wgmma_kernel<T, N, kAFromRegisters, kBMajor>, 1, 128, 0, nullptr, a_device.data, b_device.data,
                 c_device.data, d_device.data, accumulate);
   check_launch(what);
   const std::vector<float> d = d_device.to_host();
@@ -452,14 +455,15 @@ void test_bulk_mistake_is_caught(const char* what) {
 template <OrderingMistake kMistake, typename RunLaunch>
 std::vector<float> run_wgmma_mistake(RunLaunch run_launch) {
   constexpr bool kAFromRegisters = kMistake == OrderingMistake::kWriteFragment;
+  constexpr Major kBMajor = kAFromRegisters ? Major::MN : Major::K;
   const std::vector<__nv_bfloat16> a(64 * 64, from_float<__nv_bfloat16>(1.0f));
   const std::vector<float> c(64 * 64, 0.0f);
   const DeviceBuffer<__nv_bfloat16> a_device(a), b_device(a);
   const DeviceBuffer<float> c_device(c);
   DeviceBuffer<float> d_device(c);
   run_launch([&] {
-    launch_kernel(wgmma_kernel<__nv_bfloat16, 64, kAFromRegisters, kMistake>, 1, 128, 0, nullptr, a_device.data,
-                  b_device.data, c_device.data, d_device.data, false);
+    launch_kernel(wgmma_kernel<__nv_bfloat16, 64, kAFromRegisters, kBMajor, kMistake>, 1, 128, 0, nullptr,
+                  a_device.data, b_device.data, c_device.data, d_device.data, false);
   });
   return d_device.to_host();
 }
@@ -532,12 +536,22 @@ int run() {
   test_red_add();
   if (device_has_wgmma()) {
     for (const bool accumulate : {false, true}) {
-      test_wgmma<__nv_bfloat16, 64, false>(rng, accumulate, "wgmma m64n64k16 bf16, A and B K-major from shared memory");
-      test_wgmma<__half, 128, false>(rng, accumulate, "wgmma m64n128k16 fp16, A and B K-major from shared memory");
-      test_wgmma<__nv_bfloat16, 64, true>(rng, accumulate, "wgmma m64n64k16 bf16, A from registers, B MN-major");
-      test_wgmma<__half, 128, true>(rng, accumulate, "wgmma m64n128k16 fp16, A from registers, B MN-major (2 panels)");
-      test_wgmma<__nv_bfloat16, 128, true>(rng, accumulate, "wgmma m64n128k16 bf16, A from registers, B MN-major");
-      test_wgmma<__half, 64, false>(rng, accumulate, "wgmma m64n64k16 fp16, A and B K-major from shared memory");
+      test_wgmma<__nv_bfloat16, 64, false, Major::K>(rng, accumulate,
+                                                     "wgmma m64n64k16 bf16, A and B K-major from shared memory");
+      test_wgmma<__half, 128, false, Major::K>(rng, accumulate,
+                                               "wgmma m64n128k16 fp16, A and B K-major from shared memory");
+      test_wgmma<__nv_bfloat16, 64, true, Major::MN>(rng, accumulate,
+                                                     "wgmma m64n64k16 bf16, A from registers, B MN-major");
+      test_wgmma<__half, 128, true, Major::MN>(rng, accumulate,
+                                               "wgmma m64n128k16 fp16, A from registers, B MN-major (2 panels)");
+      test_wgmma<__nv_bfloat16, 128, true, Major::MN>(rng, accumulate,
+                                                      "wgmma m64n128k16 bf16, A from registers, B MN-major");
+      test_wgmma<__half, 64, false, Major::K>(rng, accumulate,
+                                              "wgmma m64n64k16 fp16, A and B K-major from shared memory");
+      test_wgmma<__nv_bfloat16, 64, false, Major::MN>(
+          rng, accumulate, "wgmma m64n64k16 bf16, A K-major and B MN-major from shared memory");
+      test_wgmma<__half, 128, false, Major::MN>(
+          rng, accumulate, "wgmma m64n128k16 fp16, A K-major and B MN-major from shared memory (2 panels)");
     }
     test_bulk_reduce();
     for_each_matrix_count([](auto matrices, auto transpose, const std::string& shape) {
