@@ -9,7 +9,8 @@
 // reduction per 256-byte query row instead is one instruction for 64 additions, carried out by the TMA unit
 // while the warps go on (FlashAttention-3 adds its dQ this way).
 //
-// Ordering, per thread (the emulation checks the last two):
+// Ordering, per thread (the emulation checks all but the fence: a source that changes between the issue and the
+// wait stops the kernel, as do the last two rules):
 // fence_proxy_async_shared() by every thread that wrote the source rows, then a barrier (or __syncwarp) that
 // publishes them to the issuing thread; bulk_reduce_add_f32() by the issuing thread; bulk_commit_group(); and
 // bulk_wait_group_read<n>() before the source rows are written again, and bulk_wait_group_read<0>() before the
@@ -18,6 +19,10 @@
 #pragma once
 
 #include <cstdint>
+#if !defined(__CUDACC__)
+#include <cstring>
+#include <vector>
+#endif
 
 #include "simt/warpgroup_mma.cuh"
 
@@ -43,14 +48,20 @@ __device__ __forceinline__ void bulk_wait_group_read() {
 
 #endif  // ELECTRA_WGMMA_AVAILABLE
 #else  // the SIMT emulation: each reduction reads its source at the latest moment the PTX ISA allows, the wait
-       // that covers its group, so that a kernel that rewrites the source too early adds the wrong values.
+       // that covers its group, and stops the kernel if the source is not what it was at the issue: rewritten too
+       // early, or written after the issue by a lane that no barrier ordered before it.
 
 inline void bulk_reduce_add_f32(float* global, const float* shared, uint32_t count) {
   if (reinterpret_cast<uintptr_t>(global) % 16 != 0 || reinterpret_cast<uintptr_t>(shared) % 16 != 0) {
     ::simt::fail("cp.reduce.async.bulk: an address is not 16-byte aligned");
   }
   if (count % 4 != 0) ::simt::fail("cp.reduce.async.bulk: the size is not a multiple of 16 bytes");
+  std::vector<float> at_issue(shared, shared + count);
   ::simt::async_issue(::simt::AsyncKind::kBulkReduction, [=] {
+    if (std::memcmp(at_issue.data(), shared, count * sizeof(float)) != 0) {
+      ::simt::fail("cp.reduce.async.bulk: the shared source changed between the issue and the wait (written after "
+                   "the issue by a thread no barrier ordered before it, or rewritten before the wait)");
+    }
     for (uint32_t i = 0; i < count; ++i) atomicAdd(global + i, shared[i]);
   });
 }

@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <array>
 #include <map>
+#include <optional>
 #endif
 
 #include "simt/primitives.cuh"
@@ -227,10 +228,9 @@ void wgmma_fence_operands(Register (&)[kTiles][4]) {}
 
 namespace wgmma_emulation {
 
-// Element (mn, k) of a 16-k operand slice under the 128-byte swizzle, the address arithmetic the PTX ISA
-// specifies, swizzled on the address's own bits as the hardware does.
-template <typename T>
-float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
+// The address of element (mn, k) of a 16-k operand slice under the 128-byte swizzle, the address arithmetic the
+// PTX ISA specifies, swizzled on the address's own bits as the hardware does.
+inline const void* element_address(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
   const uintptr_t start = reinterpret_cast<uintptr_t>(descriptor.start);
   if (start % 16 != 0 || (start / 128) % 8 != 0) {
     ::simt::fail("wgmma descriptor: the start is not in the first row of a 1024-byte-aligned swizzle atom");
@@ -239,17 +239,41 @@ float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
                                                  : (mn % 64) * 2 + (mn / 64) * descriptor.leading_bytes +
                                                        (k % 8) * 128 + (k / 8) * 1024);
   address ^= ((address >> 7) & 7) << 4;
+  return reinterpret_cast<const void*>(address);
+}
+
+template <typename T>
+float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
   T value;
-  std::memcpy(static_cast<void*>(&value), reinterpret_cast<const void*>(address), sizeof(T));
+  std::memcpy(static_cast<void*>(&value), element_address(descriptor, major, mn, k), sizeof(T));
   return element_to_float(value);
+}
+
+// A hash (FNV-1a) of the 16-bit elements mn_begin .. mn_end - 1 (all 16 k) of a shared-memory operand slice.
+inline uint64_t operand_hash(uint64_t hash, const WgmmaDescriptor& descriptor, Major major, int mn_begin,
+                             int mn_end) {
+  for (int mn = mn_begin; mn < mn_end; ++mn) {
+    for (int k = 0; k < 16; ++k) {
+      uint16_t bits;
+      std::memcpy(&bits, element_address(descriptor, major, mn, k), sizeof(bits));
+      hash = (hash ^ bits) * 1099511628211ull;
+    }
+  }
+  return hash;
 }
 
 // Issues d (64 x N) = A B + (accumulate ? d : 0) for this thread, warp w of its warpgroup computing rows 16 w ..
 // 16 w + 15: `a_rows(w, rows)` fills those rows of A (16 x 16) when the wait carries the wgmma out. The first
 // wgmma in flight on d keeps d's values and fills d with NaN bytes; at the wait it fails if d holds other bytes
 // (the kernel wrote it), then puts the values back.
+// The hardware reads the shared-memory operands (B, and A when `a_shared` is given) at some moment between the
+// issue and the wait, so they must be complete at the issue and unchanged until the wait. The wait carries the
+// product out with what is there then, which shows a write while it was in flight; lane 0 of each warp also
+// hashes its warp's operands at the issue and fails at the wait if they changed, which shows data that arrived
+// after the issue (a barrier missing before it, whose writers ran before the wait).
 template <typename T, int N, Major kBMajor, typename ARows>
-void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor& b, bool accumulate) {
+void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor* a_shared, const WgmmaDescriptor& b,
+           bool accumulate) {
   if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0) ::simt::fail("wgmma: the block is not whole warpgroups");
   std::map<const float*, int>& in_flight = thread_state().in_flight;  // the wait runs on this thread too
   if (!thread_state().fenced) ::simt::fail("wgmma issued without a wgmma_fence() since the thread's last wait");
@@ -262,7 +286,19 @@ void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor& b, bool ac
     std::memcpy(kept.data(), d, kBytes);
     std::memset(d, 0xFF, kBytes);
   }
-  ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, &in_flight, a_rows, b, accumulate, warp, first, kept] {
+  const bool hashes_operands = ::simt::lane_id() == 0;
+  const std::optional<WgmmaDescriptor> a = a_shared ? std::optional<WgmmaDescriptor>(*a_shared) : std::nullopt;
+  auto shared_operands_hash = [a, b, warp] {
+    const uint64_t hash = operand_hash(14695981039346656037ull, b, kBMajor, 0, N);
+    return a ? operand_hash(hash, *a, Major::K, 16 * warp, 16 * warp + 16) : hash;
+  };
+  const uint64_t hash_at_issue = hashes_operands ? shared_operands_hash() : 0;
+  ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, &in_flight, a_rows, b, accumulate, warp, first, kept,
+                                                  hashes_operands, shared_operands_hash, hash_at_issue] {
+    if (hashes_operands && shared_operands_hash() != hash_at_issue) {
+      ::simt::fail("wgmma: a shared-memory operand changed between the wgmma's issue and its wait (written after "
+                   "the issue by a thread no barrier ordered before it, or while the wgmma was in flight)");
+    }
     if (first) {
       std::array<unsigned char, kBytes> now;
       std::memcpy(now.data(), d, kBytes);
@@ -297,7 +333,7 @@ void wgmma_ss(float (&d)[N / 8][4], WgmmaDescriptor a, WgmmaDescriptor b, bool a
       for (int k = 0; k < 16; ++k) rows[row][k] = wgmma_emulation::element<T>(a, Major::K, 16 * warp + row, k);
     }
   };
-  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, b, accumulate);
+  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, &a, b, accumulate);
 }
 
 // The A fragment is read at the wait too, through `a`: the kernel must leave those registers alone meanwhile.
@@ -318,7 +354,7 @@ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b, b
     ::simt::warp_gather(&mine, lanes, sizeof(Fragment));
     for (int lane = 0; lane < ::simt::kWarpSize; ++lane) place_a_fragment<T>(lanes[lane].a, lane, rows);
   };
-  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, b, accumulate);
+  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, nullptr, b, accumulate);
 }
 
 #endif

@@ -293,8 +293,10 @@ void test_red_add() {
 // d = A B + c when `accumulate` (scale-d 1 from the first step), else A B (scale-d 0 first).
 // What a wgmma_kernel gets wrong, for the emulation's ordering checks (a GPU would race instead): no fence, no
 // commit, no wait, a write of the accumulators or of the A fragment, or a read of the accumulators, while the
-// wgmma are in flight.
-enum class OrderingMistake { kNone, kNoFence, kNoCommit, kNoWait, kWriteAccumulators, kWriteFragment, kReadEarly };
+// wgmma are in flight; or the barrier that publishes the shared tiles after the issue instead of before it.
+enum class OrderingMistake {
+  kNone, kNoFence, kNoCommit, kNoWait, kWriteAccumulators, kWriteFragment, kReadEarly, kBarrierAfterIssue
+};
 
 template <typename T, int N, bool kAFromRegisters, Major kBMajor, OrderingMistake kMistake = OrderingMistake::kNone>
 __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, bool accumulate) {
@@ -323,7 +325,7 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
     for (int i = 0; i < 4; ++i) acc[j][i] = c[d_index(j, i)];
   }
   fence_proxy_async_shared();
-  __syncthreads();
+  if constexpr (kMistake != OrderingMistake::kBarrierAfterIssue) __syncthreads();
   wgmma_fence_operands(fragments);
   wgmma_fence_operands(acc);
   if constexpr (kMistake != OrderingMistake::kNoFence) wgmma_fence();
@@ -345,6 +347,7 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   if constexpr (kMistake == OrderingMistake::kWriteAccumulators) acc[0][0] = 0.0f;
   if constexpr (kMistake == OrderingMistake::kWriteFragment) fragments[0][0] ^= 1u;
   if constexpr (kMistake != OrderingMistake::kNoCommit) wgmma_commit_group();
+  if constexpr (kMistake == OrderingMistake::kBarrierAfterIssue) __syncthreads();
   if constexpr (kMistake != OrderingMistake::kNoWait) wgmma_wait_group<0>();
   wgmma_fence_operands(acc);
   if constexpr (kMistake != OrderingMistake::kReadEarly) store();
@@ -383,8 +386,9 @@ void test_wgmma(std::mt19937& rng, bool accumulate, const char* what) {
   expect(worst < 2e-4, what);
 }
 
-// What a bulk_reduce_kernel leaves out, for the emulation's checks.
-enum class BulkMistake { kNone, kNoFinalWait, kNoCommit };
+// What a bulk_reduce_kernel gets wrong, for the emulation's checks: no final wait, no commit, or the barrier that
+// publishes the source rows after the issue instead of before it.
+enum class BulkMistake { kNone, kNoFinalWait, kNoCommit, kBarrierAfterIssue };
 
 // Bulk reductions as the attention backward issues them: rows of 64 floats written to shared memory by the whole
 // block, then one reduction per row by 16 threads into the same 16 global rows from every block, twice from one
@@ -404,9 +408,10 @@ __global__ void bulk_reduce_kernel(float* rows) {
       source[i] = float((round + 1) * (blockIdx.x + 1) + i % kCols);
     }
     fence_proxy_async_shared();
-    __syncthreads();
+    if constexpr (kMistake != BulkMistake::kBarrierAfterIssue) __syncthreads();
     if (threadIdx.x < kRows) bulk_reduce_add_f32(rows + threadIdx.x * kCols, source + threadIdx.x * kCols, kCols);
     if constexpr (kMistake != BulkMistake::kNoCommit) bulk_commit_group();
+    if constexpr (kMistake == BulkMistake::kBarrierAfterIssue) __syncthreads();
   }
   if constexpr (kMistake != BulkMistake::kNoFinalWait) bulk_wait_group_read<0>();
 #else
@@ -569,11 +574,16 @@ int run() {
                                                                              "accumulators of wgmma in flight");
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kWriteFragment>("the emulation stops a write of the A "
                                                                          "fragment of wgmma in flight");
+  // Every warp's tiles are complete at the wait, so only the operands' hash at the issue shows this one.
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kBarrierAfterIssue>("the emulation stops a wgmma issued "
+                                                                             "before its tiles' barrier");
   test_wgmma_early_read_is_nan();
   test_cp_async_read_before_wait_sees_old_bytes();
   test_bulk_mistake_is_caught<BulkMistake::kNoFinalWait>("the emulation stops a block that ends before its bulk "
                                                          "reductions are waited for");
   test_bulk_mistake_is_caught<BulkMistake::kNoCommit>("the emulation stops a wait on uncommitted bulk reductions");
+  test_bulk_mistake_is_caught<BulkMistake::kBarrierAfterIssue>("the emulation stops a bulk reduction issued before "
+                                                               "its source rows' barrier");
 #endif
   std::printf("%s primitive self-tests: %s, %d failure(s)\n", ELECTRA_BACKEND_NAME,
               failures == 0 ? "passed" : "FAILED", failures);
