@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionBackwardA
     wgmma_fence_operands(dk[0]);
     wgmma_fence_operands(dq);
     // Staged here, after the wait, not while the next tile's S^T and dP^T run: reading dQ's registers with any
-    // wgmma in flight makes ptxas wait for that wgmma first (C7517; ctest's test_wgmma_pipeline_*). What overlaps
+    // wgmma in flight makes ptxas wait for that wgmma first (C7517; ctest's test_ptxas_report_*). What overlaps
     // the next tile's products is the bulk reductions' own work.
     add_dq_rows_in_bulk<D>(dq, sDq, dq_rows, row_stride, q0, len);
   }
