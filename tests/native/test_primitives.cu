@@ -357,7 +357,15 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
 }
 
 template <typename T, int N, bool kAFromRegisters, Major kBMajor>
-void test_wgmma(std::mt19937& rng, bool accumulate, const char* what) {
+void test_wgmma(std::mt19937& rng, bool accumulate) {
+  const char* const operands = kAFromRegisters        ? "A from registers, B MN-major"
+                               : kBMajor == Major::K ? "A and B K-major from shared memory"
+                                                     : "A K-major and B MN-major from shared memory";
+  const std::string name = "wgmma m64n" + std::to_string(N) + "k16 " +
+                           (std::is_same<T, __half>::value ? "fp16, " : "bf16, ") + operands +
+                           (kBMajor == Major::MN && N == 128 ? " (2 panels)" : "") +
+                           (accumulate ? ", accumulating" : "");
+  const char* const what = name.c_str();
   std::normal_distribution<float> normal;
   std::vector<T> a(64 * 64), b(64 * N);
   std::vector<float> c(64 * N);
@@ -541,22 +549,14 @@ int run() {
   test_red_add();
   if (device_has_wgmma()) {
     for (const bool accumulate : {false, true}) {
-      test_wgmma<__nv_bfloat16, 64, false, Major::K>(rng, accumulate,
-                                                     "wgmma m64n64k16 bf16, A and B K-major from shared memory");
-      test_wgmma<__half, 128, false, Major::K>(rng, accumulate,
-                                               "wgmma m64n128k16 fp16, A and B K-major from shared memory");
-      test_wgmma<__nv_bfloat16, 64, true, Major::MN>(rng, accumulate,
-                                                     "wgmma m64n64k16 bf16, A from registers, B MN-major");
-      test_wgmma<__half, 128, true, Major::MN>(rng, accumulate,
-                                               "wgmma m64n128k16 fp16, A from registers, B MN-major (2 panels)");
-      test_wgmma<__nv_bfloat16, 128, true, Major::MN>(rng, accumulate,
-                                                      "wgmma m64n128k16 bf16, A from registers, B MN-major");
-      test_wgmma<__half, 64, false, Major::K>(rng, accumulate,
-                                              "wgmma m64n64k16 fp16, A and B K-major from shared memory");
-      test_wgmma<__nv_bfloat16, 64, false, Major::MN>(
-          rng, accumulate, "wgmma m64n64k16 bf16, A K-major and B MN-major from shared memory");
-      test_wgmma<__half, 128, false, Major::MN>(
-          rng, accumulate, "wgmma m64n128k16 fp16, A K-major and B MN-major from shared memory (2 panels)");
+      test_wgmma<__nv_bfloat16, 64, false, Major::K>(rng, accumulate);
+      test_wgmma<__half, 128, false, Major::K>(rng, accumulate);
+      test_wgmma<__nv_bfloat16, 64, true, Major::MN>(rng, accumulate);
+      test_wgmma<__half, 128, true, Major::MN>(rng, accumulate);
+      test_wgmma<__nv_bfloat16, 128, true, Major::MN>(rng, accumulate);
+      test_wgmma<__half, 64, false, Major::K>(rng, accumulate);
+      test_wgmma<__nv_bfloat16, 64, false, Major::MN>(rng, accumulate);
+      test_wgmma<__half, 128, false, Major::MN>(rng, accumulate);
     }
     test_bulk_reduce();
     for_each_matrix_count([](auto matrices, auto transpose, const std::string& shape) {
