@@ -272,7 +272,7 @@ inline uint64_t operand_hash(uint64_t hash, const WgmmaDescriptor& descriptor, M
 // hashes its warp's operands at the issue and fails at the wait if they changed, which shows data that arrived
 // after the issue (a barrier missing before it, whose writers ran before the wait).
 template <typename T, int N, Major kBMajor, typename ARows>
-void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor* a_shared, const WgmmaDescriptor& b,
+void issue(float (&d)[N / 8][4], ARows a_rows, std::optional<WgmmaDescriptor> a_shared, const WgmmaDescriptor& b,
            bool accumulate) {
   if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0) ::simt::fail("wgmma: the block is not whole warpgroups");
   std::map<const float*, int>& in_flight = thread_state().in_flight;  // the wait runs on this thread too
@@ -287,10 +287,9 @@ void issue(float (&d)[N / 8][4], ARows a_rows, const WgmmaDescriptor* a_shared, 
     std::memset(d, 0xFF, kBytes);
   }
   const bool hashes_operands = ::simt::lane_id() == 0;
-  const std::optional<WgmmaDescriptor> a = a_shared ? std::optional<WgmmaDescriptor>(*a_shared) : std::nullopt;
-  auto shared_operands_hash = [a, b, warp] {
+  auto shared_operands_hash = [a_shared, b, warp] {
     const uint64_t hash = operand_hash(14695981039346656037ull, b, kBMajor, 0, N);
-    return a ? operand_hash(hash, *a, Major::K, 16 * warp, 16 * warp + 16) : hash;
+    return a_shared ? operand_hash(hash, *a_shared, Major::K, 16 * warp, 16 * warp + 16) : hash;
   };
   const uint64_t hash_at_issue = hashes_operands ? shared_operands_hash() : 0;
   ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, &in_flight, a_rows, b, accumulate, warp, first, kept,
@@ -333,7 +332,7 @@ void wgmma_ss(float (&d)[N / 8][4], WgmmaDescriptor a, WgmmaDescriptor b, bool a
       for (int k = 0; k < 16; ++k) rows[row][k] = wgmma_emulation::element<T>(a, Major::K, 16 * warp + row, k);
     }
   };
-  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, &a, b, accumulate);
+  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, a, b, accumulate);
 }
 
 // The A fragment is read at the wait too, through `a`: the kernel must leave those registers alone meanwhile.
@@ -354,7 +353,7 @@ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], WgmmaDescriptor b, b
     ::simt::warp_gather(&mine, lanes, sizeof(Fragment));
     for (int lane = 0; lane < ::simt::kWarpSize; ++lane) place_a_fragment<T>(lanes[lane].a, lane, rows);
   };
-  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, nullptr, b, accumulate);
+  wgmma_emulation::issue<T, N, kBMajor>(d, a_rows, std::nullopt, b, accumulate);
 }
 
 #endif
