@@ -3,7 +3,7 @@
 // with 16-byte aligned rows and hidden padded to a multiple of 8), workspaces, then the torch-free launchers of
 // cuda/gen_head_launch.h, and the reductions of their per-row results into the op's outputs.
 //
-// `Launchers` supplies gen_head_forward, gen_head_backward and multiprocessor_count (the launcher namespace's
+// `Launchers` supplies gen_head_forward_splits, gen_head_forward and gen_head_backward (the launcher namespace's
 // functions), stream() and check(cudaError_t).
 #pragma once
 
@@ -75,7 +75,7 @@ inline GenHeadDeviceInputs gen_head_device_inputs(const char* op, const at::Tens
 inline int64_t check_gen_head_device_inputs(const char* op, const at::Tensor& h, const at::Tensor& weight,
                                             const at::Tensor& bias, const at::Tensor& targets, int64_t ignore_index) {
   const int64_t vocab = check_gen_head_tensors(op, h, weight, bias, targets);
-  TORCH_CHECK_VALUE(vocab <= INT32_MAX, op, ": the CUDA kernels take V < 2^31, got ", vocab);
+  TORCH_CHECK_VALUE(vocab <= kGenHeadMaxVocab, op, ": the CUDA kernels take V <= ", kGenHeadMaxVocab, ", got ", vocab);
   TORCH_CHECK_VALUE((h.size(0) + kGenHeadBlockRows - 1) / kGenHeadBlockRows <= 65535, op,
                     ": the CUDA kernels take at most 65535 x ", kGenHeadBlockRows, " rows, got ", h.size(0));
   if (targets.is_cpu()) check_gen_head_targets(op, targets, vocab, ignore_index);
@@ -94,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gen_head_forward_on_d
   const int64_t rows = in.launch.rows;
   const at::TensorOptions float_options = h_in.options().dtype(at::kFloat);
   const at::TensorOptions int_options = h_in.options().dtype(at::kInt);
-  const GenHeadSplits splits = gen_head_vocab_splits((rows + kGenHeadBlockRows - 1) / kGenHeadBlockRows, vocab,
-                                                     Launchers::multiprocessor_count());
+  const GenHeadSplits splits = Launchers::gen_head_forward_splits(rows, vocab, in.launch.dtype);
   at::Tensor partial_float = at::empty({3, splits.splits, rows}, float_options);
   at::Tensor partial_int = at::empty({2, splits.splits, rows}, int_options);
   at::Tensor target_logit = at::empty({rows}, float_options);
@@ -143,8 +142,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_head_backward_on_device(
   const at::Tensor counted = (in.targets != ignore_index).sum();
   const at::Tensor grad_scale = (grad_loss.reshape({1}).to(at::kFloat) / counted.clamp_min(1)).contiguous();
   const int64_t chunk_rows = gen_head_chunk_rows(rows, vocab, gen_head_workspace_bytes());
-  const GenHeadSplits splits =
-      gen_head_vocab_splits(chunk_rows / kGenHeadBlockRows, vocab, Launchers::multiprocessor_count());
   at::Tensor grad_logits = at::empty({rows > 0 ? chunk_rows : 0, gen_head_vocab_padded(vocab)}, in.h.options());
   at::Tensor grad_bias_partials =
       at::empty({(rows + kGenHeadBlockRows - 1) / kGenHeadBlockRows, vocab}, float_options);
@@ -154,7 +151,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_head_backward_on_device(
                                  lse.data_ptr<float>(),
                                  grad_scale.data_ptr<float>(),
                                  chunk_rows,
-                                 splits,
                                  grad_logits.data_ptr(),
                                  grad_bias_partials.data_ptr<float>(),
                                  grad_h.data_ptr(),

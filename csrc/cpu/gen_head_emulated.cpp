@@ -8,7 +8,9 @@ namespace electra_ext {
 namespace {
 
 struct EmulatedLaunchers {
-  static int multiprocessor_count() { return emulated::multiprocessor_count(); }
+  static GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dtype) {
+    return emulated::gen_head_forward_splits(rows, vocab, dtype);
+  }
   static cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream) {
     return emulated::gen_head_forward(args, stream);
   }

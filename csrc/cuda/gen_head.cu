@@ -17,10 +17,33 @@ bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointe
 
 // What every launch needs of the inputs: 16-byte aligned rows of h and weight (cp.async), hidden a multiple
 // of 8, a grid that fits.
-bool inputs_launchable(const GenHeadInputs& in, GenHeadSplits splits, int64_t row_blocks) {
+bool inputs_launchable(const GenHeadInputs& in, int64_t row_blocks) {
   return in.hidden > 0 && in.hidden % 8 == 0 && in.h_row_stride % 8 == 0 && aligned_16(in.h) &&
-         aligned_16(in.weight) && in.vocab > 0 && in.vocab <= INT32_MAX && splits.splits > 0 &&
-         splits.tiles_per_split > 0 && row_blocks <= kMaxGridY;
+         aligned_16(in.weight) && in.vocab > 0 && in.vocab <= kGenHeadMaxVocab && row_blocks <= kMaxGridY;
+}
+
+// Splits that cover the vocabulary's tiles.
+bool splits_cover(GenHeadSplits splits, int64_t vocab) {
+  const int64_t tiles = (vocab + dev::kTileColumns - 1) / dev::kTileColumns;
+  return splits.splits > 0 && splits.tiles_per_split > 0 && int64_t(splits.splits) * splits.tiles_per_split >= tiles;
+}
+
+// Blocks of `kernel` the current device runs at once (its SMs times the occupancy); 0 when the query fails.
+template <typename Kernel>
+int64_t resident_blocks(Kernel* kernel, size_t shared_bytes) {
+  int device = 0, per_multiprocessor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, dev::kThreads, shared_bytes) !=
+          cudaSuccess) {
+    return 0;
+  }
+  return int64_t(per_multiprocessor) * device_attribute(cudaDevAttrMultiProcessorCount, device);
+}
+
+template <typename T>
+GenHeadSplits forward_splits(int64_t rows, int64_t vocab) {
+  return gen_head_vocab_splits((rows + dev::kBlockRows - 1) / dev::kBlockRows, vocab,
+                               resident_blocks(dev::forward_kernel<T>, dev::kLogitTileSharedBytes));
 }
 
 template <typename T>
@@ -50,11 +73,13 @@ template <typename T>
 cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream) {
   const GenHeadInputs& in = args.in;
   const int64_t vocab_padded = gen_head_vocab_padded(in.vocab);
+  const int64_t resident = resident_blocks(dev::grad_logits_kernel<T>, dev::kLogitTileSharedBytes);
   for (int64_t first_row = 0; first_row < in.rows; first_row += args.chunk_rows) {
     const int64_t rows = in.rows - first_row < args.chunk_rows ? in.rows - first_row : args.chunk_rows;
     const int64_t row_blocks = (rows + dev::kBlockRows - 1) / dev::kBlockRows;
-    launch_kernel(dev::grad_logits_kernel<T>, dim3(args.splits.splits, static_cast<unsigned>(row_blocks)),
-                  dim3(dev::kThreads), dev::kLogitTileSharedBytes, stream, args, first_row);
+    const GenHeadSplits splits = gen_head_vocab_splits(row_blocks, in.vocab, resident);
+    launch_kernel(dev::grad_logits_kernel<T>, dim3(splits.splits, static_cast<unsigned>(row_blocks)),
+                  dim3(dev::kThreads), dev::kLogitTileSharedBytes, stream, args, first_row, splits);
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     const dev::GemmOperand grad_logits{args.grad_logits, vocab_padded, rows, vocab_padded};
     const T* const h = static_cast<const T*>(in.h) + first_row * in.h_row_stride;
@@ -84,18 +109,18 @@ cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream
 
 }  // namespace
 
-int multiprocessor_count() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  const int count = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
+GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dtype) {
+  return dtype == FloatType::kFloat16 ? forward_splits<__half>(rows, vocab)
+                                      : forward_splits<__nv_bfloat16>(rows, vocab);
 }
 
 // cudaErrorInvalidValue for a dtype other than fp16/bf16 or inputs that break the contract's layout.
 cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream) {
   if (args.in.rows == 0) return cudaSuccess;
   const int64_t row_blocks = (args.in.rows + dev::kBlockRows - 1) / dev::kBlockRows;
-  if (!inputs_launchable(args.in, args.splits, row_blocks) || args.seed == nullptr) return cudaErrorInvalidValue;
+  if (!inputs_launchable(args.in, row_blocks) || !splits_cover(args.splits, args.in.vocab) || args.seed == nullptr) {
+    return cudaErrorInvalidValue;
+  }
   switch (args.in.dtype) {
     case FloatType::kFloat16: return launch_forward<__half>(args, stream);
     case FloatType::kBFloat16: return launch_forward<__nv_bfloat16>(args, stream);
@@ -107,7 +132,7 @@ cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream
 cudaError_t gen_head_backward(const GenHeadBackwardArgs& args, cudaStream_t stream) {
   if (args.in.rows == 0) return cudaSuccess;
   if (args.chunk_rows <= 0 || args.chunk_rows % dev::kBlockRows != 0 ||
-      !inputs_launchable(args.in, args.splits, args.chunk_rows / dev::kBlockRows) ||
+      !inputs_launchable(args.in, args.chunk_rows / dev::kBlockRows) ||
       !aligned_16(args.grad_logits) || !aligned_16(args.grad_h) || !aligned_16(args.grad_weight)) {
     return cudaErrorInvalidValue;
   }

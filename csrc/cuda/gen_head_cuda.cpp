@@ -11,7 +11,9 @@ namespace electra_ext {
 namespace {
 
 struct CudaLaunchers {
-  static int multiprocessor_count() { return cuda::multiprocessor_count(); }
+  static GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dtype) {
+    return cuda::gen_head_forward_splits(rows, vocab, dtype);
+  }
   static cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream) {
     return cuda::gen_head_forward(args, stream);
   }

@@ -32,6 +32,10 @@
 //           logits an eager head holds (2.4 GB).
 // Shared memory: 2 stages x (128 + 64) rows x (32 + 8) x 2 B = 30,720 B per logit-tile block; gemm_kernel
 //   2 x (64 x 40 or 32 x 72 + 32 x 72) x 2 B <= 19,456 B.
+// Grids: a logit-tile kernel's (splits, row blocks) comes from gen_head_vocab_splits (cuda/gen_head_launch.h),
+//   which sizes the splits so that the blocks the device holds at once (3 per SM: 168 registers) run in the
+//   fewest waves of the fewest tiles; the measured H200 forward at d18a559 (19.6 ms at Base, 1.24 ms at Small)
+//   ran 2 blocks per SM and a second wave under 20% full.
 #pragma once
 
 #include <cmath>
@@ -60,6 +64,11 @@ using HTile = tiles::PaddedTile<kBlockRows, kChunk>;
 using WTile = tiles::PaddedTile<kTileColumns, kChunk>;
 constexpr int kStageElements = HTile::kElements + WTile::kElements;
 constexpr size_t kLogitTileSharedBytes = 2 * size_t(kStageElements) * 2;
+// Logit-tile blocks per SM the kernels are built for: 3 x 128 threads leave 170 registers a thread (168 as
+// allocated), which the forward and the grad-logits kernel fit without spills (ptxas -v, sm_90); at 2 (the
+// forward took 195 registers before its rows and columns became 32-bit) an SM has 8 warps to hide the epilogue's
+// latency, at 3 it has 12. Shared memory allows 7 (30 KiB each).
+constexpr int kLogitTileBlocksPerMultiprocessor = 3;
 
 using LogitTile = float[kRowTiles][kColumnFragments][4];
 
@@ -166,7 +175,7 @@ __device__ __forceinline__ void for_each_logit_tile(const GenHeadInputs& in, int
       }
     }
     if (chunk == chunks - 1) {
-      epilogue(logits, int64_t(split.first + stage / chunks) * kTileColumns, working);
+      epilogue(logits, (split.first + stage / chunks) * kTileColumns, working);
     }
   }
 }
@@ -203,11 +212,13 @@ __device__ __forceinline__ RowState shuffle_row_state(const RowState& s, int lan
                   __shfl_xor_sync(0xffffffffu, s.best, lane_mask)};
 }
 
-// The rows a lane holds in C fragments: [rt][r] = row warp * 32 + rt * 16 + group + 8 r of the block.
+// The rows a lane holds in C fragments: [rt][r] = row warp * 32 + rt * 16 + group + 8 r of the block. 32-bit,
+// which the launchers' limits allow (rows <= 65,535 x 128, vocab <= INT32_MAX): 64-bit rows and targets took 8 of
+// the forward's registers.
 struct LaneRows {
-  int64_t row[kRowTiles][2];
-  int64_t target[kRowTiles][2];
-  bool counted[kRowTiles][2];  // the row exists and its target is not ignore_index
+  int32_t row[kRowTiles][2];
+  int32_t target[kRowTiles][2];  // the target column, or -1 when the row does not count or its target is no column
+  bool counted[kRowTiles][2];    // the row exists and its target is not ignore_index
 };
 __device__ __forceinline__ LaneRows lane_rows(const GenHeadInputs& in, int64_t first_row, int warp, int lane) {
   LaneRows rows;
@@ -216,9 +227,10 @@ __device__ __forceinline__ LaneRows lane_rows(const GenHeadInputs& in, int64_t f
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = first_row + fragment_row(warp, lane, rt, 2 * r);
-      rows.row[rt][r] = row;
-      rows.target[rt][r] = row < in.rows ? in.targets[row] : in.ignore_index;
-      rows.counted[rt][r] = row < in.rows && rows.target[rt][r] != in.ignore_index;
+      const int64_t target = row < in.rows ? in.targets[row] : in.ignore_index;
+      rows.row[rt][r] = static_cast<int32_t>(row);
+      rows.counted[rt][r] = row < in.rows && target != in.ignore_index;
+      rows.target[rt][r] = rows.counted[rt][r] && target >= 0 && target < in.vocab ? static_cast<int32_t>(target) : -1;
     }
   }
   return rows;
@@ -226,7 +238,8 @@ __device__ __forceinline__ LaneRows lane_rows(const GenHeadInputs& in, int64_t f
 
 // Grid (splits, row blocks); block kThreads; dynamic shared memory kLogitTileSharedBytes.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(GenHeadForwardArgs args) {
+__global__ void __launch_bounds__(kThreads, kLogitTileBlocksPerMultiprocessor)
+    forward_kernel(GenHeadForwardArgs args) {
   const GenHeadInputs& in = args.in;
   const int64_t first_row = int64_t(blockIdx.y) * kBlockRows;
   const int thread = threadIdx.x, warp = thread / tiles::kWarpSize, lane = thread % tiles::kWarpSize;
@@ -239,7 +252,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(GenHeadForwardArgs ar
     for (int r = 0; r < 2; ++r) state[rt][r] = empty_row_state();
   }
 
-  auto epilogue = [&](LogitTile& logits, int64_t first_column, bool working) {
+  const int vocab = static_cast<int>(in.vocab);
+  auto epilogue = [&](LogitTile& logits, int first_column, bool working) {
     if (!working) return;
     // Pass 1: bias, target logit, tile max and its first column, best perturbed score.
     float tile_max[kRowTiles][2];
@@ -258,28 +272,29 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(GenHeadForwardArgs ar
       for (int rt = 0; rt < kRowTiles; ++rt) {
         uint32_t words[4];
         tiles::c_fragment_words(words, lane, [&](int r) {
-          return philox::gen_head_gumbel_words(
-              seed, static_cast<uint32_t>(rows.row[rt][r / 8]),
-              static_cast<uint32_t>(first_column / 4 + 2 * t + (lane % 4) / 2));
+          // A select, not rows.row[rt][r / 8]: indexing by the lane's r puts LaneRows in local memory.
+          const int32_t row = r < 8 ? rows.row[rt][0] : rows.row[rt][1];
+          return philox::gen_head_gumbel_words(seed, static_cast<uint32_t>(row),
+                                               static_cast<uint32_t>(first_column / 4 + 2 * t + (lane % 4) / 2));
         });
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int r = i / 2;
-          const int64_t column = first_column + fragment_column(lane, t, i);
-          if (column >= in.vocab) continue;
+          const int column = first_column + fragment_column(lane, t, i);
+          if (column >= vocab) continue;
           const float logit = logits[rt][t][i] + in.bias[column];
           logits[rt][t][i] = logit;
           if (logit > tile_max[rt][r]) {  // columns ascend within a lane: strict keeps the first
             tile_max[rt][r] = logit;
-            tile_top[rt][r] = static_cast<int32_t>(column);
+            tile_top[rt][r] = column;
           }
-          const bool is_target = rows.counted[rt][r] && column == rows.target[rt][r];
+          const bool is_target = column == rows.target[rt][r];
           if (is_target) args.target_logit[rows.row[rt][r]] = logit;
           const float gumbel = -logf(-logf(philox::gen_head_uniform(words[i])));
           const float score = multiply_then_add(logit, args.inverse_temperature, gumbel);
           if (score > state[rt][r].best_score && !(args.disallow_correct && is_target)) {
             state[rt][r].best_score = score;
-            state[rt][r].best = static_cast<int32_t>(column);
+            state[rt][r].best = column;
           }
         }
       }
@@ -297,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(GenHeadForwardArgs ar
         for (int t = 0; t < kColumnFragments; ++t) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            if (first_column + fragment_column(lane, t, e) < in.vocab) sum += expf(logits[rt][t][2 * r + e] - max);
+            if (first_column + fragment_column(lane, t, e) < vocab) sum += expf(logits[rt][t][2 * r + e] - max);
           }
         }
         if (tile_max[rt][r] > s.max) s.top = tile_top[rt][r];
@@ -351,11 +366,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(GenHeadForwardArgs
   args.row_correct[row] = counted && s.top == target ? 1 : 0;
 }
 
-// Grid (splits, row blocks of the chunk); block kThreads; dynamic shared memory kLogitTileSharedBytes.
+// Grid (splits.splits, row blocks of the chunk); block kThreads; dynamic shared memory kLogitTileSharedBytes.
 // Writes G for rows chunk_first_row .. + chunk rows of the chunk, columns < vocab_padded (0 past vocab), and
 // the blocks' column sums of G.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) grad_logits_kernel(GenHeadBackwardArgs args, int64_t chunk_first_row) {
+__global__ void __launch_bounds__(kThreads, kLogitTileBlocksPerMultiprocessor)
+    grad_logits_kernel(GenHeadBackwardArgs args, int64_t chunk_first_row, GenHeadSplits splits) {
   const GenHeadInputs& in = args.in;
   const int64_t first_row = chunk_first_row + int64_t(blockIdx.y) * kBlockRows;
   const int thread = threadIdx.x, warp = thread / tiles::kWarpSize, lane = thread % tiles::kWarpSize;
@@ -370,7 +386,8 @@ __global__ void __launch_bounds__(kThreads) grad_logits_kernel(GenHeadBackwardAr
   __shared__ float column_sums[kWarps][kTileColumns];
   T* const grad_logits = static_cast<T*>(args.grad_logits);
 
-  auto epilogue = [&](LogitTile& logits, int64_t first_column, bool working) {
+  const int vocab = static_cast<int>(in.vocab);
+  auto epilogue = [&](LogitTile& logits, int first_column, bool working) {
 #pragma unroll
     for (int t = 0; t < kColumnFragments; ++t) {
       float column_sum[2] = {0.0f, 0.0f};
@@ -381,15 +398,15 @@ __global__ void __launch_bounds__(kThreads) grad_logits_kernel(GenHeadBackwardAr
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int r = i / 2;
-            const int64_t column = first_column + fragment_column(lane, t, i);
+            const int column = first_column + fragment_column(lane, t, i);
             g[i] = 0.0f;
-            if (column < in.vocab && rows.counted[rt][r]) {
+            if (column < vocab && rows.counted[rt][r]) {
               g[i] = expf(logits[rt][t][i] + in.bias[column] - lse[rt][r]) -
                      (column == rows.target[rt][r] ? 1.0f : 0.0f);
             }
             column_sum[i % 2] += g[i];
           }
-          const int64_t column = first_column + fragment_column(lane, t, 0);
+          const int column = first_column + fragment_column(lane, t, 0);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int64_t row = rows.row[rt][r];
@@ -411,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) grad_logits_kernel(GenHeadBackwardAr
       }
     }
     __syncthreads();
-    if (thread < kTileColumns && first_column + thread < in.vocab) {
+    if (thread < kTileColumns && first_column + thread < vocab) {
       float sum = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += column_sums[w][thread];
@@ -419,7 +436,7 @@ __global__ void __launch_bounds__(kThreads) grad_logits_kernel(GenHeadBackwardAr
     }
     // The next write of column_sums comes after the next stage's __syncthreads.
   };
-  for_each_logit_tile<T>(in, first_row, split_tiles(in, args.splits), epilogue);
+  for_each_logit_tile<T>(in, first_row, split_tiles(in, splits), epilogue);
 }
 
 // out (+)= alpha A B on tensor cores, A [m x k], B [k x n], fp32 accumulation; one block per 64 x 64 output tile,

@@ -18,6 +18,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "common/float_type.h"
@@ -28,20 +29,49 @@ namespace electra_ext {
 // Rows of h per block (4 warps x 32 rows) and vocabulary columns per tile of every logit-tile kernel.
 constexpr int kGenHeadBlockRows = 128;
 constexpr int kGenHeadTileColumns = 64;
+// Rows and columns are 32-bit in the kernels, a tile's columns past the vocabulary's end included.
+constexpr int64_t kGenHeadMaxVocab = INT32_MAX - kGenHeadTileColumns;
 
 // How the vocabulary is split across blocks: a grid of (splits, row blocks) with `tiles_per_split` column tiles
-// each (the last split may have fewer). Enough splits for ~2 blocks per SM, never an empty split.
+// each (the last split may have fewer), never an empty split.
 struct GenHeadSplits {
   int tiles_per_split;
   int splits;
 };
-inline GenHeadSplits gen_head_vocab_splits(int64_t row_blocks, int64_t vocab, int multiprocessors) {
+
+// A block's work besides its tiles, in tiles: the first stage's load, which nothing overlaps, and the merge and
+// partial writes at the end of its split. Put at one tile, a guess no GPU has checked yet; it also keeps splits
+// from shrinking to a tile or two for a modelled gain of a few percent (Base: 53 splits of 9 tiles without it).
+constexpr int64_t kGenHeadBlockOverheadTiles = 1;
+
+// Every tile costs about the same, so a logit-tile kernel takes ~ waves x (tiles per split + overhead), with
+// waves = ceil(row_blocks x splits / resident_blocks) and resident_blocks the blocks the device runs at once.
+// The split with the least of that; ties go to fewer splits. Against the rule before ("enough splits for 2
+// blocks per SM"), for V = 30,522 (477 tiles) on an H100/H200 (132 SMs x 3 logit-tile blocks = 396): the Base
+// forward (154 row blocks) goes from 2 splits in one wave 78% full (cost 240) to 5 in 2 waves 97% full (194);
+// Small (20 row blocks) from 14 splits, 71% full (36), to 19, 96% (27); the backward's 1,024-row chunks (8 row
+// blocks) from 32 splits, 65% full (16), to 48, 97% (11). With the forward's 2 blocks per SM before (264), the
+// old rule put Base and Small into a second wave under 20% full (cost 480 and 72).
+inline GenHeadSplits gen_head_vocab_splits(int64_t row_blocks, int64_t vocab, int64_t resident_blocks) {
   const int64_t tiles = (vocab + kGenHeadTileColumns - 1) / kGenHeadTileColumns;
   const int64_t blocks = row_blocks > 0 ? row_blocks : 1;
-  int64_t wanted = (2 * int64_t(multiprocessors) + blocks - 1) / blocks;
-  wanted = wanted < 1 ? 1 : (wanted > tiles ? tiles : wanted);
-  const int64_t per_split = (tiles + wanted - 1) / wanted;
-  return GenHeadSplits{static_cast<int>(per_split), static_cast<int>((tiles + per_split - 1) / per_split)};
+  const int64_t resident = resident_blocks > 0 ? resident_blocks : 1;
+  GenHeadSplits best{static_cast<int>(tiles), 1};
+  int64_t best_cost = -1;
+  // Each distinct tiles-per-split value once, from the most (1 split) down: O(sqrt(tiles)) candidates.
+  for (int64_t splits = 1; splits <= tiles;) {
+    const int64_t per_split = (tiles + splits - 1) / splits;
+    const int64_t used_splits = (tiles + per_split - 1) / per_split;  // the fewest splits with this size
+    const int64_t waves = (blocks * used_splits + resident - 1) / resident;
+    const int64_t cost = waves * (per_split + kGenHeadBlockOverheadTiles);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = GenHeadSplits{static_cast<int>(per_split), static_cast<int>(used_splits)};
+    }
+    if (per_split == 1) break;
+    splits = (tiles + per_split - 2) / (per_split - 1);  // the fewest splits with smaller ones
+  }
+  return best;
 }
 
 struct GenHeadInputs {
@@ -62,7 +92,7 @@ struct GenHeadForwardArgs {
   const int64_t* seed;  // [1] on the kernels' device
   float inverse_temperature;
   bool disallow_correct;
-  GenHeadSplits splits;  // gen_head_vocab_splits(ceil(rows / kGenHeadBlockRows), vocab, ...)
+  GenHeadSplits splits;  // gen_head_forward_splits(rows, vocab, dtype)
   // Workspace, [splits.splits, rows] each: per (split, row) the running max, the sum of exp(logit - max), the
   // column of the max, the best perturbed score and its column.
   float* partial_max;
@@ -79,11 +109,12 @@ struct GenHeadForwardArgs {
   int32_t* row_correct;
 };
 
-// The backward runs over chunks of chunk_rows rows (a multiple of kGenHeadBlockRows): per chunk one kernel writes
-// G = softmax(logits) - onehot(target) (0 on rows that do not count) as `dtype` into grad_logits, and float32
-// column sums of G per block of 128 rows into grad_bias_partials; two tensor-core GEMMs then give
-// grad_h[chunk] = grad_scale G weight and grad_weight += grad_scale Gᵀ h[chunk]. G is kept unscaled so that
-// float16 does not flush it (grad_scale = grad_loss / counted rows is ~1e-5 for a Base batch).
+// The backward runs over chunks of chunk_rows rows (a multiple of kGenHeadBlockRows). Per chunk one kernel, with
+// the vocabulary split for the chunk's row blocks (gen_head_vocab_splits), writes G = softmax(logits) -
+// onehot(target) (0 on rows that do not count) as `dtype` into grad_logits, and float32 column sums of G per
+// block of 128 rows into grad_bias_partials; two tensor-core GEMMs then give grad_h[chunk] = grad_scale G weight
+// and grad_weight += grad_scale Gᵀ h[chunk]. G is kept unscaled so that float16 does not flush it (grad_scale =
+// grad_loss / counted rows is ~1e-5 for a Base batch).
 ELECTRA_HOST_DEVICE int64_t gen_head_vocab_padded(int64_t vocab) { return (vocab + 7) / 8 * 8; }
 inline int64_t gen_head_chunk_rows(int64_t rows, int64_t vocab, int64_t workspace_bytes) {
   const int64_t row_bytes = 2 * gen_head_vocab_padded(vocab);
@@ -98,17 +129,18 @@ struct GenHeadBackwardArgs {
   const float* lse;         // [rows], from the forward
   const float* grad_scale;  // [1] on the kernels' device: grad_loss / counted rows (0 when none counts)
   int64_t chunk_rows;       // gen_head_chunk_rows(...)
-  GenHeadSplits splits;     // gen_head_vocab_splits(chunk_rows / kGenHeadBlockRows, vocab, ...)
   void* grad_logits;        // [chunk_rows, gen_head_vocab_padded(vocab)] of dtype, workspace
   float* grad_bias_partials;  // [ceil(rows / kGenHeadBlockRows), vocab], every entry written
   void* grad_h;               // [rows, hidden] contiguous, of dtype
   float* grad_weight;         // [vocab, hidden] contiguous, zero-filled by the caller, accumulated
 };
 
-// multiprocessor_count: SMs of the current device (of the emulated device: a few), for gen_head_vocab_splits.
-#define ELECTRA_GEN_HEAD_LAUNCHERS                                                       \
-  int multiprocessor_count();                                                            \
-  cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream);     \
+// gen_head_forward_splits: the forward's split for `rows` rows of `dtype` on the current device
+// (gen_head_vocab_splits with the blocks of the forward kernel its SMs hold at once, by occupancy), by which the
+// caller sizes the partials.
+#define ELECTRA_GEN_HEAD_LAUNCHERS                                                          \
+  GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dtype);      \
+  cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream);        \
   cudaError_t gen_head_backward(const GenHeadBackwardArgs& args, cudaStream_t stream);
 
 namespace cuda {

@@ -13,6 +13,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -53,6 +54,8 @@ constexpr int kMultiProcessorCount = 2;
 constexpr int kMaxThreadsPerMultiProcessor = 2048;
 constexpr int kMaxSharedMemoryPerBlockOptin = 227 * 1024;
 constexpr int kDefaultSharedMemoryPerBlock = 48 * 1024;
+constexpr int kSharedMemoryPerMultiProcessor = 228 * 1024;
+constexpr int kMaxBlocksPerMultiProcessor = 32;
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
@@ -124,6 +127,22 @@ cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute attribute, int value
   if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize && value > kMaxSharedMemoryPerBlockOptin) {
     return cudaErrorInvalidValue;
   }
+  return cudaSuccess;
+}
+// The occupancy by threads, dynamic shared memory and the per-SM block limit, as on an H100; the emulated device
+// has no register file and does not count static shared memory, so a kernel those limit gets more blocks here
+// than on the GPU.
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel*, int block_size,
+                                                          std::size_t dynamic_shared_bytes) {
+  if (block_size <= 0 || block_size > kMaxThreadsPerBlock ||
+      dynamic_shared_bytes > std::size_t(kMaxSharedMemoryPerBlockOptin)) {
+    return cudaErrorInvalidValue;
+  }
+  const int by_threads = kMaxThreadsPerMultiProcessor / block_size;
+  const int by_shared = dynamic_shared_bytes == 0 ? kMaxBlocksPerMultiProcessor
+                                                  : int(kSharedMemoryPerMultiProcessor / dynamic_shared_bytes);
+  *blocks = std::min({by_threads, by_shared, kMaxBlocksPerMultiProcessor});
   return cudaSuccess;
 }
 

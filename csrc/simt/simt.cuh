@@ -80,6 +80,7 @@ namespace electra_ext::emulated {
 using ::simt::cudaFuncSetAttribute;
 using ::simt::cudaGetDevice;
 using ::simt::cudaGetLastError;
+using ::simt::cudaOccupancyMaxActiveBlocksPerMultiprocessor;
 using ::simt::device_attribute;
 using ::simt::launch_kernel;
 

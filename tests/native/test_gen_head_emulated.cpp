@@ -105,8 +105,7 @@ void check(int rows, int vocab, int hidden, int h_stride, int64_t chunk_rows, bo
   const GenHeadInputs in{FloatType::kBFloat16, rows,    vocab,          hidden, h.data(), h_stride,
                          weight.data(),        bias.data(), targets.data(), kIgnore};
   const int64_t row_blocks = (rows + electra_ext::kGenHeadBlockRows - 1) / electra_ext::kGenHeadBlockRows;
-  const electra_ext::GenHeadSplits splits =
-      electra_ext::gen_head_vocab_splits(row_blocks, vocab, emulated::multiprocessor_count());
+  const electra_ext::GenHeadSplits splits = emulated::gen_head_forward_splits(rows, vocab, FloatType::kBFloat16);
   const size_t partial = size_t(splits.splits) * rows;
   DeviceBuffer<float> partial_float(3 * partial), target_logit(rows), lse_out(rows), loss_out(rows);
   DeviceBuffer<int32_t> partial_int(2 * partial), correct_out(rows);
@@ -126,13 +125,16 @@ void check(int rows, int vocab, int hidden, int h_stride, int64_t chunk_rows, bo
 
   const float grad_scale = 1.0f / float(std::max(counted, 1));
   const int64_t vocab_padded = electra_ext::gen_head_vocab_padded(vocab);
-  const electra_ext::GenHeadSplits backward_splits = electra_ext::gen_head_vocab_splits(
-      chunk_rows / electra_ext::kGenHeadBlockRows, vocab, emulated::multiprocessor_count());
   DeviceBuffer<__nv_bfloat16> grad_logits_out(size_t(chunk_rows) * vocab_padded), grad_h_out(size_t(rows) * hidden);
   DeviceBuffer<float> bias_partials(size_t(row_blocks) * vocab), grad_weight_out(wd.size());
   std::fill(grad_weight_out.data, grad_weight_out.data + wd.size(), 0.0f);  // the contract: zero-filled
-  const GenHeadBackwardArgs backward{in, lse_out.data, &grad_scale, chunk_rows, backward_splits,
-                                     grad_logits_out.data, bias_partials.data, grad_h_out.data,
+  const GenHeadBackwardArgs backward{in,
+                                     lse_out.data,
+                                     &grad_scale,
+                                     chunk_rows,
+                                     grad_logits_out.data,
+                                     bias_partials.data,
+                                     grad_h_out.data,
                                      grad_weight_out.data};
   expect(emulated::gen_head_backward(backward, nullptr) == cudaSuccess, "backward launch", rows, vocab, hidden);
   std::vector<double> grad_h_values(grad_h.size()), grad_bias_values(vocab, 0.0);
@@ -146,15 +148,61 @@ void check(int rows, int vocab, int hidden, int h_stride, int64_t chunk_rows, bo
   expect(relative_error(grad_bias_values, grad_bias) <= 1e-5, "grad_bias", rows, vocab, hidden);
 }
 
+// gen_head_vocab_splits against every split count: its splits cover the tiles with none empty, and no split
+// count has a lower modelled cost (waves x (tiles per split + overhead)) or the same cost with fewer splits.
+void check_vocab_splits(int64_t row_blocks, int64_t vocab, int64_t resident) {
+  const int64_t tiles = (vocab + electra_ext::kGenHeadTileColumns - 1) / electra_ext::kGenHeadTileColumns;
+  const auto cost = [&](int64_t per_split, int64_t splits) {
+    return (row_blocks * splits + resident - 1) / resident * (per_split + electra_ext::kGenHeadBlockOverheadTiles);
+  };
+  const electra_ext::GenHeadSplits got = electra_ext::gen_head_vocab_splits(row_blocks, vocab, resident);
+  const bool covers = got.splits >= 1 && got.tiles_per_split >= 1 &&
+                      int64_t(got.splits) * got.tiles_per_split >= tiles &&
+                      int64_t(got.splits - 1) * got.tiles_per_split < tiles;
+  bool least = true;
+  for (int64_t splits = 1; splits <= tiles; ++splits) {
+    const int64_t per_split = (tiles + splits - 1) / splits;
+    if ((splits - 1) * per_split >= tiles) continue;  // an empty split
+    const int64_t c = cost(per_split, splits), best = cost(got.tiles_per_split, got.splits);
+    least = least && (c > best || (c == best && splits >= got.splits));
+  }
+  if (!covers || !least) {
+    std::printf("FAILED: vocab splits (row blocks %lld, vocab %lld, resident %lld): %d x %d tiles%s%s\n",
+                static_cast<long long>(row_blocks), static_cast<long long>(vocab), static_cast<long long>(resident),
+                got.splits, got.tiles_per_split, covers ? "" : ", not a cover", least ? "" : ", not the least cost");
+    ++failures;
+  }
+}
+
+void check_vocab_splits_cases() {
+  // ELECTRA's vocabulary (477 tiles) on an H100's 132 SMs x 2 and x 3 blocks: Base's 154 row blocks, Small's 20,
+  // the backward's 8 a chunk, one; then ragged vocabularies, one tile, a grid bigger than the device.
+  for (int64_t resident : {264, 396, 14}) {
+    for (int64_t row_blocks : {154, 20, 8, 2, 1}) check_vocab_splits(row_blocks, 30522, resident);
+  }
+  for (int64_t vocab : {1, 64, 65, 1000, 250002}) check_vocab_splits(3, vocab, 14);
+  check_vocab_splits(5000, 30522, 264);
+  check_vocab_splits(2, 3 * 64, 3);  // 1 split and 3 cost the same: 1 wave x 4 tiles, 2 waves x 2
+  // Row blocks a multiple of what the device holds: splitting only adds waves, so one split.
+  const electra_ext::GenHeadSplits whole = electra_ext::gen_head_vocab_splits(528, 30522, 264);
+  if (whole.splits != 1) {
+    std::printf("FAILED: 528 row blocks on 264 resident took %d splits, not 1\n", whole.splits);
+    ++failures;
+  }
+}
+
 }  // namespace
 
 int main() {
+  check_vocab_splits_cases();
   std::mt19937 rng(0);
   // One row; a ragged row block and vocabulary tile with hidden not a multiple of the 32-element chunk; strided
   // rows of h and a backward in two chunks of 128 rows (the second ragged).
   check(1, 50, 16, 16, 128, false, rng);
   check(70, 150, 40, 40, 128, true, rng);
   check(200, 90, 24, 32, 128, false, rng);
+  // Chunks of 2 row blocks and 1 (the ragged last one): the grad-logits kernel splits 10 tiles 5 ways, then 10.
+  check(260, 600, 16, 16, 256, false, rng);
   std::printf("%s: %d failure(s)\n", failures == 0 ? "emulated gen_head passed" : "emulated gen_head FAILED",
               failures);
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
