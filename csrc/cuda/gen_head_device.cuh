@@ -4,8 +4,8 @@
 // Logit tiles. Every kernel that needs logits runs for_each_logit_tile: a block of 4 warps owns 128 rows of h
 // (32 per warp, two m16 tiles) and walks its split of the vocabulary in tiles of 64 columns; per tile the
 // [128 x 64] float32 logits h weightᵀ come out of mma.sync m16n8k16 over hidden in chunks of 32, the h and
-// weight chunks double-buffered in shared memory with cp.async (the pipeline runs through the chunks of all the
-// split's tiles, so there is no bubble between tiles). Per warp and chunk: 4 ldmatrix.x4 of h, 8 of weight,
+// weight chunks in a 3-stage cp.async pipeline in shared memory (it runs through the chunks of all the split's
+// tiles, so there is no bubble between tiles). Per warp and chunk: 4 ldmatrix.x4 of h, 8 of weight,
 // 32 mma. The logits never leave registers: an epilogue consumes each tile.
 //   forward  epilogue: per row and lane a running max, sum of exp, first column of the max, best Gumbel-perturbed
 //            score and its column, the target logit; Philox words come one call per 4 columns, traded between
@@ -30,12 +30,12 @@
 //           written once and read twice: 1.2 GB per Base batch, ~0.5 ms at 3 TB/s. The workspace holds
 //           chunk_rows x V x 2 B = 64 MiB by default (1,024 rows at V = 30,522): 2.6% of the [M, V] float32
 //           logits an eager head holds (2.4 GB).
-// Shared memory: 2 stages x (128 + 64) rows x (32 + 8) x 2 B = 30,720 B per logit-tile block; gemm_kernel
+// Shared memory: 3 stages x (128 + 64) rows x (32 + 8) x 2 B = 46,080 B per logit-tile block; gemm_kernel
 //   2 x (64 x 40 or 32 x 72 + 32 x 72) x 2 B <= 19,456 B.
 // Grids: a logit-tile kernel's (splits, row blocks) comes from gen_head_vocab_splits (cuda/gen_head_launch.h),
 //   which sizes the splits so that the blocks the device holds at once (3 per SM: 168 registers) run in the
 //   fewest waves of the fewest tiles; the measured H200 forward at d18a559 (19.6 ms at Base, 1.24 ms at Small)
-//   ran 2 blocks per SM and a second wave under 20% full.
+//   ran 2 blocks per SM, 2 pipeline stages and a second wave under 20% full.
 #pragma once
 
 #include <cmath>
@@ -63,11 +63,18 @@ constexpr int kChunk = 32;                          // hidden elements per pipel
 using HTile = tiles::PaddedTile<kBlockRows, kChunk>;
 using WTile = tiles::PaddedTile<kTileColumns, kChunk>;
 constexpr int kStageElements = HTile::kElements + WTile::kElements;
-constexpr size_t kLogitTileSharedBytes = 2 * size_t(kStageElements) * 2;
+// Stages in shared memory: loads run 2 stages (64 elements of hidden) ahead of the products, so a stage's L2
+// latency (~600-800 cycles) hides behind two stages of mma (3 warps a scheduler x 32 mma ~ 600 cycles each) and
+// the epilogue runs with the next tile's first two stages in flight. 3 x 15,360 B = 45 KiB: under the 48 KiB a
+// launch gets without opting in, and 3 blocks (135 KiB) fit an SM's 228.
+constexpr int kStages = 3;
+constexpr size_t kLogitTileSharedBytes = kStages * size_t(kStageElements) * 2;
+static_assert(kLogitTileSharedBytes + sizeof(float[kWarps][kTileColumns]) <= 48 * 1024,
+              "the launchers do not raise the shared-memory limit (the grad-logits kernel's column sums included)");
 // Logit-tile blocks per SM the kernels are built for: 3 x 128 threads leave 170 registers a thread (168 as
 // allocated), which the forward and the grad-logits kernel fit without spills (ptxas -v, sm_90); at 2 (the
 // forward took 195 registers before its rows and columns became 32-bit) an SM has 8 warps to hide the epilogue's
-// latency, at 3 it has 12. Shared memory allows 7 (30 KiB each).
+// latency, at 3 it has 12. Shared memory allows 4 (45 KiB each).
 constexpr int kLogitTileBlocksPerMultiprocessor = 3;
 
 using LogitTile = float[kRowTiles][kColumnFragments][4];
@@ -119,7 +126,7 @@ __device__ __forceinline__ void for_each_logit_tile(const GenHeadInputs& in, int
     const int64_t first_column = int64_t(split.first + stage / chunks) * kTileColumns;
     const int k0 = (stage % chunks) * kChunk;
     const int64_t columns_left = in.vocab - first_column;
-    T* const buffer = shared + (stage % 2) * kStageElements;
+    T* const buffer = shared + (stage % kStages) * kStageElements;
     tiles::load_tile_async<kBlockRows, kChunk, kThreads>(buffer, h + k0, in.h_row_stride, valid_rows, thread,
                                                          in.hidden - k0);
     tiles::load_tile_async<kTileColumns, kChunk, kThreads>(
@@ -129,17 +136,17 @@ __device__ __forceinline__ void for_each_logit_tile(const GenHeadInputs& in, int
 
   const bool working = warp * kWarpRows < valid_rows;
   float logits[kRowTiles][kColumnFragments][4];
-  if (stages > 0) {
-    load_stage(0);
+  // One commit group per stage, empty past the last, so that waiting for all but the newest kStages - 2 groups
+  // always covers `stage`.
+  for (int ahead = 0; ahead < kStages - 1; ++ahead) {
+    if (ahead < stages) load_stage(ahead);
     cp_async_commit();
   }
   for (int stage = 0; stage < stages; ++stage) {
-    cp_async_wait<0>();
-    __syncthreads();  // stage visible to all; every warp is done with the other buffer (stage - 1)
-    if (stage + 1 < stages) {
-      load_stage(stage + 1);
-      cp_async_commit();
-    }
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage visible to all; every warp is done with buffer (stage - 1) % kStages, refilled next
+    if (stage + kStages - 1 < stages) load_stage(stage + kStages - 1);
+    cp_async_commit();
     const int chunk = stage % chunks;
     if (chunk == 0) {
 #pragma unroll
@@ -152,7 +159,7 @@ __device__ __forceinline__ void for_each_logit_tile(const GenHeadInputs& in, int
       }
     }
     if (working) {
-      const T* const h_tile = shared + (stage % 2) * kStageElements;
+      const T* const h_tile = shared + (stage % kStages) * kStageElements;
       const T* const w_tile = h_tile + HTile::kElements;
 #pragma unroll
       for (int ks = 0; ks < kChunk / 16; ++ks) {
