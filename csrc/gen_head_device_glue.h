@@ -3,8 +3,8 @@
 // with 16-byte aligned rows and hidden padded to a multiple of 8), workspaces, then the torch-free launchers of
 // cuda/gen_head_launch.h, and the reductions of their per-row results into the op's outputs.
 //
-// `Launchers` supplies gen_head_forward_splits, gen_head_forward and gen_head_backward (the launcher namespace's
-// functions), stream() and check(cudaError_t).
+// `Launchers` supplies gen_head_forward_splits, gen_head_grad_h_partial_floats, gen_head_forward and
+// gen_head_backward (the launcher namespace's functions), stream() and check(cudaError_t).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -147,6 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_head_backward_on_device(
       at::empty({(rows + kGenHeadBlockRows - 1) / kGenHeadBlockRows, vocab}, float_options);
   at::Tensor grad_h = at::empty({rows, hidden}, in.h.options());
   at::Tensor grad_weight = at::zeros({vocab, hidden}, float_options);
+  const int64_t grad_h_partial_floats =
+      rows > 0 ? Launchers::gen_head_grad_h_partial_floats(chunk_rows, hidden, in.launch.dtype) : 0;
+  at::Tensor grad_h_partials = at::empty({grad_h_partial_floats}, float_options);
   const GenHeadBackwardArgs args{in.launch,
                                  lse.data_ptr<float>(),
                                  grad_scale.data_ptr<float>(),
@@ -154,6 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_head_backward_on_device(
                                  grad_logits.data_ptr(),
                                  grad_bias_partials.data_ptr<float>(),
                                  grad_h.data_ptr(),
+                                 grad_h_partials.data_ptr<float>(),
+                                 grad_h_partial_floats,
                                  grad_weight.data_ptr<float>()};
   Launchers::check(Launchers::gen_head_backward(args, Launchers::stream()));
   const int64_t original_hidden = h_in.size(1);

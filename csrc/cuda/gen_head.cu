@@ -58,14 +58,44 @@ cudaError_t launch_forward(const GenHeadForwardArgs& args, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+// The grad_h GEMM's output is only chunk rows x hidden (Base: 1,024 x 768, 192 tiles of 64 x 64) against a k
+// of V = 30,522: one block per tile leaves an SM 1 or 2 blocks of 4 warps for 954 stages. So k is split until
+// the tiles times the splits fill the blocks the device holds at once (SMs x occupancy: 5 per SM, 660 on an
+// H100, so Base gets 3 splits), each split writing float32 partials that reduce_k_splits_kernel adds in order.
+// At most kMaxGradHSplits: the partials are splits x rows x hidden floats, and 4 keep the ELECTRA-Small
+// backward's peak (89.5 MB above its inputs at d18a559, +2 MB) under 5% of the eager head's (1,930 MB).
+constexpr int64_t kMaxGradHSplits = 4;
+
+template <typename T>
+int64_t grad_h_splits(int64_t rows, int64_t hidden) {
+  const int64_t tiles =
+      ((rows + dev::kGemmTile - 1) / dev::kGemmTile) * ((hidden + dev::kGemmTile - 1) / dev::kGemmTile);
+  const int64_t splits = resident_blocks(dev::gemm_kernel<T, false, T>, dev::kGemmSharedBytes<false>) / tiles;
+  return splits < 1 ? 1 : (splits > kMaxGradHSplits ? kMaxGradHSplits : splits);
+}
+
+// k_splits > 1: k in that many parts (fewer when k has fewer chunks), partials in args.partials.
 template <typename T, bool kATransposed, typename Out>
-cudaError_t launch_gemm(const dev::GemmArgs<Out>& args, cudaStream_t stream) {
+cudaError_t launch_gemm(dev::GemmArgs<Out> args, int64_t k_splits, cudaStream_t stream) {
   const int64_t blocks_n = (args.n + dev::kGemmTile - 1) / dev::kGemmTile;
   const int64_t blocks_m = (args.m + dev::kGemmTile - 1) / dev::kGemmTile;
   if (blocks_m > kMaxGridY) return cudaErrorInvalidValue;
-  launch_kernel(dev::gemm_kernel<T, kATransposed, Out>, dim3(static_cast<unsigned>(blocks_n),
-                                                           static_cast<unsigned>(blocks_m)),
+  const int64_t chunks = (args.k + dev::kGemmChunk - 1) / dev::kGemmChunk;
+  const int64_t wanted = k_splits < chunks ? k_splits : chunks;
+  const int64_t chunks_per_split = wanted > 1 ? (chunks + wanted - 1) / wanted : chunks + 1;
+  const int64_t splits = wanted > 1 ? (chunks + chunks_per_split - 1) / chunks_per_split : 1;
+  args.k_per_split = chunks_per_split * dev::kGemmChunk;
+  launch_kernel(dev::gemm_kernel<T, kATransposed, Out>,
+                dim3(static_cast<unsigned>(blocks_n), static_cast<unsigned>(blocks_m), static_cast<unsigned>(splits)),
                 dim3(dev::kThreads), dev::kGemmSharedBytes<kATransposed>, stream, args);
+  if (splits == 1) return cudaGetLastError();
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if constexpr (std::is_same<Out, T>::value) {
+    const int64_t pairs = args.m * args.n / 2;
+    launch_kernel(dev::reduce_k_splits_kernel<T>,
+                  dim3(static_cast<unsigned>((pairs + dev::kReduceThreads - 1) / dev::kReduceThreads)),
+                  dim3(dev::kReduceThreads), 0, stream, args, static_cast<int>(splits));
+  }
   return cudaGetLastError();
 }
 
@@ -91,8 +121,12 @@ cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream
                                   dev::GemmOperand{in.weight, in.hidden, in.vocab, in.hidden},
                                   static_cast<T*>(args.grad_h) + first_row * in.hidden,
                                   args.grad_scale,
-                                  false};
-    if (cudaError_t err = launch_gemm<T, false>(grad_h, stream); err != cudaSuccess) return err;
+                                  false,
+                                  0,
+                                  args.grad_h_partials};
+    const int64_t fit = args.grad_h_partial_floats / (rows * in.hidden);
+    const int64_t k_splits = grad_h_splits<T>(rows, in.hidden) < fit ? grad_h_splits<T>(rows, in.hidden) : fit;
+    if (cudaError_t err = launch_gemm<T, false>(grad_h, k_splits, stream); err != cudaSuccess) return err;
     // grad_weight += s Gᵀ h[chunk]: [V x rows] [rows x hidden].
     const dev::GemmArgs<float> grad_weight{in.vocab,
                                            in.hidden,
@@ -101,8 +135,10 @@ cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream
                                            dev::GemmOperand{h, in.h_row_stride, rows, in.hidden},
                                            args.grad_weight,
                                            args.grad_scale,
-                                           true};
-    if (cudaError_t err = launch_gemm<T, true>(grad_weight, stream); err != cudaSuccess) return err;
+                                           true,
+                                           0,
+                                           nullptr};
+    if (cudaError_t err = launch_gemm<T, true>(grad_weight, 1, stream); err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
@@ -112,6 +148,12 @@ cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream
 GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dtype) {
   return dtype == FloatType::kFloat16 ? forward_splits<__half>(rows, vocab)
                                       : forward_splits<__nv_bfloat16>(rows, vocab);
+}
+
+int64_t gen_head_grad_h_partial_floats(int64_t chunk_rows, int64_t hidden, FloatType dtype) {
+  const int64_t splits = dtype == FloatType::kFloat16 ? grad_h_splits<__half>(chunk_rows, hidden)
+                                                      : grad_h_splits<__nv_bfloat16>(chunk_rows, hidden);
+  return splits > 1 ? splits * chunk_rows * hidden : 0;
 }
 
 // cudaErrorInvalidValue for a dtype other than fp16/bf16 or inputs that break the contract's layout.
@@ -133,7 +175,8 @@ cudaError_t gen_head_backward(const GenHeadBackwardArgs& args, cudaStream_t stre
   if (args.in.rows == 0) return cudaSuccess;
   if (args.chunk_rows <= 0 || args.chunk_rows % dev::kBlockRows != 0 ||
       !inputs_launchable(args.in, args.chunk_rows / dev::kBlockRows) ||
-      !aligned_16(args.grad_logits) || !aligned_16(args.grad_h) || !aligned_16(args.grad_weight)) {
+      !aligned_16(args.grad_logits) || !aligned_16(args.grad_h) || !aligned_16(args.grad_weight) ||
+      !aligned_16(args.grad_h_partials)) {
     return cudaErrorInvalidValue;
   }
   switch (args.in.dtype) {

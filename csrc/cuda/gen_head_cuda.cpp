@@ -14,6 +14,9 @@ struct CudaLaunchers {
   static GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dtype) {
     return cuda::gen_head_forward_splits(rows, vocab, dtype);
   }
+  static int64_t gen_head_grad_h_partial_floats(int64_t chunk_rows, int64_t hidden, FloatType dtype) {
+    return cuda::gen_head_grad_h_partial_floats(chunk_rows, hidden, dtype);
+  }
   static cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream) {
     return cuda::gen_head_forward(args, stream);
   }

@@ -136,17 +136,7 @@ __device__ __forceinline__ void for_each_logit_tile(const GenHeadInputs& in, int
 
   const bool working = warp * kWarpRows < valid_rows;
   float logits[kRowTiles][kColumnFragments][4];
-  // One commit group per stage, empty past the last, so that waiting for all but the newest kStages - 2 groups
-  // always covers `stage`.
-  for (int ahead = 0; ahead < kStages - 1; ++ahead) {
-    if (ahead < stages) load_stage(ahead);
-    cp_async_commit();
-  }
-  for (int stage = 0; stage < stages; ++stage) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage visible to all; every warp is done with buffer (stage - 1) % kStages, refilled next
-    if (stage + kStages - 1 < stages) load_stage(stage + kStages - 1);
-    cp_async_commit();
+  auto compute_stage = [&](int stage) {
     const int chunk = stage % chunks;
     if (chunk == 0) {
 #pragma unroll
@@ -184,7 +174,8 @@ __device__ __forceinline__ void for_each_logit_tile(const GenHeadInputs& in, int
     if (chunk == chunks - 1) {
       epilogue(logits, (split.first + stage / chunks) * kTileColumns, working);
     }
-  }
+  };
+  tiles::cp_async_pipeline<kStages>(stages, load_stage, compute_stage);
 }
 
 // What the forward carries per row: running max and sum of exp(logit - max), the first column of the max, the
@@ -446,10 +437,10 @@ __global__ void __launch_bounds__(kThreads, kLogitTileBlocksPerMultiprocessor)
   for_each_logit_tile<T>(in, first_row, split_tiles(in, splits), epilogue);
 }
 
-// out (+)= alpha A B on tensor cores, A [m x k], B [k x n], fp32 accumulation; one block per 64 x 64 output tile,
-// k in order (deterministic). Operands are 16-bit matrices in memory with 16-byte aligned rows; A is stored
-// [m][k] or, kATransposed, [k][m]; B is stored [k][n]. Loads zero-fill outside the operands' valid rows and
-// columns (multiples of 8 for columns).
+// out (+)= alpha A B on tensor cores, A [m x k], B [k x n], fp32 accumulation; one block per 64 x 64 output tile
+// and k split, k in order within a split (deterministic). Operands are 16-bit matrices in memory with 16-byte
+// aligned rows; A is stored [m][k] or, kATransposed, [k][m]; B is stored [k][n]. Loads zero-fill outside the
+// operands' valid rows and columns (multiples of 8 for columns).
 struct GemmOperand {
   const void* data;
   int64_t row_stride;  // elements, a multiple of 8
@@ -462,10 +453,18 @@ struct GemmArgs {
   Out* out;  // [m, n] with row stride n
   const float* alpha;  // [1] on the device
   bool accumulate;     // out += alpha A B (float32 out only) instead of out = alpha A B
+  // With gridDim.z > 1, k is split into parts of k_per_split (a multiple of kGemmChunk): part z writes its
+  // unscaled float32 product to partials[z][m][n], and reduce_k_splits_kernel writes out = alpha sum over z, in
+  // z order. With gridDim.z == 1, k_per_split >= k and partials is unused.
+  int64_t k_per_split;
+  float* partials;
 };
 
 constexpr int kGemmTile = 64;   // output rows and columns per block; warps 2 x 2 of 32 x 32
 constexpr int kGemmChunk = 32;  // k per pipeline stage
+// Per stage a warp issues only 16 mma (~100 cycles) against ~600-800 cycles of L2 latency: 3 stages, like the
+// logit tiles, and k splits so that enough blocks share each SM.
+constexpr int kGemmStages = 3;
 
 template <bool kATransposed>
 using GemmATile = std::conditional_t<kATransposed, tiles::PaddedTile<kGemmChunk, kGemmTile>,
@@ -474,7 +473,9 @@ using GemmBTile = tiles::PaddedTile<kGemmChunk, kGemmTile>;
 template <bool kATransposed>
 constexpr int kGemmStageElements = GemmATile<kATransposed>::kElements + GemmBTile::kElements;
 template <bool kATransposed>
-constexpr size_t kGemmSharedBytes = 2 * size_t(kGemmStageElements<kATransposed>) * 2;
+constexpr size_t kGemmSharedBytes = kGemmStages * size_t(kGemmStageElements<kATransposed>) * 2;
+static_assert(kGemmSharedBytes<false> <= 48 * 1024 && kGemmSharedBytes<true> <= 48 * 1024,
+              "the launchers do not raise the shared-memory limit");
 
 __device__ __forceinline__ int clamp_extent(int64_t left, int tile) {
   return left < 0 ? 0 : (left < tile ? static_cast<int>(left) : tile);
@@ -491,11 +492,14 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs<Out> args) {
   const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
   const T* const a = static_cast<const T*>(args.a.data);
   const T* const b = static_cast<const T*>(args.b.data);
-  const int stages = static_cast<int>((args.k + kGemmChunk - 1) / kGemmChunk);
+  const int64_t k_first = int64_t(blockIdx.z) * args.k_per_split;
+  const int64_t k_left = args.k - k_first;
+  const int64_t k_extent = k_left < args.k_per_split ? k_left : args.k_per_split;
+  const int stages = static_cast<int>((k_extent + kGemmChunk - 1) / kGemmChunk);
 
   auto load_stage = [&](int stage) {
-    const int64_t k0 = int64_t(stage) * kGemmChunk;
-    T* const buffer = shared + (stage % 2) * kStage;
+    const int64_t k0 = k_first + int64_t(stage) * kGemmChunk;
+    T* const buffer = shared + (stage % kGemmStages) * kStage;
     if constexpr (kATransposed) {
       tiles::load_tile_async<kGemmChunk, kGemmTile, kThreads>(
           buffer, a + k0 * args.a.row_stride + m0, args.a.row_stride, clamp_extent(args.a.rows - k0, kGemmChunk),
@@ -519,18 +523,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs<Out> args) {
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
     }
   }
-  if (stages > 0) {
-    load_stage(0);
-    cp_async_commit();
-  }
-  for (int stage = 0; stage < stages; ++stage) {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (stage + 1 < stages) {
-      load_stage(stage + 1);
-      cp_async_commit();
-    }
-    const T* const a_tile = shared + (stage % 2) * kStage;
+  auto compute_stage = [&](int stage) {
+    const T* const a_tile = shared + (stage % kGemmStages) * kStage;
     const T* const b_tile = a_tile + ATile::kElements;
 #pragma unroll
     for (int ks = 0; ks < kGemmChunk / 16; ++ks) {
@@ -555,9 +549,11 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs<Out> args) {
         }
       }
     }
-  }
+  };
+  tiles::cp_async_pipeline<kGemmStages>(stages, load_stage, compute_stage);
 
-  const float alpha = *args.alpha;
+  const bool split = gridDim.z > 1;
+  const float alpha = split ? 1.0f : *args.alpha;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -568,6 +564,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs<Out> args) {
         const int64_t row = m0 + warp_m + mt * 16 + lane / 4 + 8 * r;
         if (row >= args.m || column >= args.n) continue;  // n is a multiple of 8: column + 1 < n too
         const float x = alpha * acc[mt][nt][2 * r], y = alpha * acc[mt][nt][2 * r + 1];
+        if (split) {
+          float* const partial = args.partials + (int64_t(blockIdx.z) * args.m + row) * args.n + column;
+          partial[0] = x;
+          partial[1] = y;
+          continue;
+        }
         Out* const out = args.out + row * args.n + column;
         if constexpr (std::is_same<Out, float>::value) {
           out[0] = args.accumulate ? out[0] + x : x;
@@ -578,6 +580,24 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs<Out> args) {
       }
     }
   }
+}
+
+// out = alpha sum over z < splits of partials[z] (gemm_kernel's k splits), in z order; one thread per pair of
+// columns (n is a multiple of 8).
+constexpr int kReduceThreads = 256;
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) reduce_k_splits_kernel(GemmArgs<T> args, int splits) {
+  const int64_t pair = int64_t(blockIdx.x) * kReduceThreads + threadIdx.x;
+  const int64_t size = args.m * args.n;
+  if (2 * pair >= size) return;
+  float x = 0.0f, y = 0.0f;
+  for (int z = 0; z < splits; ++z) {
+    const float* const partial = args.partials + z * size + 2 * pair;
+    x += partial[0];
+    y += partial[1];
+  }
+  const float alpha = *args.alpha;
+  *reinterpret_cast<uint32_t*>(args.out + 2 * pair) = tiles::float2_to_pair<T>(alpha * x, alpha * y);
 }
 
 }  // namespace electra_ext::ELECTRA_BACKEND::gen_head_device

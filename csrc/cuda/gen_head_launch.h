@@ -132,14 +132,17 @@ struct GenHeadBackwardArgs {
   void* grad_logits;        // [chunk_rows, gen_head_vocab_padded(vocab)] of dtype, workspace
   float* grad_bias_partials;  // [ceil(rows / kGenHeadBlockRows), vocab], every entry written
   void* grad_h;               // [rows, hidden] contiguous, of dtype
+  float* grad_h_partials;     // workspace for the grad_h GEMM's k splits, of grad_h_partial_floats floats:
+  int64_t grad_h_partial_floats;  // gen_head_grad_h_partial_floats(chunk_rows, hidden, dtype) (0: no splits)
   float* grad_weight;         // [vocab, hidden] contiguous, zero-filled by the caller, accumulated
 };
 
 // gen_head_forward_splits: the forward's split for `rows` rows of `dtype` on the current device
 // (gen_head_vocab_splits with the blocks of the forward kernel its SMs hold at once, by occupancy), by which the
-// caller sizes the partials.
+// caller sizes the partials. gen_head_grad_h_partial_floats: the size of the backward's grad_h_partials.
 #define ELECTRA_GEN_HEAD_LAUNCHERS                                                          \
   GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dtype);      \
+  int64_t gen_head_grad_h_partial_floats(int64_t chunk_rows, int64_t hidden, FloatType dtype); \
   cudaError_t gen_head_forward(const GenHeadForwardArgs& args, cudaStream_t stream);        \
   cudaError_t gen_head_backward(const GenHeadBackwardArgs& args, cudaStream_t stream);
 

@@ -2,7 +2,8 @@
 // documents the layouts), shared by the fused attention and generator-head kernels: torch-free device code
 // built by nvcc and, against the SIMT emulation, by the host compiler (simt/simt.cuh).
 //   - shared-memory tiles of rows of 16-bit elements, padded by 16 bytes per row (no ldmatrix bank conflicts),
-//   - cp.async loads of a tile from rows in global memory, zero-filled past the valid rows and columns,
+//   - cp.async loads of a tile from rows in global memory, zero-filled past the valid rows and columns, and a
+//     pipeline of such loads over shared-memory stages,
 //   - ldmatrix addressing for A fragments from [m][k] storage (row-major) and from [k][m] storage (.trans),
 //     B fragments from [n][k] storage and from [k][n] storage (.trans),
 //   - the register-only conversion of two fp32 C fragments (16x8) into one 16-bit A fragment (16x16),
@@ -59,6 +60,26 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* global, int64_
     // An invalid chunk copies nothing; its source is the tile's start, a valid address all the same.
     const T* source = valid ? global + row * row_stride + col : global;
     cp_async_16_or_zero(Tile::at(tile, row, col), source, valid);
+  }
+}
+
+// A cp.async pipeline of kStages shared-memory stages: load(stage) issues stage's copies (every thread of the
+// block), compute(stage) reads them; loads run kStages - 1 stages ahead of compute. One commit group per stage,
+// empty past the last, so that waiting for all but the newest kStages - 2 groups always covers `stage`; the
+// barrier before each load also means every thread is done with the buffer it refills (stage - 1's).
+template <int kStages, typename Load, typename Compute>
+__device__ __forceinline__ void cp_async_pipeline(int stages, Load& load, Compute& compute) {
+  static_assert(kStages >= 2, "at least double buffering");
+  for (int ahead = 0; ahead < kStages - 1; ++ahead) {
+    if (ahead < stages) load(ahead);
+    cp_async_commit();
+  }
+  for (int stage = 0; stage < stages; ++stage) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (stage + kStages - 1 < stages) load(stage + kStages - 1);
+    cp_async_commit();
+    compute(stage);
   }
 }
 

@@ -126,7 +126,10 @@ void check(int rows, int vocab, int hidden, int h_stride, int64_t chunk_rows, bo
   const float grad_scale = 1.0f / float(std::max(counted, 1));
   const int64_t vocab_padded = electra_ext::gen_head_vocab_padded(vocab);
   DeviceBuffer<__nv_bfloat16> grad_logits_out(size_t(chunk_rows) * vocab_padded), grad_h_out(size_t(rows) * hidden);
-  DeviceBuffer<float> bias_partials(size_t(row_blocks) * vocab), grad_weight_out(wd.size());
+  const int64_t grad_h_partial_floats =
+      emulated::gen_head_grad_h_partial_floats(chunk_rows, hidden, FloatType::kBFloat16);
+  DeviceBuffer<float> bias_partials(size_t(row_blocks) * vocab), grad_weight_out(wd.size()),
+      grad_h_partials(grad_h_partial_floats);
   std::fill(grad_weight_out.data, grad_weight_out.data + wd.size(), 0.0f);  // the contract: zero-filled
   const GenHeadBackwardArgs backward{in,
                                      lse_out.data,
@@ -135,6 +138,8 @@ void check(int rows, int vocab, int hidden, int h_stride, int64_t chunk_rows, bo
                                      grad_logits_out.data,
                                      bias_partials.data,
                                      grad_h_out.data,
+                                     grad_h_partials.data,
+                                     grad_h_partial_floats,
                                      grad_weight_out.data};
   expect(emulated::gen_head_backward(backward, nullptr) == cudaSuccess, "backward launch", rows, vocab, hidden);
   std::vector<double> grad_h_values(grad_h.size()), grad_bias_values(vocab, 0.0);
