@@ -6,6 +6,7 @@
 """
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser(
         "pretrain", help="pre-train ELECTRA (the embedded corpus by default)",
         description="Pre-trains an ELECTRA generator and discriminator. With no options: the embedded "
-                    "public-domain corpus, the tiny model on CPU (about 10 minutes on 2 cores) or "
+                    "public-domain corpus, the tiny model on CPU (about 4 minutes on 2 cores) or "
                     "ELECTRA-Small on a GPU. For several GPUs: torchrun --nproc-per-node N -m electra_ext.cli "
                     "pretrain ...")
     pretrain.add_argument("--config", help="YAML or JSON file of options; command-line options override it")
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
             config = TrainConfig.from_file(arguments.config, **given) if arguments.config \
                 else TrainConfig.from_dict(given)
             run_dir = pretrain(config)
-            print(f"run directory: {run_dir}")
+            if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+                print(f"run directory: {run_dir}")
         elif arguments.command == "train-tokenizer":
             from electra_ext.data.tokenizer import train_tokenizer
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from electra_ext.cli import main as cli_main
 from electra_ext.train import TrainConfig, pretrain
+from electra_ext.train.config import resolve_device
 from electra_ext.train.metrics import read_metrics
 
 
@@ -130,6 +131,38 @@ def test_two_gloo_ranks_match_one_process_and_resume_at_another_world_size(cache
     actual = load_file(os.path.join(resumed, "model", "model.safetensors"))
     for key in expected:
         assert torch.allclose(expected[key], actual[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_the_logged_learning_rate_is_the_one_its_step_used(cache_dir, tmp_path, monkeypatch):
+    """Each train record's learning_rate is the rate AdamW applied in that step's update (it was the next step's)."""
+    applied = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        applied.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run_dir = pretrain(small_run(cache_dir, tmp_path / "run", steps=6, warmup_steps=2))
+    assert [r["learning_rate"] for r in train_records(run_dir)] == applied
+    assert len(applied) == 6 and applied[0] < applied[1]  # warming up
+
+
+def test_a_cuda_device_is_named_with_its_index(monkeypatch, tmp_path, capsys):
+    """torch.cuda.set_device and DDP take only a CUDA device with an index: auto and cuda become the current
+    device (the default GPU run stopped at set_device("cuda") before); a device the machine lacks is an error
+    naming it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert [resolve_device(d) for d in ("auto", "cuda", "cuda:0", "cpu")] == ["cuda:1", "cuda:1", "cuda:0", "cpu"]
+    assert TrainConfig(device="cuda", precision="fp32").resolve().device == "cuda:1"
+    with pytest.raises(ValueError, match="'cuda:2', but this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert cli_main(["pretrain", "--device", "cuda", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "device is 'cuda', but torch finds no CUDA device on this machine" in capsys.readouterr().err
 
 
 def test_cli_help_names_every_option(capsys):

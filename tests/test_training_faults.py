@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import socket
 import time
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from electra_ext.data.corpus import embedded_corpus_files
 from electra_ext.data.sources import file_sha256
 from electra_ext.data.tokenizer import DEFAULT_VOCAB
 from electra_ext.modules.pretraining import ElectraForPretraining
-from electra_ext.train import TrainConfig, checkpoint, pretrain
+from electra_ext.train import TrainConfig, checkpoint, loop, pretrain
 from electra_ext.train.checkpoint import checksum_problem, complete_checkpoints, load_checkpoint
 from electra_ext.train.loop import TrainingDiverged
 from electra_ext.train.metrics import read_metrics
@@ -246,6 +247,56 @@ def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkp
     final.join(timeout=300)
     assert final.exitcode == 0
     assert_same_result(tmp_path / "killed", tmp_path / "reference")
+
+
+# --- Ctrl-C: a real SIGINT to this process, handled wherever Python next checks for signals.
+
+def interrupt_after(monkeypatch, owner, name, call: int):
+    """Sends SIGINT to this process as call number `call` (from 1) of owner.name returns."""
+    original = getattr(owner, name)
+    calls = itertools.count(1)
+
+    def interrupting(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if next(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(owner, name, interrupting)
+
+
+def test_ctrl_c_during_an_optimizer_update_checkpoints_that_step(setup, reference, tmp_path, monkeypatch, capsys):
+    """SIGINT inside step 3's update (after the optimizer step, before the schedule's): the checkpoint is step
+    3's, and resuming gives the uninterrupted result. Before, it was written as step 2 with step 3's weights and
+    Adam moments, and the resumed run diverged."""
+    interrupt_after(monkeypatch, torch.amp.GradScaler, "update", 3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(run_config(setup, tmp_path / "run"))
+    assert checkpoint_at(tmp_path / "run", 3)["step"] == 3
+    assert f"continue with --resume --output-dir {tmp_path / 'run'}" in capsys.readouterr().out
+    monkeypatch.undo()
+    pretrain(run_config(setup, tmp_path / "run", resume=True))
+    assert_same_result(tmp_path / "run", reference)
+
+
+def test_ctrl_c_as_a_checkpoint_is_written_does_not_write_it_again(setup, reference, tmp_path, monkeypatch):
+    """SIGINT as checkpoint 4's save returns: the run stops with step 4 saved once. Saving it again began by
+    deleting its .sha256, so a second kill during the rewrite left no complete copy of step 4."""
+    saved_steps = []
+    original = loop.save_checkpoint
+
+    def recording(checkpoint_dir, step, *args):
+        saved_steps.append(step)
+        return original(checkpoint_dir, step, *args)
+
+    monkeypatch.setattr(loop, "save_checkpoint", recording)
+    interrupt_after(monkeypatch, loop, "save_checkpoint", 2)  # step 4's (checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(run_config(setup, tmp_path / "run"))
+    assert saved_steps == [2, 4]
+    monkeypatch.undo()
+    pretrain(run_config(setup, tmp_path / "run", resume=True))
+    assert_same_result(tmp_path / "run", reference)
 
 
 # --- Corrupted checkpoints and full disks.

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from datetime import datetime
 from typing import Optional
@@ -24,8 +26,9 @@ from electra_ext._io import atomic_output
 from electra_ext.data.pretraining_data import BatchSchedule, PretrainingData
 from electra_ext.modules.config import preset as model_preset
 from electra_ext.modules.pretraining import ElectraForPretraining, ElectraPretrainingConfig, discriminator_metrics
-from electra_ext.train.checkpoint import (checkpoint_files, complete_checkpoints, load_checkpoint,
-                                          resumable_checkpoint, rng_states, save_checkpoint, set_rng_states)
+from electra_ext.train.checkpoint import (checkpoint_files, checkpoint_path, complete_checkpoints, is_complete,
+                                          load_checkpoint, resumable_checkpoint, rng_states, save_checkpoint,
+                                          set_rng_states)
 from electra_ext.train.config import TrainConfig
 from electra_ext.train.metrics import MetricsLog, peak_flops, plot_run, roc_auc, training_flops_per_token
 from electra_ext.train.optim import build_optimizer, linear_warmup_linear_decay
@@ -69,6 +72,8 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
         with open(os.path.join(run_dir, TRAIN_CONFIG_NAME)) as f:
             saved = TrainConfig.from_dict(json.load(f))
         check_resumable(saved, config)
+    elif config.resume and is_main:
+        print(f"resume: no checkpoint in {checkpoint_dir} yet: starting at step 0")
 
     # --- Data: rank 0 tokenises and builds the examples first, the others then open the cache.
     def load_data():
@@ -152,49 +157,54 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             if watch is not None:
                 watch.observe(step + 1, step_losses, grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window["steps"] += 1
-            done = step + 1
+            learning_rate = scheduler.get_last_lr()[0]  # this update's
+            # From the update on, the step completes: its count, records and checkpoint go with its weights.
+            with interrupts_deferred():
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                window["steps"] += 1
+                done = step + 1
 
-            last = done == config.steps
-            stopping = stop_after_step is not None and done >= stop_after_step
-            logging_now = done % config.log_every == 0 or last
-            evaluating_now = done % config.eval_every == 0 or last
-            if logging_now or evaluating_now:  # write_checkpoint() checks too
-                check_finite()
-            if logging_now:
-                values = finish_window(window, world_size)
-                elapsed = time.perf_counter() - window["start"]
-                values.update(grad_norm=float(grad_norm), learning_rate=scheduler.get_last_lr()[0],
-                              tokens_per_second=window["steps"] * tokens_per_step / elapsed,
-                              epoch=schedule.epoch(done))
-                if peak:
-                    values["mfu"] = window["steps"] * flops_per_step / elapsed / (peak * world_size)
-                if is_main:
-                    log.write("train", done, values)
-                    report(progress, config, done, values)
-                window = {"start": time.perf_counter(), "steps": 0, "sums": {}}
-            if evaluating_now:
-                if is_main:
-                    values = evaluate(model, data, config, device, autocast)
-                    log.write("eval", done, values)
-                    report(progress, config, done, values, evaluation=True)
-                barrier()
-            if done % config.checkpoint_every == 0 or last or stopping:
-                write_checkpoint()
-                barrier()
-            if stopping:
-                break
+                last = done == config.steps
+                stopping = stop_after_step is not None and done >= stop_after_step
+                logging_now = done % config.log_every == 0 or last
+                evaluating_now = done % config.eval_every == 0 or last
+                if logging_now or evaluating_now:  # write_checkpoint() checks too
+                    check_finite()
+                if logging_now:
+                    values = finish_window(window, world_size)
+                    elapsed = time.perf_counter() - window["start"]
+                    values.update(grad_norm=float(grad_norm), learning_rate=learning_rate,
+                                  tokens_per_second=window["steps"] * tokens_per_step / elapsed,
+                                  epoch=schedule.epoch(done))
+                    if peak:
+                        values["mfu"] = window["steps"] * flops_per_step / elapsed / (peak * world_size)
+                    if is_main:
+                        log.write("train", done, values)
+                        report(progress, config, done, values)
+                    window = {"start": time.perf_counter(), "steps": 0, "sums": {}}
+                if evaluating_now:
+                    if is_main:
+                        values = evaluate(model, data, config, device, autocast)
+                        log.write("eval", done, values)
+                        report(progress, config, done, values, evaluation=True)
+                    barrier()
+                if done % config.checkpoint_every == 0 or last or stopping:
+                    write_checkpoint()
+                    barrier()
+                if stopping:
+                    break
     except KeyboardInterrupt:
         # Keep the finished steps (a step interrupted before its optimizer update is redone on resume), unless
-        # they diverged: write_checkpoint() raises TrainingDiverged then.
-        if done > start_step:
+        # they diverged: write_checkpoint() raises TrainingDiverged then. A step just checkpointed is not saved
+        # again: rewriting it would put its only complete copy at risk for nothing.
+        if done > start_step and not is_complete(checkpoint_path(checkpoint_dir, done)):
             write_checkpoint()
-            if is_main:
-                print(f"\ninterrupted: checkpoint of step {done} in {checkpoint_dir}; continue with --resume")
+        if done > start_step and is_main:
+            print(f"\ninterrupted: checkpoint of step {done} in {checkpoint_dir}; continue with "
+                  f"--resume --output-dir {run_dir} (and the same options)")
         raise
     finally:
         if progress is not None:
@@ -216,6 +226,30 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
 
 
 # --- Helpers, in the order the loop uses them.
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Holds back a Ctrl-C (SIGINT) until the block is done, then raises it as KeyboardInterrupt; a second one
+    raises at once. Around a step's update and bookkeeping: a Ctrl-C between the optimizer update and
+    `done = step + 1` checkpointed updated weights and Adam moments under the previous step's number (the resumed
+    run silently diverged), and one during the step's logging or evaluation lost that record."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    received = []
+
+    def hold(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):  # Python's default handler raises KeyboardInterrupt
+        previous(signal.SIGINT, None)
 
 def shared_value(value):
     """Rank 0's value on every rank (the run directory's timestamp must not differ between ranks)."""
