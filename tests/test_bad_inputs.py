@@ -179,6 +179,8 @@ BAD_INPUTS = [
      r"does not exist"),
     ("JSONL line not an object", lambda p: list(iter_documents(write(p / "c.jsonl", '{"text": "a"}\n[1]\n'))),
      ValueError, r"expected an object with text_field"),
+    ("tokenizer on an empty corpus", lambda p: train_tokenizer([write(p / "empty.txt", "")], p / "tok"), ValueError,
+     r"hold no text to train a vocabulary on"),
     # training options
     ("train learning rate 0", lambda p: TrainConfig(learning_rate=0.0), ValueError, r"learning_rate must be positive"),
     ("train unknown precision", lambda p: TrainConfig(precision="fp8"), ValueError, r"precision must be one of"),

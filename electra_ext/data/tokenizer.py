@@ -96,6 +96,9 @@ def train_tokenizer(files: list, output_dir: str | os.PathLike, vocab_size: int 
     # The trainer's tokenizer lacks the [CLS]/[SEP] post-processor (BertWordPieceTokenizer adds it only when
     # built from a vocabulary), so the saved tokenizer.json is rebuilt from the trained vocabulary.
     vocab = trainer.get_vocab()
+    if len(vocab) <= len(TRAINED_SPECIAL_TOKENS):
+        raise ValueError(f"files {list(map(os.fspath, files))} hold no text to train a vocabulary on (it would have "
+                         f"only the special tokens)")
     tokenizer = _bert_wordpiece(vocab, lowercase)
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)

@@ -3,8 +3,8 @@
 One process, or one per GPU under `torchrun` (DistributedDataParallel; NCCL on GPU, gloo on CPU): every rank
 builds the same model from the same seed, takes its own micro-batches of each global batch, and only rank 0
 logs and writes. Each micro-batch's randomness (masking, sampling, dropout) is seeded from (seed, step,
-micro-batch index), so a step computes the same thing whatever the world size or accumulation split, and a
-resumed run repeats an uninterrupted one.
+micro-batch index), so a step computes the same thing whatever the world size, for the same micro-batch size
+(another size splits the batch, and its draws, differently), and a resumed run repeats an uninterrupted one.
 """
 import contextlib
 import dataclasses
