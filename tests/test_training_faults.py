@@ -251,6 +251,15 @@ def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkp
 
 # --- Ctrl-C: a real SIGINT to this process, handled wherever Python next checks for signals.
 
+@pytest.fixture
+def python_handles_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) during the test: a shell starts background jobs, CI's
+    included, with SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_after(monkeypatch, owner, name, call: int):
     """Sends SIGINT to this process as call number `call` (from 1) of owner.name returns."""
     original = getattr(owner, name)
@@ -265,7 +274,8 @@ def interrupt_after(monkeypatch, owner, name, call: int):
     monkeypatch.setattr(owner, name, interrupting)
 
 
-def test_ctrl_c_during_an_optimizer_update_checkpoints_that_step(setup, reference, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_during_an_optimizer_update_checkpoints_that_step(setup, reference, tmp_path, monkeypatch, capsys,
+                                                                python_handles_sigint):
     """SIGINT inside step 3's update (after the optimizer step, before the schedule's): the checkpoint is step
     3's, and resuming gives the uninterrupted result. Before, it was written as step 2 with step 3's weights and
     Adam moments, and the resumed run diverged."""
@@ -279,7 +289,8 @@ def test_ctrl_c_during_an_optimizer_update_checkpoints_that_step(setup, referenc
     assert_same_result(tmp_path / "run", reference)
 
 
-def test_ctrl_c_as_a_checkpoint_is_written_does_not_write_it_again(setup, reference, tmp_path, monkeypatch):
+def test_ctrl_c_as_a_checkpoint_is_written_does_not_write_it_again(setup, reference, tmp_path, monkeypatch,
+                                                                   python_handles_sigint):
     """SIGINT as checkpoint 4's save returns: the run stops with step 4 saved once. Saving it again began by
     deleting its .sha256, so a second kill during the rewrite left no complete copy of step 4."""
     saved_steps = []
