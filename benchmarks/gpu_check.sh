@@ -170,6 +170,24 @@ if [[ ${ELECTRA_EXT_GPU_CHECK_NCU:-0} == 1 ]]; then
     run_step attention-counters "$LOG_DIR/attention_counters.log" attention_counters
 fi
 
+# The README's main command on the GPU, shortened to 20 steps: its defaults there (device auto -> cuda:N, bf16,
+# ELECTRA-Small on the embedded corpus) never ran on a card before 2026-11-28, when CPU-side review found that
+# they stopped at torch.cuda.set_device("cuda"). Needs the package's non-torch dependencies.
+pretrain_command() {
+    if ! python3 -c 'import tokenizers, tqdm, matplotlib, yaml, safetensors' 2>/dev/null; then
+        echo "gpu_check: tokenizers/tqdm/matplotlib/pyyaml/safetensors missing here: the command cannot run"
+        return 1
+    fi
+    local run
+    run=$(mktemp -d) &&  # its checkpoints (~200 MB) stay on the machine; the metrics come back
+        python3 -m electra_ext.cli pretrain --steps 20 --eval-every 20 --checkpoint-every 20 \
+            --output-dir "$run/run" --quiet true &&
+        cp "$run/run/metrics.jsonl" "$LOG_DIR/pretrain-metrics.jsonl"
+}
+export -f pretrain_command
+export LOG_DIR
+run_step pretrain "$LOG_DIR/pretrain.log" pretrain_command
+
 # Convergence parity in bf16: ELECTRA-Small trained 300 steps on the kernels and on the reference path (two
 # reference seeds set the tolerance); the curves (JSON) and their plot go to $LOG_DIR.
 run_step parity "$LOG_DIR/parity.log" python3 "$REPO/benchmarks/convergence.py" --device cuda --out-dir "$LOG_DIR"
