@@ -10,7 +10,7 @@ import os
 import sys
 import typing
 
-from electra_ext.train.config import TrainConfig
+from electra_ext.train.config import TrainConfig, read_config_file, with_saved_run_options
 from electra_ext.train.loop import TrainingDiverged, pretrain
 
 
@@ -75,8 +75,8 @@ def main(argv=None) -> int:
         if arguments.command == "pretrain":
             names = {field.name for field in dataclasses.fields(TrainConfig)}
             given = {name: value for name, value in vars(arguments).items() if name in names and value is not None}
-            config = TrainConfig.from_file(arguments.config, **given) if arguments.config \
-                else TrainConfig.from_dict(given)
+            from_file = read_config_file(arguments.config) if arguments.config else {}
+            config = TrainConfig.from_dict(with_saved_run_options({**from_file, **given}))
             run_dir = pretrain(config)
             if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
                 print(f"run directory: {run_dir}")

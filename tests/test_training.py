@@ -80,6 +80,17 @@ def test_stop_and_resume_repeats_the_uninterrupted_run(cache_dir, tmp_path):
         pretrain(small_run(cache_dir, tmp_path / "sliced", resume=True, batch_size=16))
 
 
+def test_cli_resume_takes_the_run_options_from_its_directory(cache_dir, tmp_path, capsys):
+    """`--resume --output-dir DIR` alone continues a run with the options it was started with (DIR's
+    train_config.json): the uninterrupted run's losses. An option given that differs still fails the check."""
+    whole = pretrain(small_run(cache_dir, tmp_path / "whole"))
+    sliced = pretrain(small_run(cache_dir, tmp_path / "sliced"), stop_after_step=3)
+    assert cli_main(["pretrain", "--resume", "--output-dir", sliced, "--quiet"]) == 0
+    assert [r["loss"] for r in train_records(sliced)] == [r["loss"] for r in train_records(whole)]
+    assert cli_main(["pretrain", "--resume", "--output-dir", sliced, "--batch-size", "16"]) == 2
+    assert "batch_size (8 -> 16)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt], ids=["crash", "ctrl-c"])
 def test_a_failed_run_resumes_to_the_uninterrupted_result(cache_dir, tmp_path, monkeypatch, failure):
     """A crash after the step-3 checkpoint (steps 4 and 5 logged, then lost) or a Ctrl-C at step 6 (which

@@ -15,6 +15,11 @@ from electra_ext.modules.config import PRESETS, preset as model_preset
 from electra_ext.modules.pretraining import MASKING_MODES, SHARING_MODES
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TRAIN_CONFIG_NAME = "train_config.json"  # a run directory's resolved options
+# What a resumed run does not take from its train_config.json: what belongs to this machine and invocation
+# (micro_batch_size was resolved for the world size of then).
+PER_INVOCATION_OPTIONS = ("device", "num_workers", "quiet", "resume", "output_dir", "compile", "tensorboard",
+                          "micro_batch_size")
 
 # The CPU run: the tiny model on short batches, sized so that the default command finishes in about 4 minutes
 # on 2 cores (4 min 21 s on 2026-11-28's CI machine) with the discriminator clearly better than "always
@@ -224,22 +229,40 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":
         """A YAML (.yaml/.yml) or JSON file of TrainConfig fields; `overrides` win."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
+        return cls.from_dict({**read_config_file(path), **overrides})
 
-                try:
-                    values = yaml.safe_load(f) or {}
-                except yaml.YAMLError as error:
-                    raise ValueError(f"config file {path!r} is not valid YAML: {error}") from None
-            else:
-                try:
-                    values = json.load(f)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"config file {path!r} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping of option names to values")
-        return cls.from_dict({**values, **overrides})
+
+def read_config_file(path: str) -> dict:
+    """The option values of a YAML (.yaml/.yml) or JSON file; TrainConfig checks them."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                raise ValueError(f"config file {path!r} is not valid YAML: {error}") from None
+        else:
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"config file {path!r} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of option names to values")
+    return values
+
+
+def with_saved_run_options(values: dict) -> dict:
+    """`values`, completed from the run directory's train_config.json when they resume one that has it: what
+    neither the command line nor --config sets is what the run was started with, so `--resume --output-dir DIR`
+    alone continues it (a value given that differs still fails the resume check, naming it)."""
+    if not values.get("resume") or not values.get("output_dir"):
+        return values
+    path = os.path.join(values["output_dir"], TRAIN_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return values
+    saved = read_config_file(path)
+    return {**{name: value for name, value in saved.items() if name not in PER_INVOCATION_OPTIONS}, **values}
 

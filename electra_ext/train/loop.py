@@ -29,12 +29,11 @@ from electra_ext.modules.pretraining import ElectraForPretraining, ElectraPretra
 from electra_ext.train.checkpoint import (checkpoint_files, checkpoint_path, complete_checkpoints, is_complete,
                                           load_checkpoint, resumable_checkpoint, rng_states, save_checkpoint,
                                           set_rng_states)
-from electra_ext.train.config import TrainConfig
+from electra_ext.train.config import TRAIN_CONFIG_NAME, TrainConfig
 from electra_ext.train.metrics import MetricsLog, peak_flops, plot_run, roc_auc, training_flops_per_token
 from electra_ext.train.optim import build_optimizer, linear_warmup_linear_decay
 
 CHECKPOINT_DIR = "checkpoints"
-TRAIN_CONFIG_NAME = "train_config.json"
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -204,7 +203,7 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
             write_checkpoint()
         if done > start_step and is_main:
             print(f"\ninterrupted: checkpoint of step {done} in {checkpoint_dir}; continue with "
-                  f"--resume --output-dir {run_dir} (and the same options)")
+                  f"--resume --output-dir {run_dir}")
         raise
     finally:
         if progress is not None:
