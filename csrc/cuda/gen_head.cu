@@ -1,6 +1,7 @@
 // Host launchers of the generator-head kernels (torch-free; design and napkin math in gen_head_device.cuh).
 // Compiled by nvcc for the GPU (namespace cuda) and by the host compiler for the SIMT emulation (namespace
 // emulated, through csrc/emulated/gen_head.cpp).
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/gen_head_device.cuh"
@@ -67,11 +68,14 @@ cudaError_t launch_forward(const GenHeadForwardArgs& args, cudaStream_t stream) 
 constexpr int64_t kMaxGradHSplits = 4;
 
 template <typename T>
-int64_t grad_h_splits(int64_t rows, int64_t hidden) {
+int64_t grad_h_resident_blocks() {
+  return resident_blocks(dev::gemm_kernel<T, false, T>, dev::kGemmSharedBytes<false>);
+}
+
+int64_t grad_h_splits(int64_t rows, int64_t hidden, int64_t resident) {
   const int64_t tiles =
       ((rows + dev::kGemmTile - 1) / dev::kGemmTile) * ((hidden + dev::kGemmTile - 1) / dev::kGemmTile);
-  const int64_t splits = resident_blocks(dev::gemm_kernel<T, false, T>, dev::kGemmSharedBytes<false>) / tiles;
-  return splits < 1 ? 1 : (splits > kMaxGradHSplits ? kMaxGradHSplits : splits);
+  return std::clamp<int64_t>(resident / tiles, 1, kMaxGradHSplits);
 }
 
 // k_splits > 1: k in that many parts (fewer when k has fewer chunks), partials in args.partials.
@@ -81,9 +85,9 @@ cudaError_t launch_gemm(dev::GemmArgs<Out> args, int64_t k_splits, cudaStream_t 
   const int64_t blocks_m = (args.m + dev::kGemmTile - 1) / dev::kGemmTile;
   if (blocks_m > kMaxGridY) return cudaErrorInvalidValue;
   const int64_t chunks = (args.k + dev::kGemmChunk - 1) / dev::kGemmChunk;
-  const int64_t wanted = k_splits < chunks ? k_splits : chunks;
-  const int64_t chunks_per_split = wanted > 1 ? (chunks + wanted - 1) / wanted : chunks + 1;
-  const int64_t splits = wanted > 1 ? (chunks + chunks_per_split - 1) / chunks_per_split : 1;
+  const int64_t wanted = std::clamp<int64_t>(k_splits, 1, chunks > 0 ? chunks : 1);
+  const int64_t chunks_per_split = (chunks + wanted - 1) / wanted;
+  const int64_t splits = chunks_per_split > 0 ? (chunks + chunks_per_split - 1) / chunks_per_split : 1;
   args.k_per_split = chunks_per_split * dev::kGemmChunk;
   launch_kernel(dev::gemm_kernel<T, kATransposed, Out>,
                 dim3(static_cast<unsigned>(blocks_n), static_cast<unsigned>(blocks_m), static_cast<unsigned>(splits)),
@@ -104,6 +108,7 @@ cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream
   const GenHeadInputs& in = args.in;
   const int64_t vocab_padded = gen_head_vocab_padded(in.vocab);
   const int64_t resident = resident_blocks(dev::grad_logits_kernel<T>, dev::kLogitTileSharedBytes);
+  const int64_t gemm_resident = grad_h_resident_blocks<T>();
   for (int64_t first_row = 0; first_row < in.rows; first_row += args.chunk_rows) {
     const int64_t rows = in.rows - first_row < args.chunk_rows ? in.rows - first_row : args.chunk_rows;
     const int64_t row_blocks = (rows + dev::kBlockRows - 1) / dev::kBlockRows;
@@ -124,8 +129,9 @@ cudaError_t launch_backward(const GenHeadBackwardArgs& args, cudaStream_t stream
                                   false,
                                   0,
                                   args.grad_h_partials};
-    const int64_t fit = args.grad_h_partial_floats / (rows * in.hidden);
-    const int64_t k_splits = grad_h_splits<T>(rows, in.hidden) < fit ? grad_h_splits<T>(rows, in.hidden) : fit;
+    // As many as the partials hold: gen_head_grad_h_partial_floats sized them for the largest chunk.
+    const int64_t k_splits =
+        std::min(grad_h_splits(rows, in.hidden, gemm_resident), args.grad_h_partial_floats / (rows * in.hidden));
     if (cudaError_t err = launch_gemm<T, false>(grad_h, k_splits, stream); err != cudaSuccess) return err;
     // grad_weight += s Gᵀ h[chunk]: [V x rows] [rows x hidden].
     const dev::GemmArgs<float> grad_weight{in.vocab,
@@ -151,8 +157,9 @@ GenHeadSplits gen_head_forward_splits(int64_t rows, int64_t vocab, FloatType dty
 }
 
 int64_t gen_head_grad_h_partial_floats(int64_t chunk_rows, int64_t hidden, FloatType dtype) {
-  const int64_t splits = dtype == FloatType::kFloat16 ? grad_h_splits<__half>(chunk_rows, hidden)
-                                                      : grad_h_splits<__nv_bfloat16>(chunk_rows, hidden);
+  const int64_t resident =
+      dtype == FloatType::kFloat16 ? grad_h_resident_blocks<__half>() : grad_h_resident_blocks<__nv_bfloat16>();
+  const int64_t splits = grad_h_splits(chunk_rows, hidden, resident);
   return splits > 1 ? splits * chunk_rows * hidden : 0;
 }
 

@@ -125,10 +125,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "micro_batch_size", "max_seq_length", "eval_every",
                      "checkpoint_every"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("keep_checkpoints", "log_every", "eval_batches"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
