@@ -211,8 +211,8 @@ __device__ __forceinline__ RowState shuffle_row_state(const RowState& s, int lan
 }
 
 // The rows a lane holds in C fragments: [rt][r] = row warp * 32 + rt * 16 + group + 8 r of the block. 32-bit,
-// which the launchers' limits allow (rows <= 65,535 x 128, vocab <= INT32_MAX): 64-bit rows and targets took 8 of
-// the forward's registers.
+// which the launchers' limits allow (rows <= 65,535 x 128, vocab <= kGenHeadMaxVocab): 64-bit rows and targets
+// took 8 of the forward's registers.
 struct LaneRows {
   int32_t row[kRowTiles][2];
   int32_t target[kRowTiles][2];  // the target column, or -1 when the row does not count or its target is no column
