@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "attention_device_glue.h"
-#include "cuda/check_not_emulated.h"
+#include "cuda/entry_checks.h"
 
 namespace electra_ext {
 namespace {
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const c10
                                                   const c10::optional<at::Tensor>& seqlens,
                                                   int64_t max_seqlen, double dropout_p, double softmax_scale,
                                                   const c10::optional<at::Tensor>& seed, bool emulated) {
-  check_not_emulated("attention", emulated);
+  check_cuda_call("attention", emulated, q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_forward_on_device<CudaLaunchers>(q, k, v, starts, seqlens, max_seqlen, dropout_p, softmax_scale,
                                                     seed);
@@ -38,7 +38,7 @@ at::Tensor attention_backward_cuda(
     const c10::optional<at::Tensor>& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& starts, const c10::optional<at::Tensor>& seqlens,
     int64_t max_seqlen, double dropout_p, double softmax_scale, const c10::optional<at::Tensor>& seed, bool emulated) {
-  check_not_emulated("attention_backward", emulated);
+  check_cuda_call("attention_backward", emulated, q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_backward_on_device<CudaLaunchers>(grad_out, q, k, v, out, lse, starts, seqlens, max_seqlen,
                                                      dropout_p, softmax_scale, seed);

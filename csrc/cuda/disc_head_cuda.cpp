@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/check_not_emulated.h"
+#include "cuda/entry_checks.h"
 #include "disc_head_device_glue.h"
 
 namespace electra_ext {
@@ -27,7 +27,7 @@ struct CudaLaunchers {
 
 std::tuple<at::Tensor, at::Tensor> disc_head_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                   const at::Tensor& labels, const at::Tensor& valid, bool emulated) {
-  check_not_emulated("disc_head", emulated);
+  check_cuda_call("disc_head", emulated, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return disc_head_on_device<CudaLaunchers>(x, w, b, labels, valid);
 }
@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> disc_head_backward_cuda(
     const c10::optional<at::Tensor>& grad_logits, const at::Tensor& grad_loss, const at::Tensor& x,
     const at::Tensor& w, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& valid,
     bool emulated) {
-  check_not_emulated("disc_head_backward", emulated);
+  check_cuda_call("disc_head_backward", emulated, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return disc_head_backward_on_device<CudaLaunchers>(grad_logits, grad_loss, x, w, logits, labels, valid);
 }

@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/check_not_emulated.h"
+#include "cuda/entry_checks.h"
 #include "gen_head_device_glue.h"
 
 namespace electra_ext {
@@ -30,7 +30,7 @@ struct CudaLaunchers {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gen_head_cuda(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& targets,
     const at::Tensor& seed, double temperature, bool disallow_correct, int64_t ignore_index, bool emulated) {
-  check_not_emulated("gen_head", emulated);
+  check_cuda_call("gen_head", emulated, h.device());
   const c10::cuda::CUDAGuard guard(h.device());
   return gen_head_forward_on_device<CudaLaunchers>(h, weight, bias, targets, seed, temperature, disallow_correct,
                                                    ignore_index);
@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gen_head_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_head_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index, bool emulated) {
-  check_not_emulated("gen_head_backward", emulated);
+  check_cuda_call("gen_head_backward", emulated, h.device());
   const c10::cuda::CUDAGuard guard(h.device());
   return gen_head_backward_on_device<CudaLaunchers>(grad_loss, h, weight, bias, targets, lse, ignore_index);
 }

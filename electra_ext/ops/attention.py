@@ -45,7 +45,7 @@ def _cuda_kernel_takes(q):
 def _implementation(q, backend):
     """"kernels", "emulated" or "reference" for these inputs (see electra_ext.ops.backend)."""
     device = q.device.type
-    implementation = _SELECT(backend, device)
+    implementation = _SELECT(backend, q.device)
     if implementation == "emulated" and not _cuda_kernel_takes(q):
         raise ValueError(f"attention: backend='emulated' runs the CUDA kernels, which take float16/bfloat16 "
                          f"q, k, v with head_dim in {CUDA_KERNEL_HEAD_DIMS}; got {q.dtype}, head_dim "
@@ -93,7 +93,7 @@ def _check_options(q, dropout_p, softmax_scale):
 
 def _check_lengths(name, lengths, limit):
     """Values in [0, limit], checked where that costs no device synchronisation (CPU tensors, eager)."""
-    if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel():
+    if lengths.device.type == "cpu" and backends.has_values(lengths) and lengths.numel():
         if int(lengths.min()) < 0 or int(lengths.max()) > limit:
             raise ValueError(f"attention: {name} must lie in [0, {limit}], got values from {int(lengths.min())} "
                              f"to {int(lengths.max())}")
@@ -173,7 +173,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, softmax_
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"attention_varlen: max_seqlen must be a non-negative int, got {max_seqlen!r}")
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+    if cu_seqlens.device.type == "cpu" and backends.has_values(cu_seqlens):
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
             raise ValueError(f"attention_varlen: cu_seqlens must run from 0 to tokens = {q.shape[0]}, got "
                              f"{int(cu_seqlens[0])} to {int(cu_seqlens[-1])}")

@@ -1,6 +1,7 @@
 """Which implementation an electra_ext op runs.
 
-    "kernels"   the compiled kernel for the tensors' device (CPU or CUDA); the reference where none exists
+    "kernels"   the compiled kernel for the tensors' device (CPU or CUDA); the reference where none exists (a
+                build without CUDA kernels, or a GPU older than compute capability 8.0, with a warning)
     "emulated"  for CPU tensors, the CUDA kernels' device code run by the SIMT emulation (slow, exact as
                 written: how CPU-only CI tests the CUDA kernels); needs a build with the emulation
     "reference" the pure-PyTorch reference (electra_ext/ops/reference.py)
@@ -15,8 +16,10 @@ emulation reads it at every launch. ELECTRA_EXT_WGMMA="0" keeps every device, em
 kernels where it would take the Hopper (wgmma) ones; also read at every launch.
 """
 import os
+import warnings
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from electra_ext._extension import BUILD_INFO
 
@@ -47,6 +50,12 @@ def _check_launch_settings():
 _check_launch_settings()
 
 
+def has_values(tensor) -> bool:
+    """Whether eager checks can read `tensor`'s values on the host: not in a compiled graph, and not a meta or fake
+    tensor (shape-only runs: the meta device, FakeTensorMode)."""
+    return not (torch.compiler.is_compiling() or tensor.device.type == "meta" or is_fake(tensor))
+
+
 def has_kernel(op, device_type: str) -> bool:
     """Whether `op` has a compiled kernel for `device_type` ("cpu", "cuda") in this build of electra_ext."""
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
@@ -73,6 +82,30 @@ def resolve(op, backend, device_type: str) -> str:
     return backend
 
 
+# The CUDA kernels are built for sm_80 and sm_90, with compute_90 PTX that newer GPUs compile at load time (setup.py);
+# their mma.sync bf16 tiles and cp.async copies need compute capability 8.0, so a V100 (7.0) or T4 (7.5) has no
+# code to run and takes the reference instead.
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+_CUDA_KERNELS_RUN_ON = {}  # torch.device -> bool: a dictionary lookup per call instead of a properties query
+
+
+def cuda_kernels_run_on(device: torch.device) -> bool:
+    """Whether the CUDA `device` can run the compiled kernels. Warns when it cannot (once per device), and the ops
+    run the references there."""
+    runs = _CUDA_KERNELS_RUN_ON.get(device)
+    if runs is None:
+        properties = torch.cuda.get_device_properties(device)
+        runs = _CUDA_KERNELS_RUN_ON[device] = (properties.major, properties.minor) >= MIN_CUDA_CAPABILITY
+        if not runs:
+            warnings.warn(f"electra_ext: {device} is {properties.name}, compute capability {properties.major}."
+                          f"{properties.minor}; electra_ext's CUDA kernels need {MIN_CUDA_CAPABILITY[0]}."
+                          f"{MIN_CUDA_CAPABILITY[1]} or newer, so its ops run their PyTorch references there "
+                          f"(slower, more memory)")
+    return runs
+
+
 class Selector:
     """Resolves `op`'s implementation per call. The defaults (backend=None) are resolved once per device type at
     import, so that torch.compile traces a dictionary lookup, not the dispatcher query."""
@@ -81,7 +114,11 @@ class Selector:
         self.op = op
         self.defaults = {device: resolve(op, None, device) for device in ("cpu", "cuda")}
 
-    def __call__(self, backend, device_type: str) -> str:
-        if backend is None and device_type in self.defaults:
-            return self.defaults[device_type]
-        return resolve(self.op, backend, device_type)
+    def __call__(self, backend, device: torch.device) -> str:
+        if backend is None and device.type in self.defaults:
+            implementation = self.defaults[device.type]
+        else:
+            implementation = resolve(self.op, backend, device.type)
+        if implementation == "kernels" and device.type == "cuda" and not cuda_kernels_run_on(device):
+            return "reference"
+        return implementation

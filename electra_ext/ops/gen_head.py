@@ -48,7 +48,7 @@ class GenHeadOutput(NamedTuple):
 def _implementation(h, weight, bias, backend):
     """"kernels", "emulated" or "reference" for these inputs (see electra_ext.ops.backend)."""
     device = h.device.type
-    implementation = _SELECT(backend, device)
+    implementation = _SELECT(backend, h.device)
     if implementation == "emulated" and h.dtype not in CUDA_KERNEL_DTYPES:
         raise ValueError(f"gen_head: backend='emulated' runs the CUDA kernels, which take float16/bfloat16 h; "
                          f"got {h.dtype}")
@@ -62,7 +62,7 @@ def _implementation(h, weight, bias, backend):
 def _check_targets(targets, vocab, ignore_index):
     """Targets in [0, V) or equal to ignore_index, checked where that costs no device synchronisation (CPU
     tensors, eager); the kernels check again before they read a target's column."""
-    if targets.device.type != "cpu" or torch.compiler.is_compiling() or not targets.numel():
+    if targets.device.type != "cpu" or not backends.has_values(targets) or not targets.numel():
         return
     counted = targets[targets != ignore_index]
     if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
