@@ -114,3 +114,19 @@ def test_second_derivative_raises(op, path):
     grads = torch.autograd.grad(out.float().square().sum(), inputs, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         sum(g.float().sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("path", ["public", "registered"])
+@pytest.mark.parametrize("op", CASES)
+def test_a_gradient_penalty_raises(op, path):
+    """A gradient penalty: d loss / d inputs with create_graph=True for a loss linear in the op's output, so the
+    incoming gradient is a constant. The gradients depend on the inputs all the same, and differentiating the
+    penalty must raise (it came back as if they did not: the penalty's gradient was dropped)."""
+    inputs, public, registered = CASES[op](None)
+    inputs = leaves(inputs)
+    out = (public if path == "public" else registered)(inputs)
+    loss = (out.float() * torch.rand(out.shape, generator=torch.Generator().manual_seed(5))).sum()
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match="differentiate twice.*backend='reference'"):
+        (loss + sum(g.float().square().sum() for g in grads)).backward()

@@ -13,25 +13,53 @@ ELECTRA-Small on a GPU the host, not the kernels, sets a layer's pace, and both 
 layer.
 
 So `register_autograd` registers the formulas with torch.library and returns the op wrapped: an eager call with
-gradients runs them through the autograd.Function (its backward enters once_differentiable's no_grad block and
-error wrapping only under create_graph, the one case where they do anything), one without dispatches below
+gradients runs them through the autograd.Function (its backward marks its results as not differentiable only under
+create_graph, the one case where that does anything), one without dispatches below
 autograd directly (the default overload, not the packet, which resolves its overload per call), and under
 torch.compile the wrapper calls the op itself, so that the compiler sees the registered autograd. torch.func
 transforms need the setup_context form, and torch.library's generated Function lacks it too: neither path
 supports them.
 """
 import torch
-from torch.autograd.function import once_differentiable
+
+
+class NotDifferentiable(torch.autograd.Function):
+    """Passes a backward's results through, under create_graph, as functions of the tensors the forward saved, with
+    a backward that raises. torch's once_differentiable makes them functions of the incoming gradients only: for
+    torch.autograd.grad(loss, x, create_graph=True), a gradient penalty's usual form, those are constants, so the
+    results were constants too and the penalty's own gradient was silently dropped."""
+
+    @staticmethod
+    def forward(ctx, message, count, *tensors):
+        ctx.message = message
+        return tuple(tensor.detach() for tensor in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
 
 
 def register_autograd(op, backward, setup_context):
     """torch.library.register_autograd(op, backward, setup_context=setup_context) for the OpOverloadPacket `op`
     (its default overload); returns a callable with op's signature, every positional argument passed (keyword-only
-    ones may be left to their defaults). The backward kernels have no derivative of their own, so `backward` is
-    once_differentiable on both paths: a second derivative raises instead of coming back silently wrong."""
-    differentiable_once = once_differentiable(backward)
+    ones may be left to their defaults). The backward kernels have no derivative of their own, so on both paths a
+    second derivative raises instead of coming back silently wrong."""
+    message = (f"{op}: trying to differentiate twice: electra_ext's backward kernels have no derivative of their "
+               f"own (a gradient of a gradient, e.g. a gradient penalty, needs one); backend='reference' runs the "
+               f"op's PyTorch reference, which has one")
+
+    def backward_once(ctx, *grads):
+        if not torch.is_grad_enabled():  # on unless the caller asked for create_graph
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        sources = [tensor for tensor in (*ctx.saved_tensors, *grads) if tensor is not None and tensor.requires_grad]
+        computed = [result for result in results if result is not None]
+        passed = iter(NotDifferentiable.apply(message, len(computed), *computed, *sources))
+        return tuple(None if result is None else next(passed) for result in results)
+
     overload = op.default
-    torch.library.register_autograd(overload, differentiable_once, setup_context=setup_context)
+    torch.library.register_autograd(overload, backward_once, setup_context=setup_context)
     schema = overload._schema
     positional = sum(not argument.kwarg_only for argument in schema.arguments)
     keyword_defaults = {argument.name: argument.default_value for argument in schema.arguments
@@ -47,11 +75,7 @@ def register_autograd(op, backward, setup_context):
 
         @staticmethod
         def backward(ctx, *grads):
-            # Grad mode is off here unless the caller asked for create_graph; only then does once_differentiable's
-            # wrapping (a no_grad block, and error nodes on the results) have anything to do.
-            if torch.is_grad_enabled():
-                return None, *differentiable_once(ctx, *grads)
-            return None, *backward(ctx, *grads)
+            return None, *backward_once(ctx, *grads)
 
     def call(*args, **keyword_only):
         if len(args) != positional:
