@@ -44,6 +44,11 @@ def discriminator():
     return ElectraDiscriminator(ElectraConfig(**TINY)).eval()
 
 
+def hf_config():
+    import transformers
+    return transformers.ElectraConfig(**TINY)
+
+
 def ids(batch=2, seq=8, high=TINY["vocab_size"]):
     return torch.randint(1, high, (batch, seq))
 
@@ -153,6 +158,10 @@ BAD_INPUTS = [
     ("attention_mask left padding",
      lambda p: discriminator()(ids(), attention_mask=torch.tensor([[0] + [1] * 7, [1] * 8])), ValueError,
      r"attention_mask must be 1 on a prefix"),
+    ("labels soft", lambda p: discriminator()(ids(), labels=torch.full((2, 8), 0.3)), ValueError,
+     r"labels must be 0 \(original\) or 1 \(replaced\)"),
+    ("model from a transformers config", lambda p: ElectraDiscriminator(hf_config()), TypeError,
+     r"config must be an electra_ext.ElectraConfig, got transformers\..*ElectraConfig\.from_dict"),
     ("token_type_ids beyond type_vocab_size",
      lambda p: discriminator()(ids(), token_type_ids=torch.full((2, 8), 2)), ValueError,
      r"token_type_ids must lie in \[0, type_vocab_size=2\)"),
@@ -164,6 +173,11 @@ BAD_INPUTS = [
     ("config file of another model",
      lambda p: ElectraConfig.load(write(p / "config.json", json.dumps({"model_type": "bert"}))), ValueError,
      r"model_type must be 'electra'"),
+    ("config relative positions",
+     lambda p: ElectraConfig.from_dict({**TINY, "position_embedding_type": "relative_key"}), ValueError,
+     r"position_embedding_type must be 'absolute'.*got 'relative_key'"),
+    ("config of a decoder", lambda p: ElectraConfig.from_dict({**TINY, "is_decoder": True}), ValueError,
+     r"is_decoder must be False"),
     ("HF directory missing", lambda p: ElectraDiscriminator.from_pretrained(str(p / "absent")), FileNotFoundError,
      r"absent"),
     ("HF directory missing a key", lambda p: ElectraDiscriminator.from_pretrained(str(hf_directory_without_a_key(p))),

@@ -275,6 +275,17 @@ def test_reference_backend_runs_the_reference():
         assert torch.equal(a, e)
 
 
+def test_float64_runs_the_reference_as_the_other_ops_do():
+    """The kernels take float32, bfloat16 and float16 x; float64 (a gradcheck, a float64 model) runs the reference
+    instead of raising, in float64."""
+    x, w, b, labels, valid = (t.double() if t.is_floating_point() else t for t in make_inputs(9, 16, "cpu"))
+    logits, loss = disc_head(x, w, b, labels, valid)
+    assert logits.dtype == loss.dtype == torch.float64
+    assert torch.equal(loss, disc_head_reference(x, w, b, labels, valid)[1])
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda *xwb: disc_head(*xwb, labels, valid)[1], (x, w, b))
+
+
 def test_emulation_is_built():
     # CI must run the emulated CUDA kernels: a build without the emulation fails here instead of skipping.
     assert electra_ext.BUILD_INFO.WITH_EMULATION

@@ -1,14 +1,17 @@
 """ElectraForPretraining: the reference masking procedure (counts, exclusions, the 85/15 and 80/10/10 splits),
-the label rule, the loss composition against an fp64 computation, the three sharing modes, and
-torch.compile of forward and backward without graph breaks."""
+the label rule, the loss composition against an fp64 computation, the three sharing modes, torch.compile of
+forward and backward without graph breaks, the CUDA kernels (emulated) in the model, and shape-only runs."""
+import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
-from electra_ext import ElectraForPretraining, ElectraPretrainingConfig
+from electra_ext import ElectraDiscriminator, ElectraForPretraining, ElectraPretrainingConfig
 from electra_ext.modules import mask_tokens
+from electra_ext.modules.electra import seqlens_from_attention_mask
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 
@@ -259,6 +262,34 @@ def test_bad_inputs_get_clear_errors():
         model(torch.ones(1, 513, dtype=torch.long))
 
 
+def test_shape_only_runs_read_no_values():
+    """FakeTensorMode and the meta device (memory estimates, shape inference) run the models without values: the
+    eager checks that read ids, masks, labels and lengths on the host step aside there (they raised before)."""
+    model = ElectraForPretraining("tiny")
+    input_ids, attention_mask = sentence_batch(batch=3, seq_len=16, lengths=(16, 5, 0))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = model(input_ids, attention_mask)
+        out.loss.backward()
+        assert is_fake(out.loss) and out.disc_logits.shape == (3, 16)
+    with torch.device("meta"):
+        discriminator = ElectraDiscriminator(model.config.discriminator)
+    out = discriminator(input_ids.to("meta"), attention_mask.to("meta"), labels=torch.ones(3, 16, device="meta"))
+    assert out.loss.device.type == "meta" and out.logits.shape == (3, 16)
+
+
+def test_a_compiled_model_refuses_left_and_interior_padding_too():
+    """Compiled, the mask is checked on the device (no host read in the graph): a left-padded or gapped mask must
+    still raise, not be read as a length (it was, silently, before)."""
+    compiled = torch.compile(seqlens_from_attention_mask, fullgraph=True)
+    input_ids, attention_mask = sentence_batch(batch=3, seq_len=16, lengths=(16, 9, 0))
+    assert torch.equal(compiled(attention_mask, input_ids), torch.tensor([16, 9, 0], dtype=torch.int32))
+    gapped = attention_mask.clone()
+    gapped[1, 4] = 0
+    for bad in (attention_mask.flip(1), gapped):
+        with pytest.raises(RuntimeError, match="attention_mask must be 1 on a prefix"):
+            compiled(bad, input_ids)
+
+
 def test_compiled_forward_and_backward_match_eager_without_graph_breaks():
     torch.manual_seed(12)
     model = ElectraForPretraining("tiny").eval()
@@ -314,3 +345,50 @@ def test_bf16_autocast_step_is_close_to_fp32():
     assert mixed.rtd_loss.item() == pytest.approx(full.rtd_loss.item(), rel=1e-2)
     mixed.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("emulated_sm", ["80", "90"])
+def test_the_cuda_kernels_in_the_model_are_as_close_to_fp32_as_the_references(monkeypatch, emulated_sm):
+    """The GPU run's path on the CPU: the generator and discriminator under bf16 autocast with every op on its CUDA
+    kernel's device code (emulated; sm_80 takes the mma.sync attention kernels, sm_90 the wgmma ones), on a batch
+    with a one-token row and an all-padding row. Losses, discriminator logits and every parameter's gradient must
+    be within 2x (+ 1e-3) of the error that the references' own bf16 run has against an fp32 run (the
+    FlashAttention rule, for the model). The op tests check each kernel alone; this checks the model's use of them
+    (the packed QKV views, seqlens from the mask, the head's dtypes under autocast, gradient flow to the tables)."""
+    torch.manual_seed(21)
+    model = ElectraForPretraining("tiny")
+    input_ids, attention_mask = sentence_batch(batch=4, seq_len=40, lengths=(40, 17, 1, 0))
+    batch = mask_tokens(input_ids, attention_mask, model.config, torch.Generator().manual_seed(22))
+    corrupted = input_ids.clone()
+    corrupted[:, 5] = 2000  # a fixed corruption: the sampled one would differ between precisions
+    replaced = (corrupted != input_ids) & (attention_mask == 1)
+    monkeypatch.setenv("ELECTRA_EXT_EMULATED_SM", emulated_sm)
+
+    def run(implementation, dtype):
+        for op in ("attention", "disc_head", "gen_head"):
+            selector = importlib.import_module(f"electra_ext.ops.{op}")._SELECT
+            monkeypatch.setitem(selector.defaults, "cpu", implementation)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(24)  # the same dropout in each run
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            head = model.generator.masked_lm(batch.masked_ids, attention_mask, None, batch.positions, batch.targets,
+                                             generator=torch.Generator().manual_seed(23))
+            disc = model.discriminator(corrupted, attention_mask, labels=replaced)
+            (head.loss + 50 * disc.loss).backward()
+        outputs = {"mlm_loss": head.loss.detach().float(), "rtd_loss": disc.loss.detach().float(),
+                   "disc_logits": disc.logits.detach().float()[attention_mask == 1]}
+        outputs.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        return outputs
+
+    exact = run("reference", torch.float32)
+    references = run("reference", torch.bfloat16)
+    kernels = run("emulated", torch.bfloat16)
+    assert set(kernels) == set(exact) and len(exact) == len(list(model.parameters())) + 3
+    # A gradient that is 0 in exact arithmetic (the key biases': softmax ignores a per-row constant) is measured
+    # against the largest gradient instead of its own rounding noise.
+    floor = 1e-3 * max(float(value.norm()) for value in exact.values())
+    for name, value in exact.items():
+        scale = max(float(value.norm()), floor)
+        kernel_error = float((kernels[name] - value).norm() / scale)
+        reference_error = float((references[name] - value).norm() / scale)
+        assert kernel_error <= 2 * reference_error + 1e-3, (name, kernel_error, reference_error)

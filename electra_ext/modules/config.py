@@ -16,6 +16,11 @@ from electra_ext.ops.attention import dropout_p_is_drawable
 CONFIG_NAME = "config.json"
 
 
+# HF ElectraConfig keys that change the encoder's math, each with the only value these modules implement: read as
+# anything else, a checkpoint would load and silently compute another function.
+HF_ONLY_VALUES = {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False}
+
+
 @dataclass(frozen=True)
 class ElectraConfig:
     """One ELECTRA transformer (discriminator or generator). Defaults are HF's (= ELECTRA-Small's)."""
@@ -92,10 +97,12 @@ class ElectraConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ElectraConfig":
         """Reads the fields this class has; other keys of an HF config (summary_type, architectures, ...) are
-        ignored. A `model_type` other than electra is an error."""
-        model_type = values.get("model_type", "electra")
-        if model_type != "electra":
-            raise ValueError(f"config model_type must be 'electra', got {model_type!r}")
+        ignored, except those that would change the encoder's math (HF_ONLY_VALUES): a value other than the one
+        these modules implement is an error, as a `model_type` other than electra is."""
+        for name, supported in {"model_type": "electra", **HF_ONLY_VALUES}.items():
+            if values.get(name, supported) != supported:
+                raise ValueError(f"config {name} must be {supported!r} (the only value electra_ext implements), got "
+                                 f"{values[name]!r}")
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in values.items() if name in names})
 

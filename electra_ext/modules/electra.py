@@ -21,6 +21,7 @@ from electra_ext.modules.discriminator_head import DiscriminatorHead
 from electra_ext.modules.gdes import GradientDisentangledEmbedding
 from electra_ext.modules.hf_io import HFCheckpointMixin
 from electra_ext.ops import GenHeadOutput, attention_qkvpacked, gen_head
+from electra_ext.ops.backend import has_values
 from electra_ext.ops.reference import key_padding_mask
 
 
@@ -140,7 +141,7 @@ class ElectraEncoder(nn.Module):
 
 def seqlens_from_attention_mask(attention_mask, input_ids):
     """[B] int32 valid lengths from an HF-style attention mask (1 = token, 0 = padding at the end). None
-    means no padding. Checked outside torch.compile (the check reads the mask on the host)."""
+    means no padding. Any other mask is refused: the kernels would read it as that many leading tokens."""
     if attention_mask is None:
         return None
     if attention_mask.shape != input_ids.shape:
@@ -148,9 +149,15 @@ def seqlens_from_attention_mask(attention_mask, input_ids):
                          f"got {tuple(attention_mask.shape)}")
     keep = attention_mask != 0
     seqlens = keep.sum(dim=1, dtype=torch.int32)
-    if not torch.compiler.is_compiling() and not torch.equal(keep, key_padding_mask(seqlens, keep.shape[1])):
-        raise ValueError("attention_mask must be 1 on a prefix of each sequence and 0 after it (padding at the "
-                         "end, as HF tokenizers pad by default); left or interior padding is not supported")
+    prefix = key_padding_mask(seqlens, keep.shape[1])
+    message = ("attention_mask must be 1 on a prefix of each sequence and 0 after it (padding at the end, as HF "
+               "tokenizers pad by default); left or interior padding is not supported")
+    if torch.compiler.is_compiling():
+        # A compiled graph does not read the mask on the host: the check runs on the device, a RuntimeError on the
+        # CPU and a device-side assert on a GPU (as a compiled embedding's out-of-range id is).
+        torch._assert_async(torch.eq(keep, prefix).all(), message)
+    elif has_values(keep) and not torch.equal(keep, prefix):
+        raise ValueError(message)
     return seqlens
 
 
@@ -174,6 +181,10 @@ class ElectraModel(nn.Module):
 
     def __init__(self, config: ElectraConfig, embeddings: Optional[nn.Module] = None):
         super().__init__()
+        if not isinstance(config, ElectraConfig):
+            raise TypeError(f"config must be an electra_ext.ElectraConfig, got {type(config).__module__}."
+                            f"{type(config).__qualname__} (from a transformers.ElectraConfig: "
+                            f"electra_ext.ElectraConfig.from_dict(config.to_dict()))")
         self.config = config
         if embeddings is None:
             embeddings = ElectraEmbeddings(config)
@@ -198,7 +209,7 @@ class ElectraModel(nn.Module):
         elif token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(token_type_ids.shape)}")
-        if not torch.compiler.is_compiling():
+        if has_values(input_ids):
             check_ids_in_range(input_ids, token_type_ids, self.config)
         seqlens = seqlens_from_attention_mask(attention_mask, input_ids)
         hidden_states = self.embeddings(input_ids, token_type_ids)
@@ -263,6 +274,9 @@ class ElectraDiscriminator(HFCheckpointMixin, nn.Module):
         hidden_states, seqlens = self.electra(input_ids, attention_mask, token_type_ids)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if labels is not None and labels.is_floating_point() and has_values(labels) and bool(
+                ((labels != 0) & (labels != 1)).any()):
+            raise ValueError("labels must be 0 (original) or 1 (replaced); soft labels are not supported")
         replaced = torch.zeros_like(input_ids, dtype=torch.bool) if labels is None else labels != 0
         valid = (torch.ones_like(replaced) if seqlens is None
                  else key_padding_mask(seqlens, input_ids.shape[1]))

@@ -4,7 +4,7 @@
     loss     = mean over valid rows of BCE-with-logits(logits_i, labels_i); 0 when no row is valid
 
 Dtypes and autocast: x may be float32, bfloat16 or float16 and is read in its own dtype; w and b are read as
-float32 whatever their dtype, and logits and loss are always float32. The op is registered with no autocast
+float32 whatever their dtype, and logits and loss are float32 (float64 x runs the reference: float64). The op is registered with no autocast
 rule, so under torch.autocast it receives the dense layer's low-precision output unchanged and still returns
 float32 logits and loss. Gradients come back in the dtypes of x, w and b.
 """
@@ -18,6 +18,7 @@ _OP = torch.ops.electra_ext.disc_head
 _BACKWARD_OP = torch.ops.electra_ext.disc_head_backward.default
 
 _SELECT = backends.Selector(_OP.default)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # x's, on the CPU and CUDA
 
 
 def disc_head(x, w, b, labels, valid, *, backend=None):
@@ -29,8 +30,9 @@ def disc_head(x, w, b, labels, valid, *, backend=None):
     if len({t.device for t in (x, w, b, labels, valid)}) > 1:
         raise ValueError(f"disc_head: x, w, b, labels and valid must be on one device, got {x.device}, {w.device}, "
                          f"{b.device}, {labels.device}, {valid.device}")
-    device = x.device.type
-    implementation = _SELECT(backend, device)
+    implementation = _SELECT(backend, x.device)
+    if implementation == "kernels" and x.is_floating_point() and x.dtype not in KERNEL_DTYPES:
+        implementation = "reference"  # float64: as attention and gen_head do
     if implementation == "reference":
         return disc_head_reference(x, w, b, labels, valid)
     return _DISC_HEAD(x, w, b, labels, valid, emulated=implementation == "emulated")
