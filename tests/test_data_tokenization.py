@@ -1,11 +1,14 @@
 """The data side's tokenisation: the BERT uncased tokenizer, vocabulary training, corpus readers and the token
 cache (layout, reuse, keys, crash safety, bounded memory)."""
+import concurrent.futures
 import gzip
 import hashlib
 import json
 import lzma
+import multiprocessing
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -364,6 +367,15 @@ def test_worker_processes_give_the_same_cache(corpus, tokenizer, tmp_path):
     assert parallel.key == serial.key
     assert cached_documents(parallel) == cached_documents(serial)
     assert parallel.manifest["shards"] == serial.manifest["shards"]
+
+
+def test_tokenisation_workers_leave_ctrl_c_to_the_parent(tokenizer):
+    """A terminal's Ctrl-C reaches every process of its group: the workers ignore it, so the parent reports it
+    once and stops the pool (each worker printed a KeyboardInterrupt traceback before)."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=token_cache._start_worker,
+                                                initargs=(tokenizer.to_str(),)) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
 
 
 def test_rebuild_reuses_the_cache(corpus, tokenizer, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 
 import numpy as np
@@ -72,8 +73,11 @@ _worker_tokenizer = None
 
 def _start_worker(tokenizer_json: str):
     """Pool initializer: each worker tokenises one batch at a time on one thread (the workers are the
-    parallelism) with the parent's tokenizer."""
+    parallelism) with the parent's tokenizer. A Ctrl-C reaches the terminal's whole process group: the parent
+    reports it once and stops the pool, instead of each worker printing its own traceback (one that comes while
+    a worker still starts, importing torch before this runs, still prints that worker's)."""
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
@@ -124,9 +128,9 @@ def _encoded_batches(batches, tokenizer, num_workers):
     # spawn rather than fork: forking after tokenizers' thread pool has run can deadlock the child. A
     # ProcessPoolExecutor, unlike multiprocessing.Pool, raises BrokenProcessPool when a worker dies (killed for
     # memory, say) instead of waiting for its result forever.
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_worker,
-                                                initargs=(tokenizer.to_str(),)) as executor:
+    executor = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_start_worker, initargs=(tokenizer.to_str(),))
+    try:
         pending = collections.deque()
         for batch in batches:
             pending.append(executor.submit(_encode_in_worker, batch))
@@ -134,6 +138,10 @@ def _encoded_batches(batches, tokenizer, num_workers):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        # On an error or a Ctrl-C, the queued batches are dropped, not tokenised first (the workers finish the one
+        # they hold).
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _ShardWriter:
