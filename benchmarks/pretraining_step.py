@@ -6,6 +6,9 @@ by each provider the step benchmark compares:
                   the same under torch.compile (`electra-ext pretrain --compile`): the kernels stay opaque
                   custom ops and inductor fuses the element-wise work between them (LayerNorm, GELU, residuals,
                   masking), which is what a launch-bound ELECTRA-Small step needs
+    electra_ext_checkpointed
+                  the same with gradient checkpointing (`--gradient-checkpointing`): each encoder layer recomputed
+                  in the backward pass, for the batch that fits a memory budget (test_largest_batch)
     reference     the same model with every op on its pure-PyTorch reference (reference_path.py)
     hf_sdpa       HF transformers composed the way reproductions do it: ElectraForMaskedLM generator and
                   ElectraForPreTraining discriminator sharing one embeddings module, SDPA attention, the
@@ -28,7 +31,8 @@ from electra_ext.train.config import TrainConfig
 from electra_ext.train.optim import build_optimizer
 from reference_path import reference_path
 
-PROVIDERS = ("electra_ext", "electra_ext_compiled", "reference", "hf_sdpa", "hf_compiled")
+PROVIDERS = ("electra_ext", "electra_ext_compiled", "electra_ext_checkpointed", "reference", "hf_sdpa",
+             "hf_compiled")
 MAX_GRAD_NORM = 1.0  # TrainConfig's default
 
 
@@ -74,9 +78,12 @@ def pretraining_config(preset_name: str) -> ElectraPretrainingConfig:
 
 def build_model(provider: str, preset_name: str, device: str) -> nn.Module:
     config = pretraining_config(preset_name)
-    if not provider.startswith("hf_"):
-        return ElectraForPretraining(config).to(device)
-    return HFElectraPretraining(config).to(device)
+    if provider.startswith("hf_"):
+        return HFElectraPretraining(config).to(device)
+    model = ElectraForPretraining(config).to(device)
+    if provider == "electra_ext_checkpointed":
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def make_batch(preset_name: str, batch_size: int, seq_len: int, device: str, seed: int = 0) -> dict:

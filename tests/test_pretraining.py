@@ -392,3 +392,39 @@ def test_the_cuda_kernels_in_the_model_are_as_close_to_fp32_as_the_references(mo
         kernel_error = float((kernels[name] - value).norm() / scale)
         reference_error = float((references[name] - value).norm() / scale)
         assert kernel_error <= 2 * reference_error + 1e-3, (name, kernel_error, reference_error)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_nothing():
+    """HF's switches: with gradient checkpointing on, a training step runs each encoder layer twice (the forward,
+    then again in the backward pass) and gives bitwise the same loss and gradients, dropout included; evaluation
+    and no_grad runs do not recompute; disable turns it off."""
+    torch.manual_seed(31)
+    model = ElectraForPretraining("tiny")
+    input_ids, attention_mask = sentence_batch(batch=3, seq_len=24, lengths=(24, 7, 1))
+    layer_calls = []
+    for layer in model.modules():
+        if type(layer).__name__ == "ElectraLayer":
+            layer.register_forward_pre_hook(lambda *_: layer_calls.append(1))
+
+    def step():
+        layer_calls.clear()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(32)
+        out = model(input_ids, attention_mask, generator=torch.Generator().manual_seed(33))
+        out.loss.backward()
+        return [out.loss.detach()] + [p.grad.clone() for p in model.parameters()], len(layer_calls)
+
+    plain, plain_calls = step()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing and model.discriminator.is_gradient_checkpointing
+    recomputed, recomputed_calls = step()
+    assert (plain_calls, recomputed_calls) == (4, 8)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+    layer_calls.clear()
+    with torch.no_grad():
+        model(input_ids, attention_mask)
+    model.eval()
+    model(input_ids, attention_mask).loss.backward()
+    assert len(layer_calls) == 8  # 4 per forward, none recomputed
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing

@@ -1,6 +1,6 @@
 """The pre-training loop on the embedded corpus, on the CPU: it learns (loss falls, the discriminator beats
-"always original" on held-out data), leaves the run directory it promises, resumes exactly, and a 2-process
-gloo DDP run matches one process with the same global batch."""
+"always original" on held-out data), leaves the run directory it promises, resumes exactly, trains the same with
+gradient checkpointing, and a 2-process gloo DDP run matches one process with the same global batch."""
 import json
 import os
 import subprocess
@@ -10,6 +10,9 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
+
+import electra_ext.modules.electra as electra_module
 
 from electra_ext.cli import main as cli_main
 from electra_ext.train import TrainConfig, pretrain
@@ -78,6 +81,26 @@ def test_stop_and_resume_repeats_the_uninterrupted_run(cache_dir, tmp_path):
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     with pytest.raises(ValueError, match="batch_size \\(8 -> 16\\)"):
         pretrain(small_run(cache_dir, tmp_path / "sliced", resume=True, batch_size=16))
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(cache_dir, tmp_path, monkeypatch):
+    """--gradient-checkpointing recomputes every encoder layer in the backward pass (counted here) and changes no
+    loss and no weight: the recomputation restores the RNG state, so dropout draws the same masks."""
+    plain = pretrain(small_run(cache_dir, tmp_path / "plain", steps=4))
+    recomputed_layers = []
+
+    def counted_checkpoint(function, *args, **kwargs):
+        recomputed_layers.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(electra_module, "checkpoint", counted_checkpoint)
+    checkpointed = pretrain(small_run(cache_dir, tmp_path / "checkpointed", steps=4, gradient_checkpointing=True))
+    layers = len({id(layer) for layer in recomputed_layers})
+    assert layers == 4 and len(recomputed_layers) == 4 * 4  # generator and discriminator, 2 layers each; 4 steps
+    assert [r["loss"] for r in train_records(plain)] == [r["loss"] for r in train_records(checkpointed)]
+    expected = load_file(os.path.join(plain, "model", "model.safetensors"))
+    actual = load_file(os.path.join(checkpointed, "model", "model.safetensors"))
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
 def test_cli_resume_takes_the_run_options_from_its_directory(cache_dir, tmp_path, capsys):

@@ -29,7 +29,8 @@ from torch import nn
 
 from electra_ext._io import atomic_output
 from electra_ext.modules.config import ElectraConfig, ElectraPreset, preset
-from electra_ext.modules.electra import ElectraDiscriminator, ElectraEmbeddings, ElectraGenerator, initialize_weights
+from electra_ext.modules.electra import (ElectraDiscriminator, ElectraEmbeddings, ElectraGenerator,
+                                         GradientCheckpointing, initialize_weights)
 from electra_ext.modules.hf_io import check_directory, load_weights, save_weights, without_aliases
 from electra_ext.ops.reference import generator_kwargs
 
@@ -182,7 +183,7 @@ def rtd_metrics(num_correct, samples, targets, disc_logits, replaced, valid) -> 
     }
 
 
-class ElectraForPretraining(nn.Module):
+class ElectraForPretraining(GradientCheckpointing, nn.Module):
     """The joint model. `ElectraForPretraining("small")`, `ElectraForPretraining("tiny", sharing="gdes")` or
     `ElectraForPretraining(ElectraPretrainingConfig(...))`."""
 

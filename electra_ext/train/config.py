@@ -19,7 +19,7 @@ TRAIN_CONFIG_NAME = "train_config.json"  # a run directory's resolved options
 # What a resumed run does not take from its train_config.json: what belongs to this machine and invocation
 # (micro_batch_size was resolved for the world size of then).
 PER_INVOCATION_OPTIONS = ("device", "num_workers", "quiet", "resume", "output_dir", "compile", "tensorboard",
-                          "micro_batch_size")
+                          "micro_batch_size", "gradient_checkpointing")
 
 # The CPU run: the tiny model on short batches, sized so that the default command finishes in about 4 minutes
 # on 2 cores (4 min 21 s on 2026-11-28's CI machine) with the discriminator clearly better than "always
@@ -96,6 +96,9 @@ class TrainConfig:
     precision: str = option("auto", "bf16 (autocast), fp16 (autocast and loss scaling; on the CPU too, "
                                     "slowly), fp32; auto: bf16 where the GPU supports it, else fp32")
     compile: bool = option(False, "torch.compile the joint model")
+    gradient_checkpointing: bool = option(False, "recompute each encoder layer's activations in the backward "
+                                                 "pass: a tenth of the activation memory for one more forward "
+                                                 "pass, the same results")
     seed: int = option(1, "seed of initialisation, example building, batch order, masking and sampling")
     # Bookkeeping
     output_dir: Optional[str] = option(None, "run directory; default: runs/electra-<preset>-<date-time>")

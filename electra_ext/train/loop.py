@@ -95,6 +95,8 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
         temperature=config.temperature, gen_weight=config.gen_weight, disc_weight=config.disc_weight,
         cls_token_id=data.special.cls, sep_token_id=data.special.sep, mask_token_id=data.mask_token_id,
     )).to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if distributed else model
     if config.compile:
