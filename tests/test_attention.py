@@ -132,6 +132,22 @@ def test_mma_sync_kernels_where_wgmma_would_run(monkeypatch, target, device, op)
     test_float32_dropout_matches_reference_with_the_same_seed(device, op, target)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq-atomics", "dq-kernel"])
+def test_the_kernels_fit_a_consumer_gpu(monkeypatch, deterministic):
+    """ELECTRA_EXT_EMULATED_SM="86": an RTX 3090's limits (99 KiB of shared memory per block, which the RTX 40xx,
+    L4 and RTX 50xx share; the A100 has 163, the H100 227), where a kernel that asks for more fails to launch.
+    Every head dim, forward and backward, with the dQ kernel too, against the float64 reference."""
+    monkeypatch.setenv("ELECTRA_EXT_EMULATED_SM", "86")
+    was_on = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for head_dim in (32, 64, 128):
+            check_against_float64("cpu", functools.partial(attention, backend="emulated"), torch.bfloat16, 2, 70, 2,
+                                  head_dim)
+    finally:
+        torch.use_deterministic_algorithms(was_on)
+
+
 def test_float32_dropout_matches_reference_with_the_same_seed(device, op, target):
     # The low-precision kernels are checked with dropout by the mask tests below and the gradient test here
     # on float32 where the CPU kernel takes it; the CUDA kernels get the same check in their dtype.

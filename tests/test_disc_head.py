@@ -120,6 +120,16 @@ def test_low_precision_error_at_most_twice_pytorch(device, op, dtype, n, h):
     assert actual[2].dtype == dtype
 
 
+@pytest.mark.parametrize("emulated_sm", ["86", "90"])
+def test_the_backward_fits_the_shared_memory_it_finds(monkeypatch, emulated_sm):
+    """The backward keeps a float32 row of H per warp in shared memory and takes as many warps (up to 8) as the
+    device's per-block limit holds: at H = 4096 (16 KiB a row) 6 on an RTX 3090's 99 KiB (ELECTRA_EXT_EMULATED_SM
+    "86"), 8 on an H100's 227. Both within the error rule."""
+    monkeypatch.setenv("ELECTRA_EXT_EMULATED_SM", emulated_sm)
+    test_low_precision_error_at_most_twice_pytorch("cpu", functools.partial(disc_head, backend="emulated"),
+                                                   torch.bfloat16, 33, 4096)
+
+
 def test_bitwise_deterministic(device, op):
     inputs = make_inputs(4096 + 3, 768, device)
     first, second = forward_backward(op, *inputs), forward_backward(op, *inputs)

@@ -409,6 +409,14 @@ def test_device_kernels_within_twice_pytorchs_own_error(target, device, backend,
     assert ((out.samples >= 0) & (out.samples < vocab)).all()
 
 
+def test_the_kernels_fit_a_consumer_gpu(monkeypatch):
+    """ELECTRA_EXT_EMULATED_SM="86": an RTX 3090's limits (99 KiB of shared memory per block, 100 KiB and 1,536
+    threads per SM; the RTX 40xx, L4 and RTX 50xx have the same), which set the occupancy and so the vocabulary
+    split and the grad_h GEMM's k split. Forward and backward within the error rule there."""
+    monkeypatch.setenv("ELECTRA_EXT_EMULATED_SM", "86")
+    test_device_kernels_within_twice_pytorchs_own_error("emulated", "cpu", "emulated", torch.bfloat16, 77, 1000, 128)
+
+
 @on_device_targets
 def test_device_kernels_draw_the_cpu_kernels_tokens(target, device, backend):
     # Same Philox noise and the same float32 logits up to summation order: the same tokens, row for row.

@@ -402,7 +402,7 @@ void run_grid(dim3 grid, dim3 block_shape, std::size_t dynamic_shared_bytes, con
     last_error = cudaErrorInvalidConfiguration;  // the emulation also needs whole warps
     return;
   }
-  if (dynamic_shared_bytes > static_cast<std::size_t>(kMaxSharedMemoryPerBlockOptin)) {
+  if (dynamic_shared_bytes > static_cast<std::size_t>(emulated_device().max_shared_memory_per_block_optin)) {
     last_error = cudaErrorInvalidValue;
     return;
   }
@@ -464,19 +464,25 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
-int compute_capability_major() {
+const DeviceLimits& emulated_device() {
+  // {major, minor, threads per SM, shared memory per block (opt-in) and per SM, blocks per SM}
+  static constexpr DeviceLimits kH100{9, 0, 2048, 227 * 1024, 228 * 1024, 32};
+  static constexpr DeviceLimits kA100{8, 0, 2048, 163 * 1024, 164 * 1024, 32};
+  static constexpr DeviceLimits kRtx3090{8, 6, 1536, 99 * 1024, 100 * 1024, 16};
   const char* sm = std::getenv("ELECTRA_EXT_EMULATED_SM");
-  return sm != nullptr && std::strcmp(sm, "80") == 0 ? 8 : 9;
+  if (sm != nullptr && std::strcmp(sm, "80") == 0) return kA100;
+  if (sm != nullptr && std::strcmp(sm, "86") == 0) return kRtx3090;
+  return kH100;
 }
 
 int device_attribute(cudaDeviceAttr attribute, int device) {
   if (device != 0) fail("the emulated device is device 0");
   switch (attribute) {
-    case cudaDevAttrComputeCapabilityMajor: return compute_capability_major();
-    case cudaDevAttrComputeCapabilityMinor: return 0;
+    case cudaDevAttrComputeCapabilityMajor: return emulated_device().major;
+    case cudaDevAttrComputeCapabilityMinor: return emulated_device().minor;
     case cudaDevAttrMultiProcessorCount: return kMultiProcessorCount;
-    case cudaDevAttrMaxThreadsPerMultiProcessor: return kMaxThreadsPerMultiProcessor;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return kMaxSharedMemoryPerBlockOptin;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: return emulated_device().max_threads_per_multiprocessor;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return emulated_device().max_shared_memory_per_block_optin;
     case cudaDevAttrMaxSharedMemoryPerBlock: return kDefaultSharedMemoryPerBlock;
     case cudaDevAttrMaxThreadsPerBlock: return kMaxThreadsPerBlock;
     case cudaDevAttrWarpSize: return kWarpSize;

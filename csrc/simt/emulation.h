@@ -46,16 +46,22 @@ namespace simt {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
-// The emulated device: an H100-like shared-memory limit and compute capability 9.0 (8.0, an A100's, when the
-// environment variable ELECTRA_EXT_EMULATED_SM is "80": launchers that pick kernels per architecture then take
-// their sm_80 ones), few SMs so that grids sized "to fill the device"
-// stay small on the CPU.
+// The emulated device: few SMs, so that grids sized "to fill the device" stay small on the CPU, with the compute
+// capability and per-SM limits of the GPU that the environment variable ELECTRA_EXT_EMULATED_SM names (read at
+// every query): "90" (the default) an H100, "80" an A100 (launchers that pick kernels per architecture then take
+// their sm_80 ones), "86" an RTX 3090 or A10, whose 99 KiB of shared memory per block and 1,536 threads per SM
+// the RTX 40xx, L4 and RTX 50xx have too: what a kernel must fit to run on the consumer GPUs.
 constexpr int kMultiProcessorCount = 2;
-constexpr int kMaxThreadsPerMultiProcessor = 2048;
-constexpr int kMaxSharedMemoryPerBlockOptin = 227 * 1024;
 constexpr int kDefaultSharedMemoryPerBlock = 48 * 1024;
-constexpr int kSharedMemoryPerMultiProcessor = 228 * 1024;
-constexpr int kMaxBlocksPerMultiProcessor = 32;
+struct DeviceLimits {
+  int major;
+  int minor;
+  int max_threads_per_multiprocessor;
+  int max_shared_memory_per_block_optin;
+  int shared_memory_per_multiprocessor;
+  int max_blocks_per_multiprocessor;
+};
+const DeviceLimits& emulated_device();
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
@@ -124,25 +130,28 @@ cudaError_t cudaGetDevice(int* device);
 int device_attribute(cudaDeviceAttr attribute, int device);
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute attribute, int value) {
-  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize && value > kMaxSharedMemoryPerBlockOptin) {
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize &&
+      value > emulated_device().max_shared_memory_per_block_optin) {
     return cudaErrorInvalidValue;
   }
   return cudaSuccess;
 }
-// The occupancy by threads, dynamic shared memory and the per-SM block limit, as on an H100; the emulated device
-// has no register file and does not count static shared memory, so a kernel those limit gets more blocks here
-// than on the GPU.
+// The occupancy by threads, dynamic shared memory and the per-SM block limit of the emulated GPU; the emulated
+// device has no register file and does not count static shared memory, so a kernel those limit gets more blocks
+// here than on the GPU.
 template <typename Kernel>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel*, int block_size,
                                                           std::size_t dynamic_shared_bytes) {
+  const DeviceLimits& device = emulated_device();
   if (block_size <= 0 || block_size > kMaxThreadsPerBlock ||
-      dynamic_shared_bytes > std::size_t(kMaxSharedMemoryPerBlockOptin)) {
+      dynamic_shared_bytes > std::size_t(device.max_shared_memory_per_block_optin)) {
     return cudaErrorInvalidValue;
   }
-  const int by_threads = kMaxThreadsPerMultiProcessor / block_size;
-  const int by_shared = dynamic_shared_bytes == 0 ? kMaxBlocksPerMultiProcessor
-                                                  : int(kSharedMemoryPerMultiProcessor / dynamic_shared_bytes);
-  *blocks = std::min({by_threads, by_shared, kMaxBlocksPerMultiProcessor});
+  const int by_threads = device.max_threads_per_multiprocessor / block_size;
+  const int by_shared = dynamic_shared_bytes == 0
+                            ? device.max_blocks_per_multiprocessor
+                            : int(std::size_t(device.shared_memory_per_multiprocessor) / dynamic_shared_bytes);
+  *blocks = std::min({by_threads, by_shared, device.max_blocks_per_multiprocessor});
   return cudaSuccess;
 }
 

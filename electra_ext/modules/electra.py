@@ -152,6 +152,8 @@ class GradientCheckpointing:
     CPU: a step's peak above the resting model 460 -> 48 MiB). The recomputation restores the RNG state, so
     dropout and the attention's dropout draw the same masks and the gradients are bitwise the same."""
 
+    supports_gradient_checkpointing = True  # what transformers' PreTrainedModel says when it has the switches
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None):
         """gradient_checkpointing_kwargs: torch.utils.checkpoint.checkpoint's options (default use_reentrant=False,
         which torch recommends)."""

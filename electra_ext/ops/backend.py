@@ -11,9 +11,10 @@ Each op takes `backend=` per call; the default comes from the environment variab
 CUDA tensors keep their kernels; asked for per call with tensors on another device, it is an error.
 
 The emulated device is an sm_90 (H100): where a launcher picks kernels per architecture, the emulation runs the
-Hopper ones. ELECTRA_EXT_EMULATED_SM="80" makes it an sm_80 (A100) instead, for testing the other kernels; the
-emulation reads it at every launch. ELECTRA_EXT_WGMMA="0" keeps every device, emulated or real, on the mma.sync
-kernels where it would take the Hopper (wgmma) ones; also read at every launch.
+Hopper ones. ELECTRA_EXT_EMULATED_SM="80" makes it an sm_80 (A100) instead, for testing the other kernels, and
+"86" an RTX 3090 (the consumer GPUs' 99 KiB of shared memory per block); the emulation reads it at every launch.
+ELECTRA_EXT_WGMMA="0" keeps every device, emulated or real, on the mma.sync kernels where it would take the
+Hopper (wgmma) ones; also read at every launch.
 """
 import os
 import warnings
@@ -37,7 +38,7 @@ DEFAULT_BACKEND = _backend_from_environment()
 
 # Settings the compiled launchers read at every launch (csrc/cuda/attention_forward.cu), with their values, the
 # default last: a value they would not recognise fails here, at import, instead of being taken as the default.
-LAUNCH_SETTINGS = {"ELECTRA_EXT_EMULATED_SM": ("80", "90"), "ELECTRA_EXT_WGMMA": ("0", "1")}
+LAUNCH_SETTINGS = {"ELECTRA_EXT_EMULATED_SM": ("80", "86", "90"), "ELECTRA_EXT_WGMMA": ("0", "1")}
 
 
 def _check_launch_settings():

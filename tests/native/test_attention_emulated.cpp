@@ -161,7 +161,7 @@ bool takes_mma_sync_with(const char* variable, const char* value) {
   return mma_sync;
 }
 
-// The emulated device is an sm_90 unless ELECTRA_EXT_EMULATED_SM is "80": the launchers take the wgmma kernels
+// The emulated device is an sm_90 unless ELECTRA_EXT_EMULATED_SM is "80" or "86": the launchers take the wgmma kernels
 // at head dims 64 and 128 there, unless ELECTRA_EXT_WGMMA is "0", and the mma.sync kernels everywhere else (the
 // checks below run the sm_90 choice; pytest runs both kinds against the float64 reference).
 void check_kernel_choice() {
@@ -171,6 +171,8 @@ void check_kernel_choice() {
                     emulated::attention_kernels(128) == AttentionKernels::kWgmma;
   expect(sm90, "the emulated sm_90 takes the wgmma kernels at head dims 64 and 128 only", 0, 0.0f);
   expect(takes_mma_sync_with("ELECTRA_EXT_EMULATED_SM", "80"), "the emulated sm_80 takes the mma.sync kernels", 0,
+         0.0f);
+  expect(takes_mma_sync_with("ELECTRA_EXT_EMULATED_SM", "86"), "the emulated sm_86 takes the mma.sync kernels", 0,
          0.0f);
   expect(takes_mma_sync_with("ELECTRA_EXT_WGMMA", "0"), "ELECTRA_EXT_WGMMA=0 keeps the sm_90 on mma.sync", 0, 0.0f);
   expect(!takes_mma_sync_with("ELECTRA_EXT_WGMMA", "1"), "ELECTRA_EXT_WGMMA=1 takes wgmma, as unset does", 0, 0.0f);
