@@ -148,9 +148,10 @@ class ElectraEncoder(nn.Module):
 class GradientCheckpointing:
     """HF's gradient checkpointing switches, for the models built on ElectraEncoder. While it is on, each encoder
     layer keeps only its input for the backward pass and runs its forward again there (in training mode, with
-    gradients): one more forward pass per step, for a tenth of the memory (ELECTRA-Small, 32 x 128 tokens, on the
-    CPU: a step's peak above the resting model 460 -> 48 MiB). The recomputation restores the RNG state, so
-    dropout and the attention's dropout draw the same masks and the gradients are bitwise the same."""
+    gradients): one more forward pass per step, for a quarter to a tenth of the memory (ELECTRA-Small, 32 x 128
+    tokens, on the CPU: a step's peak above the resting model 460-570 -> 50-170 MiB, benchmarks/NOTES.md). The
+    recomputation restores the RNG state, so dropout and the attention's dropout draw the same masks and the
+    gradients are bitwise the same."""
 
     supports_gradient_checkpointing = True  # what transformers' PreTrainedModel says when it has the switches
 

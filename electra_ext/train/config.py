@@ -97,7 +97,7 @@ class TrainConfig:
                                     "slowly), fp32; auto: bf16 where the GPU supports it, else fp32")
     compile: bool = option(False, "torch.compile the joint model")
     gradient_checkpointing: bool = option(False, "recompute each encoder layer's activations in the backward "
-                                                 "pass: a tenth of the activation memory for one more forward "
+                                                 "pass: a quarter to a tenth of the memory for one more forward "
                                                  "pass, the same results")
     seed: int = option(1, "seed of initialisation, example building, batch order, masking and sampling")
     # Bookkeeping
