@@ -87,8 +87,6 @@ def resolve(op, backend, device_type: str) -> str:
 # their mma.sync bf16 tiles and cp.async copies need compute capability 8.0, so a V100 (7.0) or T4 (7.5) has no
 # code to run and takes the reference instead.
 MIN_CUDA_CAPABILITY = (8, 0)
-
-
 _CUDA_KERNELS_RUN_ON = {}  # torch.device -> bool: a dictionary lookup per call instead of a properties query
 
 

@@ -4,9 +4,9 @@
     loss     = mean over valid rows of BCE-with-logits(logits_i, labels_i); 0 when no row is valid
 
 Dtypes and autocast: x may be float32, bfloat16 or float16 and is read in its own dtype; w and b are read as
-float32 whatever their dtype, and logits and loss are float32 (float64 x runs the reference: float64). The op is registered with no autocast
-rule, so under torch.autocast it receives the dense layer's low-precision output unchanged and still returns
-float32 logits and loss. Gradients come back in the dtypes of x, w and b.
+float32 whatever their dtype, and logits and loss are float32 (float64 x runs the reference: float64). The op is
+registered with no autocast rule, so under torch.autocast it receives the dense layer's low-precision output
+unchanged and still returns float32 logits and loss. Gradients come back in the dtypes of x, w and b.
 """
 import torch
 
