@@ -20,8 +20,8 @@ import pytest
 from electra_ext.data import token_cache
 from electra_ext.data.sources import describe_source, iter_documents, iter_lines
 from electra_ext.data.token_cache import TokenCache
-from electra_ext.data.tokenizer import (DEFAULT_VOCAB, load_tokenizer, special_token_ids, tokenizer_fingerprint,
-                                        train_tokenizer)
+from electra_ext.data.tokenizer import (DEFAULT_VOCAB, load_tokenizer, save_for_transformers, special_token_ids,
+                                        tokenizer_fingerprint, train_tokenizer)
 
 # Published SHA-256 of bert-base-uncased's vocab.txt.
 BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
@@ -215,6 +215,44 @@ def test_train_tokenizer_cased_keeps_case(training_corpus, tmp_path):
     cased = load_tokenizer(train_tokenizer([path], tmp_path, vocab_size=400, lowercase=False))
     assert cased.token_to_id("[UNK]") not in cased.encode(word, add_special_tokens=False).ids
     assert cased.encode(word.upper(), add_special_tokens=False).ids != cased.encode(word, add_special_tokens=False).ids
+
+
+def accent_keeping_tokenizer():
+    """BERT uncased's vocabulary behind another normalizer (lower-casing only, accents kept): a tokenizer.json a
+    user may pass as --vocab that transformers' ElectraTokenizer cannot express."""
+    from tokenizers import normalizers
+
+    tokenizer = load_tokenizer()
+    tokenizer.normalizer = normalizers.Lowercase()
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["bert_uncased", "cased", "other_normalizer"])
+def test_saved_for_transformers_encodes_to_the_same_ids(kind, tmp_path):
+    """What the run directory's discriminator/ and generator/ hold must tokenise as pre-training did, through
+    each way transformers loads a tokenizer; a cased vocabulary was saved as lower-casing (other ids)."""
+    transformers = pytest.importorskip("transformers")
+    sentences = ["Hello World, Café naïve résumé!", "The QUICK brown fox 東京 jumps.", "Paris LONDON berlin"]
+    if kind == "cased":
+        corpus = write_text(str(tmp_path / "corpus.txt"), "\n".join(sentences * 50) + "\n")
+        tokenizer = load_tokenizer(train_tokenizer([corpus], tmp_path / "trained", vocab_size=200, lowercase=False))
+    else:
+        tokenizer = load_tokenizer() if kind == "bert_uncased" else accent_keeping_tokenizer()
+    save_for_transformers(tokenizer, tmp_path / "saved", model_max_length=512)
+    ours = [encoding.ids for encoding in tokenizer.encode_batch(sentences)]
+    loaders = [transformers.AutoTokenizer]
+    if kind != "other_normalizer":  # the ElectraTokenizer classes rebuild BERT's normalizer from their flags
+        loaders += [transformers.ElectraTokenizerFast, transformers.ElectraTokenizer]
+    for loader in loaders:
+        loaded = loader.from_pretrained(tmp_path / "saved")
+        assert [loaded(sentence)["input_ids"] for sentence in sentences] == ours, loader.__name__
+        assert loaded.model_max_length == 512
+        assert (loaded.mask_token, loaded.pad_token_id) == ("[MASK]", tokenizer.token_to_id("[PAD]"))
+    # The cased vocabulary really is cased, and the other normalizer really keeps accents.
+    if kind == "cased":
+        assert ours != [encoding.ids for encoding in tokenizer.encode_batch([s.lower() for s in sentences])]
+    if kind == "other_normalizer":
+        assert ours != [encoding.ids for encoding in load_tokenizer().encode_batch(sentences)]
 
 
 @pytest.mark.parametrize("arguments,message", [

@@ -1,5 +1,5 @@
 """The WordPiece tokenizer of ELECTRA pre-training: loading (BERT uncased by default), training a vocabulary
-on a corpus, its special-token ids and a fingerprint for cache keys.
+on a corpus, its special-token ids, a fingerprint for cache keys, and saving it for transformers.
 
 Tokenizers here are plain `tokenizers.Tokenizer` objects, so `encode_batch` runs in Rust on all cores. They
 keep BERT's post-processor, which wraps each encoding in [CLS] ... [SEP] (the same ids as HF's
@@ -8,6 +8,7 @@ lines into one sequence and adds [CLS]/[SEP] itself:
 `tokenizer.encode_batch(lines, add_special_tokens=False)`.
 """
 import hashlib
+import json
 import os
 
 from tokenizers import Tokenizer
@@ -107,3 +108,35 @@ def train_tokenizer(files: list, output_dir: str | os.PathLike, vocab_size: int 
     with atomic_output(os.path.join(output_dir, "tokenizer.json")) as file:
         file.write(tokenizer.to_str().encode("utf-8"))
     return output_dir
+
+
+def save_for_transformers(tokenizer: Tokenizer, directory: str | os.PathLike, model_max_length: int):
+    """Writes `tokenizer` into `directory` so that transformers' AutoTokenizer.from_pretrained(directory) encodes
+    text to the same ids: tokenizer.json and a tokenizer_config.json, with vocab.txt for a BERT WordPiece one.
+
+    transformers' ElectraTokenizer (and, in transformers 5, the Fast one) does not take tokenizer.json's
+    normalizer as it is: it builds BERT's from the config's do_lower_case and strip_accents (defaults: lower-case
+    and strip accents). So a BERT WordPiece tokenizer is saved as an ElectraTokenizer with its own flags (a
+    cased vocabulary saved with BERT uncased's defaults encoded "Hello" as lower-case pieces), and any other
+    (another normalizer or model, from a tokenizer.json given as --vocab) as a PreTrainedTokenizerFast, which
+    runs tokenizer.json unchanged. model_max_length: the model's position embeddings (512 for every ELECTRA),
+    as in Google's released tokenizers, not the pre-training sequence length."""
+    directory = os.fspath(directory)
+    spec = json.loads(tokenizer.to_str())
+    normalizer = spec.get("normalizer") or {}
+    config = {"model_max_length": model_max_length, "unk_token": spec["model"].get("unk_token", "[UNK]"),
+              **{f"{role}_token": token for role, token in SPECIAL_TOKENS.items()}}
+    if spec["model"]["type"] == "WordPiece" and normalizer.get("type") == "BertNormalizer":
+        # BertNormalizer's strip_accents None means "as lowercase", which ElectraTokenizer reads the same way.
+        config.update(tokenizer_class="ElectraTokenizer", do_lower_case=normalizer["lowercase"],
+                      strip_accents=normalizer["strip_accents"],
+                      tokenize_chinese_chars=normalizer["handle_chinese_chars"])
+        vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+        with atomic_output(os.path.join(directory, "vocab.txt")) as file:
+            file.write("".join(token + "\n" for token, _ in vocabulary).encode("utf-8"))
+    else:
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with atomic_output(os.path.join(directory, "tokenizer.json")) as file:
+        file.write(tokenizer.to_str().encode("utf-8"))
+    with atomic_output(os.path.join(directory, "tokenizer_config.json")) as file:
+        file.write(json.dumps(config, indent=2).encode("utf-8"))

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from electra_ext._io import atomic_output
 from electra_ext.data.pretraining_data import BatchSchedule, PretrainingData
+from electra_ext.data.tokenizer import save_for_transformers
 from electra_ext.modules.config import preset as model_preset
 from electra_ext.modules.pretraining import ElectraForPretraining, ElectraPretrainingConfig, discriminator_metrics
 from electra_ext.train.checkpoint import (checkpoint_files, checkpoint_path, complete_checkpoints, is_complete,
@@ -220,7 +221,8 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
         model.save_pretrained(os.path.join(run_dir, "model"))
         for part, save in (("discriminator", model.save_discriminator), ("generator", model.save_generator)):
             save(os.path.join(run_dir, part))
-            save_tokenizer(data, os.path.join(run_dir, part))
+            save_for_transformers(data.tokenizer, os.path.join(run_dir, part),
+                                  model_max_length=getattr(model.config, part).max_position_embeddings)
         plot_run(run_dir)
     barrier()
     return run_dir
@@ -449,16 +451,3 @@ def report(progress, config: TrainConfig, step: int, values: dict, evaluation: b
         progress.update(step - progress.n)
     else:
         print(f"step {step}/{config.steps} " + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
-
-
-def save_tokenizer(data: PretrainingData, directory: str):
-    """The tokenizer beside each exported model (tokenizer.json, and vocab.txt with a tokenizer_config.json
-    for transformers' ElectraTokenizer), so one directory loads both."""
-    tokenizer = data.tokenizer
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    with atomic_output(os.path.join(directory, "vocab.txt"), "w") as f:
-        f.writelines(token + "\n" for token, _ in vocabulary)
-    with atomic_output(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "ElectraTokenizer", "do_lower_case": True,
-                   "model_max_length": data.train.max_length}, f, indent=2)
