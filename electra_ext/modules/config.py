@@ -143,6 +143,7 @@ class ElectraPreset:
     learning_rate: float
     batch_size: int
     max_seq_length: int
+    steps: int  # the paper's (Table 6: 1M, 766k, 400k); tiny: the CPU run's
 
     @property
     def generator(self) -> ElectraConfig:
@@ -155,19 +156,20 @@ PRESETS = {
         # For tests and the CPU: two thin layers on the real BERT vocabulary.
         ElectraPreset("tiny", ElectraConfig(embedding_size=64, hidden_size=128, num_hidden_layers=2,
                                             num_attention_heads=2, intermediate_size=512),
-                      generator_fraction=0.25, mask_prob=0.15, learning_rate=5e-4, batch_size=8, max_seq_length=128),
+                      generator_fraction=0.25, mask_prob=0.15, learning_rate=5e-4, batch_size=8, max_seq_length=128,
+                      steps=800),
         ElectraPreset("small", ElectraConfig(embedding_size=128, hidden_size=256, num_hidden_layers=12,
                                              num_attention_heads=4, intermediate_size=1024),
                       generator_fraction=0.25, mask_prob=0.15, learning_rate=5e-4, batch_size=128,
-                      max_seq_length=128),
+                      max_seq_length=128, steps=1_000_000),
         ElectraPreset("base", ElectraConfig(embedding_size=768, hidden_size=768, num_hidden_layers=12,
                                             num_attention_heads=12, intermediate_size=3072),
                       generator_fraction=1 / 3, mask_prob=0.15, learning_rate=2e-4, batch_size=256,
-                      max_seq_length=512),
+                      max_seq_length=512, steps=766_000),
         ElectraPreset("large", ElectraConfig(embedding_size=1024, hidden_size=1024, num_hidden_layers=24,
                                              num_attention_heads=16, intermediate_size=4096),
                       generator_fraction=0.25, mask_prob=0.25, learning_rate=2e-4, batch_size=2048,
-                      max_seq_length=512),
+                      max_seq_length=512, steps=400_000),
     )
 }
 
