@@ -56,6 +56,7 @@ inline void bulk_reduce_add_f32(float* global, const float* shared, uint32_t cou
     ::simt::fail("cp.reduce.async.bulk: an address is not 16-byte aligned");
   }
   if (count % 4 != 0) ::simt::fail("cp.reduce.async.bulk: the size is not a multiple of 16 bytes");
+  ::simt::check_async_proxy_read(shared, count * sizeof(float), "cp.reduce.async.bulk");
   std::vector<float> at_issue(shared, shared + count);
   ::simt::async_issue(::simt::AsyncKind::kBulkReduction, [=] {
     if (std::memcmp(at_issue.data(), shared, count * sizeof(float)) != 0) {

@@ -81,6 +81,7 @@ struct Thread {
       {"wgmma", "wgmma_wait_group", {}, {}},
   };
   std::unordered_map<std::type_index, std::shared_ptr<void>> state;  // thread_state<T>()
+  std::vector<uintptr_t> unfenced_chunks;  // 16-byte shared-memory chunks written since its last proxy fence
   bool finished = false;
   const char* waiting_at = nullptr;  // the barrier that holds it, for the message when none can go on
 #if defined(ELECTRA_SIMT_ASAN)
@@ -236,12 +237,15 @@ struct Block {
   std::vector<unsigned char> dynamic_shared;
   // Where every thread waits between blocks; unlike the block's own barrier, threads never drop out of it.
   Barrier between_blocks{"the end of the block"};
+  // Chunks (address / 16) of generic-proxy writes not yet fenced, with the thread that wrote each last.
+  std::unordered_map<uintptr_t, int> unfenced_chunks;
 
   // Ready for the next block of the grid (every thread waits at between_blocks, or none has started).
   void start() {
     barrier.reset(static_cast<int>(warps.size()) * kWarpSize);
     for (Warp& warp : warps) warp.barrier.reset(kWarpSize);
     std::fill(dynamic_shared.begin(), dynamic_shared.end(), kPoison);
+    unfenced_chunks.clear();
   }
 };
 
@@ -305,6 +309,41 @@ void async_wait_group(AsyncKind kind, int pending) {
 }
 
 std::shared_ptr<void>& thread_state_slot(std::type_index type) { return running_thread().state[type]; }
+
+void note_generic_shared_write(const void* address, std::size_t bytes) {
+  Thread& self = running_thread();
+  const uintptr_t first = reinterpret_cast<uintptr_t>(address) / 16;
+  for (uintptr_t chunk = first; chunk <= (reinterpret_cast<uintptr_t>(address) + bytes - 1) / 16; ++chunk) {
+    launch->block->unfenced_chunks[chunk] = self.index;
+    self.unfenced_chunks.push_back(chunk);
+  }
+}
+
+void fence_proxy_async() {
+  Thread& self = running_thread();
+  std::unordered_map<uintptr_t, int>& unfenced = launch->block->unfenced_chunks;
+  for (const uintptr_t chunk : self.unfenced_chunks) {
+    const auto written = unfenced.find(chunk);
+    if (written != unfenced.end() && written->second == self.index) unfenced.erase(written);  // else rewritten since
+  }
+  self.unfenced_chunks.clear();
+}
+
+void check_async_proxy_read(const void* address, std::size_t bytes, const char* reader) {
+  const std::unordered_map<uintptr_t, int>& unfenced = launch->block->unfenced_chunks;
+  if (unfenced.empty()) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(address) / 16;
+  for (uintptr_t chunk = first; chunk <= (reinterpret_cast<uintptr_t>(address) + bytes - 1) / 16; ++chunk) {
+    const auto written = unfenced.find(chunk);
+    if (written == unfenced.end()) continue;
+    char message[320];
+    std::snprintf(message, sizeof(message),
+                  "%s reads shared memory that thread %d wrote by cp.async or stmatrix with no fence_proxy_async() "
+                  "after it (on a GPU the asynchronous proxy may read the old bytes)",
+                  reader, written->second);
+    fail(message);
+  }
+}
 
 void sync_block() { launch->block->barrier.arrive_and_wait(); }
 void sync_warp() { current_warp().barrier.arrive_and_wait(); }
@@ -383,6 +422,7 @@ void thread_main() {
     blockIdx = self.block_idx;
     self.collective_count = 0;
     self.state.clear();
+    self.unfenced_chunks.clear();
     (*launch->body)();
     check_no_async_operations_left();
     current_warp().barrier.arrive_and_drop();

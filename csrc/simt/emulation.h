@@ -104,6 +104,16 @@ void async_issue(AsyncKind kind, std::function<void()> operation);
 void async_commit_group(AsyncKind kind);
 void async_wait_group(AsyncKind kind, int pending);
 
+// Shared-memory writes through the generic proxy that the asynchronous proxy (wgmma's shared-memory operands, bulk
+// reductions' sources) reads later: on a GPU the writing thread must follow them with fence.proxy.async before the
+// barrier that orders them before the reader, or the async proxy may read the old bytes, a race no result shows.
+// The emulation records cp.async copies and stmatrix stores as their thread's unfenced writes (16-byte chunks),
+// forgets a thread's at its fence_proxy_async(), and stops a read through the async proxy of a chunk that is still
+// unfenced. Plain C++ stores are not seen.
+void note_generic_shared_write(const void* address, std::size_t bytes);
+void fence_proxy_async();
+void check_async_proxy_read(const void* address, std::size_t bytes, const char* reader);
+
 // The calling emulated thread's own T, value-initialised when the thread starts a block: what a primitive's emulation
 // keeps per thread (a C++ thread_local would be shared by the fibers of the block).
 std::shared_ptr<void>& thread_state_slot(std::type_index type);

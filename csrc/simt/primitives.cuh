@@ -256,6 +256,7 @@ void stmatrix(const uint32_t (&r)[kMatrices], void* row) {
   uint16_t values[8];
   for (int c = 0; c < 8; ++c) values[c] = kTranspose ? element(c, stored_row) : element(stored_row, c);
   std::memcpy(row, values, sizeof(values));
+  ::simt::note_generic_shared_write(row, sizeof(values));
 }
 
 // Each copy is made by the cp_async_wait that covers its group, the latest moment the PTX ISA allows, so that a
@@ -267,14 +268,21 @@ inline void check_copy_alignment(const void* shared, const void* global) {
 }
 inline void cp_async_16(void* shared, const void* global) {
   check_copy_alignment(shared, global);
-  ::simt::async_issue(::simt::AsyncKind::kCpAsync, [shared, global] { std::memcpy(shared, global, 16); });
+  ::simt::async_issue(::simt::AsyncKind::kCpAsync, [shared, global] {
+    std::memcpy(shared, global, 16);
+    ::simt::note_generic_shared_write(shared, 16);
+  });
 }
 inline void cp_async_16_or_zero(void* shared, const void* global, bool copy) {
   if (copy) {
     cp_async_16(shared, global);
-  } else {
-    ::simt::async_issue(::simt::AsyncKind::kCpAsync, [shared] { std::memset(shared, 0, 16); });
+    return;
   }
+  if (reinterpret_cast<uintptr_t>(shared) % 16 != 0) ::simt::fail("cp.async: an address is not 16-byte aligned");
+  ::simt::async_issue(::simt::AsyncKind::kCpAsync, [shared] {
+    std::memset(shared, 0, 16);
+    ::simt::note_generic_shared_write(shared, 16);
+  });
 }
 inline void cp_async_commit() { ::simt::async_commit_group(::simt::AsyncKind::kCpAsync); }
 template <int kPending>

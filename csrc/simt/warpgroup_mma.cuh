@@ -222,7 +222,7 @@ void wgmma_wait_group() {
   ::simt::async_wait_group(::simt::AsyncKind::kWgmma, kPending);
   wgmma_emulation::thread_state().fenced = false;
 }
-inline void fence_proxy_async_shared() {}
+inline void fence_proxy_async_shared() { ::simt::fence_proxy_async(); }
 template <typename Register, int kTiles>
 void wgmma_fence_operands(Register (&)[kTiles][4]) {}
 
@@ -249,17 +249,30 @@ float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
   return element_to_float(value);
 }
 
-// A hash (FNV-1a) of the 16-bit elements mn_begin .. mn_end - 1 (all 16 k) of a shared-memory operand slice.
+// Calls visit(address) for the 16-bit elements mn_begin .. mn_end - 1 (all 16 k) of a shared-memory operand slice.
+template <typename Visit>
+void for_each_element(const WgmmaDescriptor& descriptor, Major major, int mn_begin, int mn_end, Visit visit) {
+  for (int mn = mn_begin; mn < mn_end; ++mn) {
+    for (int k = 0; k < 16; ++k) visit(element_address(descriptor, major, mn, k));
+  }
+}
+
+// A hash (FNV-1a) of an operand slice's elements.
 inline uint64_t operand_hash(uint64_t hash, const WgmmaDescriptor& descriptor, Major major, int mn_begin,
                              int mn_end) {
-  for (int mn = mn_begin; mn < mn_end; ++mn) {
-    for (int k = 0; k < 16; ++k) {
-      uint16_t bits;
-      std::memcpy(&bits, element_address(descriptor, major, mn, k), sizeof(bits));
-      hash = (hash ^ bits) * 1099511628211ull;
-    }
-  }
+  for_each_element(descriptor, major, mn_begin, mn_end, [&hash](const void* address) {
+    uint16_t bits;
+    std::memcpy(&bits, address, sizeof(bits));
+    hash = (hash ^ bits) * 1099511628211ull;
+  });
   return hash;
+}
+
+// Stops the kernel if an element of the slice was written by cp.async or stmatrix and not fenced for the async
+// proxy since (see simt::check_async_proxy_read).
+inline void check_operand_fenced(const WgmmaDescriptor& descriptor, Major major, int mn_begin, int mn_end) {
+  for_each_element(descriptor, major, mn_begin, mn_end,
+                   [](const void* address) { ::simt::check_async_proxy_read(address, 2, "wgmma"); });
 }
 
 // Issues d (64 x N) = A B + (accumulate ? d : 0) for this thread, warp w of its warpgroup computing rows 16 w ..
@@ -270,7 +283,8 @@ inline uint64_t operand_hash(uint64_t hash, const WgmmaDescriptor& descriptor, M
 // issue and the wait, so they must be complete at the issue and unchanged until the wait. The wait carries the
 // product out with what is there then, which shows a write while it was in flight; lane 0 of each warp also
 // hashes its warp's operands at the issue and fails at the wait if they changed, which shows data that arrived
-// after the issue (a barrier missing before it, whose writers ran before the wait).
+// after the issue (a barrier missing before it, whose writers ran before the wait); at the issue it also checks
+// that no operand bytes written by cp.async or stmatrix still lack their writer's fence_proxy_async_shared().
 template <typename T, int N, Major kBMajor, typename ARows>
 void issue(float (&d)[N / 8][4], ARows a_rows, std::optional<WgmmaDescriptor> a_shared, const WgmmaDescriptor& b,
            bool accumulate) {
@@ -291,6 +305,10 @@ void issue(float (&d)[N / 8][4], ARows a_rows, std::optional<WgmmaDescriptor> a_
     const uint64_t hash = operand_hash(14695981039346656037ull, b, kBMajor, 0, N);
     return a_shared ? operand_hash(hash, *a_shared, Major::K, 16 * warp, 16 * warp + 16) : hash;
   };
+  if (hashes_operands) {
+    check_operand_fenced(b, kBMajor, 0, N);
+    if (a_shared) check_operand_fenced(*a_shared, Major::K, 16 * warp, 16 * warp + 16);
+  }
   const uint64_t hash_at_issue = hashes_operands ? shared_operands_hash() : 0;
   ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, &in_flight, a_rows, b, accumulate, warp, first, kept,
                                                   hashes_operands, shared_operands_hash, hash_at_issue] {

@@ -293,9 +293,11 @@ void test_red_add() {
 // d = A B + c when `accumulate` (scale-d 1 from the first step), else A B (scale-d 0 first).
 // What a wgmma_kernel gets wrong, for the emulation's ordering checks (a GPU would race instead): no fence, no
 // commit, no wait, a write of the accumulators or of the A fragment, or a read of the accumulators, while the
-// wgmma are in flight; or the barrier that publishes the shared tiles after the issue instead of before it.
+// wgmma are in flight; the barrier that publishes the shared tiles after the issue instead of before it; or no
+// proxy fence between the tiles' cp.async copies and the wgmma that read them.
 enum class OrderingMistake {
-  kNone, kNoFence, kNoCommit, kNoWait, kWriteAccumulators, kWriteFragment, kReadEarly, kBarrierAfterIssue
+  kNone, kNoFence, kNoCommit, kNoWait, kWriteAccumulators, kWriteFragment, kReadEarly, kBarrierAfterIssue,
+  kNoProxyFence
 };
 
 template <typename T, int N, bool kAFromRegisters, Major kBMajor, OrderingMistake kMistake = OrderingMistake::kNone>
@@ -308,10 +310,12 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   alignas(1024) __shared__ unsigned char a_tile[ATile::kBytes];
   alignas(1024) __shared__ unsigned char b_tile[BTile::kBytes];
   const int thread = threadIdx.x, warp = thread / 32, group = (thread % 32) / 4, pair = thread % 4;
-  for (int i = thread; i < 64 * 64; i += 128) std::memcpy(a_tile + ATile::offset(i / 64, i % 64), &a[i], sizeof(T));
-  for (int i = thread; i < kBRows * kBCols; i += 128) {
-    std::memcpy(b_tile + BTile::offset(i / kBCols, i % kBCols), &b[i], sizeof(T));
+  // The tiles arrive by cp.async as the kernels' do, 8 elements (one 16-byte swizzle chunk) a copy.
+  for (int i = thread; i < 64 * 64 / 8; i += 128) cp_async_16(a_tile + ATile::offset(i / 8, i % 8 * 8), &a[8 * i]);
+  for (int i = thread; i < kBRows * kBCols / 8; i += 128) {
+    cp_async_16(b_tile + BTile::offset(i / (kBCols / 8), i % (kBCols / 8) * 8), &b[8 * i]);
   }
+  cp_async_commit();
   uint32_t fragments[4][4];
   for (int step = 0; step < 4; ++step) {
     for (int r = 0; r < 4; ++r) {
@@ -324,7 +328,8 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   for (int j = 0; j < N / 8; ++j) {
     for (int i = 0; i < 4; ++i) acc[j][i] = c[d_index(j, i)];
   }
-  fence_proxy_async_shared();
+  cp_async_wait<0>();
+  if constexpr (kMistake != OrderingMistake::kNoProxyFence) fence_proxy_async_shared();
   if constexpr (kMistake != OrderingMistake::kBarrierAfterIssue) __syncthreads();
   wgmma_fence_operands(fragments);
   wgmma_fence_operands(acc);
@@ -577,6 +582,9 @@ int run() {
   // Every warp's tiles are complete at the wait, so only the operands' hash at the issue shows this one.
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kBarrierAfterIssue>("the emulation stops a wgmma issued "
                                                                              "before its tiles' barrier");
+  // The card's tensor cores read shared memory through the async proxy; the copies wrote it through the generic one.
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoProxyFence>("the emulation stops a wgmma reading "
+                                                                         "cp.async copies not fenced for it");
   test_wgmma_early_read_is_nan();
   test_cp_async_read_before_wait_sees_old_bytes();
   test_bulk_mistake_is_caught<BulkMistake::kNoFinalWait>("the emulation stops a block that ends before its bulk "
