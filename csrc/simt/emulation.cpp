@@ -239,6 +239,7 @@ struct Block {
   Barrier between_blocks{"the end of the block"};
   // Chunks (address / 16) of generic-proxy writes not yet fenced, with the thread that wrote each last.
   std::unordered_map<uintptr_t, int> unfenced_chunks;
+  std::unordered_map<std::type_index, std::shared_ptr<void>> state;  // block_state<T>()
 
   // Ready for the next block of the grid (every thread waits at between_blocks, or none has started).
   void start() {
@@ -246,6 +247,7 @@ struct Block {
     for (Warp& warp : warps) warp.barrier.reset(kWarpSize);
     std::fill(dynamic_shared.begin(), dynamic_shared.end(), kPoison);
     unfenced_chunks.clear();
+    state.clear();
   }
 };
 
@@ -309,6 +311,7 @@ void async_wait_group(AsyncKind kind, int pending) {
 }
 
 std::shared_ptr<void>& thread_state_slot(std::type_index type) { return running_thread().state[type]; }
+std::shared_ptr<void>& block_state_slot(std::type_index type) { return launch->block->state[type]; }
 
 void note_generic_shared_write(const void* address, std::size_t bytes) {
   Thread& self = running_thread();

@@ -124,6 +124,16 @@ T& thread_state() {
   return *static_cast<T*>(slot.get());
 }
 
+// The running block's own T, value-initialised when the block starts: what a primitive's emulation keeps per block
+// (what the threads of a block compare with one another).
+std::shared_ptr<void>& block_state_slot(std::type_index type);
+template <typename T>
+T& block_state() {
+  std::shared_ptr<void>& slot = block_state_slot(std::type_index(typeid(T)));
+  if (!slot) slot = std::make_shared<T>();
+  return *static_cast<T*>(slot.get());
+}
+
 // Runs `body` for every thread of every block of the grid (see the top of this file).
 void run_grid(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, const std::function<void()>& body);
 

@@ -44,6 +44,8 @@
 #include <array>
 #include <map>
 #include <optional>
+#include <tuple>
+#include <vector>
 #endif
 
 #include "simt/primitives.cuh"
@@ -205,13 +207,44 @@ inline WgmmaDescriptor wgmma_descriptor(const void* tile, uint32_t start_bytes, 
 namespace wgmma_emulation {
 
 // Per thread: whether a wgmma_fence() came since the last wait (a wgmma needs one: after the wait the thread reads
-// the results, a register access), and how many wgmma in flight write each accumulator array. On a GPU a missing
-// fence or an early access is a silent race.
+// the results, a register access), how many wgmma in flight write each accumulator array, and how many wgmma it
+// has issued in the block. On a GPU a missing fence or an early access is a silent race.
 struct ThreadState {
   bool fenced = false;
   std::map<const float*, int> in_flight;
+  size_t issued = 0;
 };
 inline ThreadState& thread_state() { return ::simt::thread_state<ThreadState>(); }
+
+// What the threads of a warpgroup must give a wgmma alike (the PTX ISA's wgmma is .sync.aligned: all of them
+// issue it, with the same descriptors, shape and scale-d). The emulation computes each warp's rows from that
+// warp's own, so a kernel whose warps or lanes differ would compute here what the tensor cores do not.
+struct IssueSignature {
+  const void* a_start;  // null: A from registers
+  uint32_t a_leading_bytes;
+  const void* b_start;
+  uint32_t b_leading_bytes;
+  int n;
+  int b_major;
+  int accumulate;
+  auto fields() const { return std::tie(a_start, a_leading_bytes, b_start, b_leading_bytes, n, b_major, accumulate); }
+};
+// Per block: the signature of each warpgroup's i-th wgmma, as the first of its threads to issue it gave it.
+struct WarpgroupIssues {
+  std::map<unsigned, std::vector<IssueSignature>> by_warpgroup;
+};
+
+// Each thread compares with the first of its warpgroup to issue: no warp collective, which would let the other
+// lanes (and warps) run up to the issue first and hide a tile that arrives after it.
+inline void check_warpgroup_uniform(const IssueSignature& mine, unsigned warpgroup) {
+  std::vector<IssueSignature>& issues = ::simt::block_state<WarpgroupIssues>().by_warpgroup[warpgroup];
+  const size_t ordinal = thread_state().issued++;
+  if (issues.size() <= ordinal) issues.push_back(mine);
+  if (issues[ordinal].fields() != mine.fields()) {
+    ::simt::fail("wgmma: the threads of a warpgroup issued it with different descriptors, N, B major-ness or "
+                 "scale-d (it is warpgroup-wide: every thread must give the same)");
+  }
+}
 
 }  // namespace wgmma_emulation
 
@@ -293,6 +326,9 @@ void issue(float (&d)[N / 8][4], ARows a_rows, std::optional<WgmmaDescriptor> a_
   if (!thread_state().fenced) ::simt::fail("wgmma issued without a wgmma_fence() since the thread's last wait");
   const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   const int warp = static_cast<int>(thread / ::simt::kWarpSize) % 4;
+  check_warpgroup_uniform({a_shared ? a_shared->start : nullptr, a_shared ? a_shared->leading_bytes : 0u, b.start,
+                           b.leading_bytes, N, static_cast<int>(kBMajor), accumulate ? 1 : 0},
+                          thread / 128);
   constexpr size_t kBytes = sizeof(d);
   const bool first = in_flight[&d[0][0]]++ == 0;
   std::array<unsigned char, kBytes> kept{};

@@ -293,11 +293,12 @@ void test_red_add() {
 // d = A B + c when `accumulate` (scale-d 1 from the first step), else A B (scale-d 0 first).
 // What a wgmma_kernel gets wrong, for the emulation's ordering checks (a GPU would race instead): no fence, no
 // commit, no wait, a write of the accumulators or of the A fragment, or a read of the accumulators, while the
-// wgmma are in flight; the barrier that publishes the shared tiles after the issue instead of before it; or no
-// proxy fence between the tiles' cp.async copies and the wgmma that read them.
+// wgmma are in flight; the barrier that publishes the shared tiles after the issue instead of before it; no proxy
+// fence between the tiles' cp.async copies and the wgmma that read them; or one warp giving a wgmma of the
+// warpgroup another B descriptor.
 enum class OrderingMistake {
   kNone, kNoFence, kNoCommit, kNoWait, kWriteAccumulators, kWriteFragment, kReadEarly, kBarrierAfterIssue,
-  kNoProxyFence
+  kNoProxyFence, kDescriptorPerWarp
 };
 
 template <typename T, int N, bool kAFromRegisters, Major kBMajor, OrderingMistake kMistake = OrderingMistake::kNone>
@@ -336,7 +337,8 @@ __global__ void wgmma_kernel(const T* a, const T* b, const float* c, float* d, b
   if constexpr (kMistake != OrderingMistake::kNoFence) wgmma_fence();
   for (int step = 0; step < 4; ++step) {
     const bool add = accumulate || step > 0;
-    const WgmmaDescriptor b_step = kBMnMajor ? BTile::mn_major(b_tile, step) : BTile::k_major(b_tile, step);
+    const int b_k = kMistake == OrderingMistake::kDescriptorPerWarp && warp == 1 ? (step + 1) % 4 : step;
+    const WgmmaDescriptor b_step = kBMnMajor ? BTile::mn_major(b_tile, b_k) : BTile::k_major(b_tile, b_k);
     if constexpr (kAFromRegisters) {
       wgmma_rs<T, N, kBMajor>(acc, fragments[step], b_step, add);
     } else {
@@ -585,6 +587,8 @@ int run() {
   // The card's tensor cores read shared memory through the async proxy; the copies wrote it through the generic one.
   test_wgmma_ordering_mistake_is_caught<OrderingMistake::kNoProxyFence>("the emulation stops a wgmma reading "
                                                                          "cp.async copies not fenced for it");
+  test_wgmma_ordering_mistake_is_caught<OrderingMistake::kDescriptorPerWarp>("the emulation stops a wgmma whose "
+                                                                              "warps give different descriptors");
   test_wgmma_early_read_is_nan();
   test_cp_async_read_before_wait_sees_old_bytes();
   test_bulk_mistake_is_caught<BulkMistake::kNoFinalWait>("the emulation stops a block that ends before its bulk "
