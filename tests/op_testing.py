@@ -1,11 +1,12 @@
-"""Helpers shared by the op tests: the devices to run on, the error measure of the numerical standards, and the
-baseline (non-AVX2) build of the CPU kernels."""
+"""Helpers shared by the op tests: the devices to run on, the error measure of the numerical standards, a check that
+the kernels (not the references) ran, and the baseline (non-AVX2) build of the CPU kernels."""
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 REQUIRES_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")
@@ -25,6 +26,27 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denominator = expected.norm().item()
     difference = (actual - expected).norm().item()
     return difference / denominator if denominator > 0 else difference
+
+
+class KernelsRan(TorchDispatchMode):
+    """Inside `with KernelsRan("gen_head", "gen_head_backward"):` the block must call those electra_ext ops (forward
+    and backward): an op that silently took its PyTorch reference instead (a dtype or device check gone wrong) would
+    make a kernel-against-reference test compare the reference with itself, and pass."""
+
+    def __init__(self, *op_names: str):
+        super().__init__()
+        self.expected, self.called = set(op_names), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "electra_ext":
+            self.called.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exception):
+        result = super().__exit__(*exception)
+        if exception[0] is None:
+            assert self.expected <= self.called, f"the kernels did not run: {sorted(self.expected - self.called)}"
+        return result
 
 
 def run_on_baseline_cpu_build(probe: str) -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import electra_ext
 from electra_ext.ops import disc_head, disc_head_from_ids, has_kernel
 from electra_ext.ops.reference import disc_head_reference
-from op_testing import CUDA_AVAILABLE, relative_error
+from op_testing import KernelsRan, CUDA_AVAILABLE, relative_error
 
 OP = torch.ops.electra_ext.disc_head.default
 
@@ -110,7 +110,8 @@ def test_low_precision_error_at_most_twice_pytorch(device, op, dtype, n, h):
     # is at most twice that of PyTorch's own implementation in the same precision.
     inputs = make_inputs(n, h, device, dtype=dtype)
     expected = float64_reference(*inputs)
-    actual = forward_backward(op, *inputs)
+    with KernelsRan("disc_head", "disc_head_backward"):
+        actual = forward_backward(op, *inputs)
     pytorch = forward_backward(pytorch_low_precision, *inputs)
     for name, a, p, e in zip(("logits", "loss", "dx", "dw", "db"), actual, pytorch, expected):
         kernel_error = (a.double().cpu() - e.cpu()).abs().max().item()
@@ -251,9 +252,12 @@ def test_bad_input_names_the_argument(device, op, mutate, error, words):
 
 @pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")
 def test_inputs_on_different_devices_are_rejected():
+    """By the Python function, and by the kernel's own checks for a direct torch.ops call."""
     x, w, b, labels, valid = make_inputs(9, 64, "cuda")
-    with pytest.raises(ValueError, match="w must be on the same device as x"):
+    with pytest.raises(ValueError, match="x, w, b, labels and valid must be on one device, got cuda:0, cpu"):
         disc_head(x, w.cpu(), b, labels, valid)
+    with pytest.raises(ValueError, match="w must be on the same device as x"):
+        torch.ops.electra_ext.disc_head(x, w.cpu(), b, labels, valid)
 
 
 def test_cuda_kernel_registered_when_built_with_cuda():
