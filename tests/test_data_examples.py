@@ -92,8 +92,11 @@ def test_example_set_rows_and_masks(tmp_path):
 def test_schedule_visits_every_example_once_per_epoch_and_splits_batches_by_world():
     schedule = BatchSchedule(num_examples=103, global_batch=8, seed=7)
     visited = np.concatenate([schedule.global_indices(step) for step in range(103)])  # 8 epochs exactly
-    for epoch in range(8):
-        assert sorted(visited[epoch * 103:(epoch + 1) * 103].tolist()) == list(range(103))
+    epochs = [visited[epoch * 103:(epoch + 1) * 103] for epoch in range(8)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(103))
+    # Each epoch in a new order (one order repeated would give every epoch's batches the same examples).
+    assert len({tuple(order.tolist()) for order in epochs}) == 8
     for step in (0, 12, 13, 50):
         whole = schedule.global_indices(step)
         for parts in (1, 2, 4, 8):

@@ -1,6 +1,7 @@
 """The pre-training loop on the embedded corpus, on the CPU: it learns (loss falls, the discriminator beats
 "always original" on held-out data), leaves the run directory it promises, resumes exactly, trains the same with
 gradient checkpointing, and a 2-process gloo DDP run matches one process with the same global batch."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,9 +16,12 @@ from torch.utils.checkpoint import checkpoint
 import electra_ext.modules.electra as electra_module
 
 from electra_ext.cli import main as cli_main
+from electra_ext.modules.pretraining import ElectraForPretraining
 from electra_ext.train import TrainConfig, pretrain
 from electra_ext.train.config import resolve_device
-from electra_ext.train.metrics import read_metrics
+from electra_ext.train.loop import check_resumable
+from electra_ext.train.metrics import read_metrics, roc_auc
+from electra_ext.train.optim import AdamWithoutBiasCorrection, build_optimizer, parameter_groups
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +181,124 @@ def test_the_logged_learning_rate_is_the_one_its_step_used(cache_dir, tmp_path, 
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    run_dir = pretrain(small_run(cache_dir, tmp_path / "run", steps=6, warmup_steps=2))
+    run_dir = pretrain(small_run(cache_dir, tmp_path / "run", steps=6, warmup_steps=2, learning_rate=2e-3))
     assert [r["learning_rate"] for r in train_records(run_dir)] == applied
-    assert len(applied) == 6 and applied[0] < applied[1]  # warming up
+    # The update completing step s (from 1) at base · min(1, s / warmup) · (1 - s / steps): the given rate, not
+    # the preset's; the last update's rate is 0 (the reference code's schedule reaches 0 at its end too).
+    assert applied == pytest.approx([2e-3 * min(1.0, s / 2) * (1 - s / 6) for s in range(1, 7)], rel=1e-12)
+
+
+def model_weights(run_dir):
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def test_the_update_averages_micro_batches_and_clips_the_gradient(cache_dir, tmp_path):
+    """Gradient accumulation adds each micro-batch's loss / rounds, so 4 rounds of 2 sequences give the gradient
+    of the 8 (the same norm up to the other masks drawn: 1.03x here; a sum would be 4x); with max_grad_norm tiny,
+    AdamW's first update is held back by its eps (2e-4 of the unclipped one here)."""
+    before = pretrain(small_run(cache_dir, tmp_path / "before", steps=1))  # one step at learning rate 0: no update
+    accumulated = pretrain(small_run(cache_dir, tmp_path / "accumulated", steps=1, micro_batch_size=2))
+    ratio = train_records(accumulated)[0]["grad_norm"] / train_records(before)[0]["grad_norm"]
+    assert 0.7 < ratio < 1.4, ratio
+    one_update = dict(steps=2, warmup_steps=1, weight_decay=0.0)  # step 1 at half the rate, step 2 at 0
+    updates = [pretrain(small_run(cache_dir, tmp_path / name, **one_update, **changes))
+               for name, changes in (("unclipped", {}), ("clipped", dict(max_grad_norm=1e-9)))]
+    initial = model_weights(before)
+    unclipped, clipped = ([(weights[k] - initial[k]).abs().max().item() for k in initial]
+                          for weights in map(model_weights, updates))
+    assert max(unclipped) > 1e-5 and max(clipped) < 1e-3 * max(unclipped)
+
+
+def test_records_average_their_window_and_evaluation_runs_the_model_in_eval_mode(cache_dir, tmp_path,
+                                                                                 monkeypatch):
+    """log_every=2 records the mean of what log_every=1 records for its two steps; keep_checkpoints=2 leaves the
+    newest two; evaluations run the model without dropout and without gradients, training steps with both."""
+    modes = []
+    original_forward = ElectraForPretraining.forward
+
+    def forward(self, *args, **kwargs):
+        modes.append((self.training, torch.is_grad_enabled()))
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ElectraForPretraining, "forward", forward)
+    every_step = train_records(pretrain(small_run(cache_dir, tmp_path / "every", steps=4)))
+    paired = train_records(pretrain(small_run(cache_dir, tmp_path / "paired", steps=4, log_every=2, eval_every=2,
+                                              checkpoint_every=1, keep_checkpoints=2)))
+    assert [r["step"] for r in paired] == [2, 4]
+    for record, window in zip(paired, (every_step[:2], every_step[2:])):
+        for name in ("loss", "mlm_loss", "rtd_loss", "mlm_accuracy"):
+            assert record[name] == pytest.approx((window[0][name] + window[1][name]) / 2, rel=1e-6), name
+    assert sorted(os.listdir(tmp_path / "paired" / "checkpoints")) == [
+        "step-0000003.pt", "step-0000003.pt.sha256", "step-0000004.pt", "step-0000004.pt.sha256"]
+    assert set(modes) == {(True, True), (False, False)}
+
+
+RESUME_DECIDING_CHANGES = dict(
+    data=("other.txt",), vocab="vocab.txt", text_field="body", preset="small", sharing="untied", masking="bert",
+    mask_prob=0.2, gen_weight=2.0, disc_weight=10.0, temperature=0.5, steps=9, batch_size=16, max_seq_length=32,
+    learning_rate=1e-3, warmup_steps=3, weight_decay=0.1, adam_betas=(0.8, 0.99), adam_epsilon=1e-8,
+    adam_bias_correction=False, max_grad_norm=2.0, precision="bf16", seed=4)
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_DECIDING_CHANGES))
+def test_resume_refuses_a_change_to_what_decides_the_run(tmp_path, name):
+    """What decides the model, the data order and the updates must match the run resumed; how this invocation
+    runs (device, workers, micro-batches, output) may change."""
+    saved = small_run("cache", tmp_path)
+    with pytest.raises(ValueError, match=f"differ from the run being resumed: {name} "):
+        check_resumable(saved, dataclasses.replace(saved, **{name: RESUME_DECIDING_CHANGES[name]}))
+    check_resumable(saved, dataclasses.replace(saved, quiet=False, num_workers=1, micro_batch_size=4,
+                                               gradient_checkpointing=True, log_every=5))
+
+
+def test_weight_decay_spares_layer_norms_and_biases():
+    """The reference code's rule, by HF parameter name: no decay on LayerNorm weights and biases, nor on any
+    bias; decay on every other weight, embeddings included; each parameter (shared ones too) in one group."""
+    model = ElectraForPretraining("tiny", sharing="gdes")
+    decay, no_decay = parameter_groups(model, 0.01)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+    named = dict(model.named_parameters())  # shared parameters once
+    spared = {id(p) for name, p in named.items() if "LayerNorm" in name or name.endswith(".bias")}
+    assert {id(p) for p in no_decay["params"]} == spared
+    assert {id(p) for p in decay["params"]} == {id(p) for p in named.values()} - spared
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+
+
+def test_the_reference_adam_takes_the_reference_codes_steps():
+    """google-research/electra's AdamWeightDecayOptimizer: m and v without bias correction, then
+    p -= lr · (m / (sqrt(v) + eps) + weight_decay · p)."""
+    parameter = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    optimizer = AdamWithoutBiasCorrection([{"params": [parameter], "weight_decay": 0.1}], lr=0.01,
+                                          betas=(0.9, 0.999), eps=1e-6)
+    expected = parameter.detach().clone()
+    m, v = torch.zeros_like(expected), torch.zeros_like(expected)
+    for gradient in ([0.1, -0.2, 0.3], [0.3, 0.1, -0.2], [-0.1, 0.2, 0.1]):
+        gradient = torch.tensor(gradient, dtype=torch.float64)
+        parameter.grad = gradient.clone()
+        optimizer.step()
+        m, v = 0.9 * m + 0.1 * gradient, 0.999 * v + 0.001 * gradient**2
+        expected = expected - 0.01 * (m / (v.sqrt() + 1e-6) + 0.1 * expected)
+        assert torch.allclose(parameter.detach(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bias_correction,kind", [(True, torch.optim.AdamW), (False, AdamWithoutBiasCorrection)])
+def test_the_optimizer_takes_the_configured_hyperparameters(tmp_path, bias_correction, kind):
+    config = small_run("cache", tmp_path, learning_rate=3e-4, adam_betas=(0.8, 0.99), adam_epsilon=1e-7,
+                       adam_bias_correction=bias_correction).resolve()
+    optimizer = build_optimizer(ElectraForPretraining("tiny"), config)
+    assert type(optimizer) is kind
+    assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["eps"]) == (3e-4, (0.8, 0.99),
+                                                                                                1e-7)
+
+
+def test_auc_counts_ties_as_half():
+    """Against the definition: the chance that a replaced token scores above an original one, ties counting 1/2."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (300,), generator=generator).double()  # few values: many ties
+    labels = torch.rand(300, generator=generator) < 0.3
+    replaced, original = scores[labels][:, None], scores[~labels][None, :]
+    expected = ((replaced > original).double() + 0.5 * (replaced == original).double()).mean().item()
+    assert roc_auc(scores, labels) == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_cuda_device_is_named_with_its_index(monkeypatch, tmp_path, capsys):
@@ -211,6 +330,9 @@ def test_a_gpu_run_takes_each_presets_steps_from_the_paper(monkeypatch):
     assert TrainConfig(device="cuda", precision="fp32").resolve().steps == paper["small"]
     assert TrainConfig(device="cuda", precision="fp32", preset="base", steps=10).resolve().steps == 10
     assert TrainConfig(device="cpu", preset="base").resolve().steps == 800  # the CPU run's, whatever the size
+    # The learning rate: the paper's for the preset unless given.
+    assert TrainConfig(device="cuda", precision="fp32", preset="base").resolve().learning_rate == 2e-4
+    assert TrainConfig(device="cuda", precision="fp32", learning_rate=1e-3).resolve().learning_rate == 1e-3
 
 
 def test_cli_help_names_every_option(capsys):
