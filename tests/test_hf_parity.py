@@ -91,6 +91,27 @@ def test_generator_matches_transformers(name, padded):
                                 masked_lm_labels)
 
 
+@pytest.mark.parametrize("ours_class,their_class", [
+    (ElectraDiscriminator, transformers.ElectraForPreTraining), (ElectraGenerator, transformers.ElectraForMaskedLM)])
+def test_hidden_dropout_matches_transformers_in_training(ours_class, their_class):
+    """In training, with the same seed, hidden dropout draws the same masks at the same places as HF (after the
+    embeddings' LayerNorm, before each residual add): the eval-mode tests cannot see dropout moved or missing.
+    Attention dropout is off: the attention op draws its own (Philox) masks."""
+    config = dataclasses.replace(CONFIGS["tiny"], attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.1)
+    torch.manual_seed(1)
+    theirs, ours = their_class(hf_config(config)), ours_class(config)
+    load_into(ours, theirs.state_dict(), "HF model")
+    input_ids, attention_mask, token_type_ids = batch(config, padded=True)
+    logits = []
+    for model, training in ((theirs, True), (ours, True), (ours, False)):
+        torch.manual_seed(5)
+        model.train(training)
+        logits.append(model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits)
+    valid = attention_mask.bool()
+    assert (logits[1] - logits[0])[valid].abs().max().item() <= TOLERANCE
+    assert (logits[2] - logits[0])[valid].abs().max().item() > 100 * TOLERANCE  # dropout did change the logits
+
+
 def test_generator_masked_lm_head_matches_full_logits():
     """The pre-training path (gen_head on the chosen rows only) gives HF's loss and log-sum-exp there."""
     config = CONFIGS["small-generator"]
