@@ -184,6 +184,12 @@ def test_from_pretrained_errors_are_clear(tmp_path):
     os.remove(tmp_path / "generator" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
         ElectraGenerator.from_pretrained(str(tmp_path / "generator"))
+    # An untied output layer (another model's) cannot be loaded into the tied one without losing one of the two.
+    state = ElectraGenerator(config).state_dict()
+    state["generator_lm_head.weight"] = state["generator_lm_head.weight"] + 1
+    with pytest.raises(ValueError, match="generator_lm_head.weight differs from "
+                                         "electra.embeddings.word_embeddings.weight"):
+        load_into(ElectraGenerator(config), state, "a checkpoint")
 
 
 @pytest.mark.parametrize("sharing", ["tied", "untied", "gdes"])

@@ -143,6 +143,26 @@ def test_a_correct_sample_counts_as_real():
     assert out.metrics["replaced_fraction"].item() == 0.0
 
 
+def test_the_generator_samples_at_the_configured_temperature():
+    """Two candidate tokens whose logits differ by exactly 1 (equal embedding rows, biases 30 and 29; every other
+    token e^-29 behind): at temperature 1 the better is drawn with probability 1 / (1 + e^-1) = 0.73, at 0.05
+    (a gap of 20) always."""
+    accuracies = {}
+    for temperature in (1.0, 0.05):
+        torch.manual_seed(7)
+        model = ElectraForPretraining("tiny", temperature=temperature).eval()
+        input_ids = torch.full((16, 128), 2000)
+        input_ids[:, 0], input_ids[:, -1] = CLS, SEP
+        with torch.no_grad():
+            words = model.generator.electra.embeddings.word_embeddings.weight
+            words[2001] = words[2000]
+            model.generator.generator_lm_head.bias[2000], model.generator.generator_lm_head.bias[2001] = 30.0, 29.0
+        out = model(input_ids, generator=torch.Generator().manual_seed(3))
+        accuracies[temperature] = out.metrics["sampled_accuracy"].item()
+    # ~300 draws at temperature 1: 0.73 within 5 standard deviations (0.026 each).
+    assert 0.6 < accuracies[1.0] < 0.86 and accuracies[0.05] == 1.0, accuracies
+
+
 def test_loss_composition_and_metrics_against_fp64():
     torch.manual_seed(8)
     config = ElectraPretrainingConfig.from_preset("tiny", gen_weight=1.5, disc_weight=40.0)
