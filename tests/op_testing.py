@@ -49,13 +49,17 @@ class KernelsRan(TorchDispatchMode):
         return result
 
 
-def run_on_baseline_cpu_build(probe: str) -> None:
-    """Runs the Python code `probe` (with tests/ on the path) in a subprocess whose CPU kernels take their
-    baseline x86-64 build: the AVX2 + FMA one is chosen once per process, ELECTRA_EXT_CPU_ISA=baseline forces
-    the other. Fails with the subprocess's error output."""
+def run_with_cpu_isa(probe: str, isa: str) -> subprocess.CompletedProcess:
+    """Runs the Python code `probe` (with tests/ on the path) in a subprocess with ELECTRA_EXT_CPU_ISA=isa: the
+    CPU kernels' build (AVX2 + FMA or baseline x86-64) is chosen once per process."""
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ELECTRA_EXT_CPU_ISA="baseline",
+    env = dict(os.environ, ELECTRA_EXT_CPU_ISA=isa,
                PYTHONPATH=os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=here, capture_output=True, text=True,
-                            timeout=600)
+    return subprocess.run([sys.executable, "-c", probe], env=env, cwd=here, capture_output=True, text=True,
+                          timeout=600)
+
+
+def run_on_baseline_cpu_build(probe: str) -> None:
+    """Runs `probe` on the CPU kernels' baseline x86-64 build; fails with the subprocess's error output."""
+    result = run_with_cpu_isa(probe, "baseline")
     assert result.returncode == 0, result.stderr[-4000:]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from electra_ext.ops import attention, attention_qkvpacked, attention_varlen
 from electra_ext.ops.reference import (attention_dropout_draws, attention_dropout_keep, dropout_scale,
                                        dropout_threshold, philox4x32_10)
-from op_testing import KernelsRan, TARGETS, relative_error, run_on_baseline_cpu_build
+from op_testing import KernelsRan, TARGETS, relative_error, run_on_baseline_cpu_build, run_with_cpu_isa
 
 OP = torch.ops.electra_ext.attention.default
 BACKWARD_OP = torch.ops.electra_ext.attention_backward.default
@@ -452,6 +452,14 @@ t.test_cpu_result_does_not_depend_on_thread_count()
 def test_cpu_baseline_build_matches_reference():
     # The CPU kernels are compiled twice, for AVX2 + FMA and for baseline x86-64 (CPUs without them).
     run_on_baseline_cpu_build(BASELINE_PROBE)
+
+
+def test_a_misspelt_cpu_isa_is_an_error():
+    """Not the AVX2 build in silence (the baseline tests would then test it twice)."""
+    probe = "import torch, electra_ext; q = torch.randn(1, 5, 1, 64); electra_ext.ops.attention(q, q, q)"
+    assert run_with_cpu_isa(probe, "auto").returncode == 0
+    result = run_with_cpu_isa(probe, "basline")
+    assert result.returncode != 0 and "ELECTRA_EXT_CPU_ISA must be baseline or auto, got 'basline'" in result.stderr
 
 
 def packed_op_inputs(device, dtype, dropout_p):

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "common/philox.h"
 
@@ -20,13 +22,17 @@
 
 namespace electra_ext::cpu_isa {
 
-// Whether the CPU has AVX2 and FMA; ELECTRA_EXT_CPU_ISA=baseline says no (for tests). Fixed for the process, so
-// results never depend on which build ran before.
+// Whether the CPU has AVX2 and FMA; ELECTRA_EXT_CPU_ISA=baseline says no (for tests), =auto or unset asks the CPU,
+// any other value is an error (a misspelt "baseline" ran the AVX2 build in tests of the baseline one). Fixed for
+// the process, so results never depend on which build ran before.
 inline bool use_avx2() {
 #if ELECTRA_EXT_CPU_AVX2
   static const bool available = [] {
     const char* isa = std::getenv("ELECTRA_EXT_CPU_ISA");
     if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+    if (isa != nullptr && *isa != '\0' && std::strcmp(isa, "auto") != 0) {
+      throw std::invalid_argument(std::string("ELECTRA_EXT_CPU_ISA must be baseline or auto, got '") + isa + "'");
+    }
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return available;
