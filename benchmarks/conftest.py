@@ -4,6 +4,7 @@ import subprocess
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 # One disc_head call on the small shape moves ~8 MB: ~3 µs at an H100's ~3 TB/s copy speed, less than
 # one synchronize round trip (~10 µs). 50 back-to-back calls per timed round keep that round trip
@@ -70,5 +71,8 @@ def timed_benchmark(benchmark, request):
         if device == "cuda" and measure_peak:
             above_inputs, peak = peak_cuda_bytes(call)
             benchmark.extra_info.update(peak_bytes_above_inputs=above_inputs, peak_bytes=peak)
+        # A time is only worth recording for a call that computed numbers (CI runs each case once, untimed).
+        results = [t for t in tree_leaves(call()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        assert all(torch.isfinite(t).all() for t in results), f"{shape} {mode}: a result is not finite"
 
     return run
