@@ -114,14 +114,19 @@ void note_generic_shared_write(const void* address, std::size_t bytes);
 void fence_proxy_async();
 void check_async_proxy_read(const void* address, std::size_t bytes, const char* reader);
 
+// The T in a state slot, value-initialised on first use.
+template <typename T>
+T& state_in(std::shared_ptr<void>& slot) {
+  if (!slot) slot = std::make_shared<T>();
+  return *static_cast<T*>(slot.get());
+}
+
 // The calling emulated thread's own T, value-initialised when the thread starts a block: what a primitive's emulation
 // keeps per thread (a C++ thread_local would be shared by the fibers of the block).
 std::shared_ptr<void>& thread_state_slot(std::type_index type);
 template <typename T>
 T& thread_state() {
-  std::shared_ptr<void>& slot = thread_state_slot(std::type_index(typeid(T)));
-  if (!slot) slot = std::make_shared<T>();
-  return *static_cast<T*>(slot.get());
+  return state_in<T>(thread_state_slot(std::type_index(typeid(T))));
 }
 
 // The running block's own T, value-initialised when the block starts: what a primitive's emulation keeps per block
@@ -129,9 +134,7 @@ T& thread_state() {
 std::shared_ptr<void>& block_state_slot(std::type_index type);
 template <typename T>
 T& block_state() {
-  std::shared_ptr<void>& slot = block_state_slot(std::type_index(typeid(T)));
-  if (!slot) slot = std::make_shared<T>();
-  return *static_cast<T*>(slot.get());
+  return state_in<T>(block_state_slot(std::type_index(typeid(T))));
 }
 
 // Runs `body` for every thread of every block of the grid (see the top of this file).
