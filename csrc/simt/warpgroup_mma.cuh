@@ -282,30 +282,21 @@ float element(const WgmmaDescriptor& descriptor, Major major, int mn, int k) {
   return element_to_float(value);
 }
 
-// Calls visit(address) for the 16-bit elements mn_begin .. mn_end - 1 (all 16 k) of a shared-memory operand slice.
-template <typename Visit>
-void for_each_element(const WgmmaDescriptor& descriptor, Major major, int mn_begin, int mn_end, Visit visit) {
-  for (int mn = mn_begin; mn < mn_end; ++mn) {
-    for (int k = 0; k < 16; ++k) visit(element_address(descriptor, major, mn, k));
-  }
-}
-
-// A hash (FNV-1a) of an operand slice's elements.
+// A hash (FNV-1a) of the 16-bit elements mn_begin .. mn_end - 1 (all 16 k) of a shared-memory operand slice. At
+// the issue (`check_fenced`) it also stops the kernel if one was written by cp.async or stmatrix and not fenced for
+// the async proxy since (see simt::check_async_proxy_read).
 inline uint64_t operand_hash(uint64_t hash, const WgmmaDescriptor& descriptor, Major major, int mn_begin,
-                             int mn_end) {
-  for_each_element(descriptor, major, mn_begin, mn_end, [&hash](const void* address) {
-    uint16_t bits;
-    std::memcpy(&bits, address, sizeof(bits));
-    hash = (hash ^ bits) * 1099511628211ull;
-  });
+                             int mn_end, bool check_fenced) {
+  for (int mn = mn_begin; mn < mn_end; ++mn) {
+    for (int k = 0; k < 16; ++k) {
+      const void* address = element_address(descriptor, major, mn, k);
+      if (check_fenced) ::simt::check_async_proxy_read(address, 2, "wgmma");
+      uint16_t bits;
+      std::memcpy(&bits, address, sizeof(bits));
+      hash = (hash ^ bits) * 1099511628211ull;
+    }
+  }
   return hash;
-}
-
-// Stops the kernel if an element of the slice was written by cp.async or stmatrix and not fenced for the async
-// proxy since (see simt::check_async_proxy_read).
-inline void check_operand_fenced(const WgmmaDescriptor& descriptor, Major major, int mn_begin, int mn_end) {
-  for_each_element(descriptor, major, mn_begin, mn_end,
-                   [](const void* address) { ::simt::check_async_proxy_read(address, 2, "wgmma"); });
 }
 
 // Issues d (64 x N) = A B + (accumulate ? d : 0) for this thread, warp w of its warpgroup computing rows 16 w ..
@@ -337,18 +328,14 @@ void issue(float (&d)[N / 8][4], ARows a_rows, std::optional<WgmmaDescriptor> a_
     std::memset(d, 0xFF, kBytes);
   }
   const bool hashes_operands = ::simt::lane_id() == 0;
-  auto shared_operands_hash = [a_shared, b, warp] {
-    const uint64_t hash = operand_hash(14695981039346656037ull, b, kBMajor, 0, N);
-    return a_shared ? operand_hash(hash, *a_shared, Major::K, 16 * warp, 16 * warp + 16) : hash;
+  auto shared_operands_hash = [a_shared, b, warp](bool at_issue) {
+    const uint64_t hash = operand_hash(14695981039346656037ull, b, kBMajor, 0, N, at_issue);
+    return a_shared ? operand_hash(hash, *a_shared, Major::K, 16 * warp, 16 * warp + 16, at_issue) : hash;
   };
-  if (hashes_operands) {
-    check_operand_fenced(b, kBMajor, 0, N);
-    if (a_shared) check_operand_fenced(*a_shared, Major::K, 16 * warp, 16 * warp + 16);
-  }
-  const uint64_t hash_at_issue = hashes_operands ? shared_operands_hash() : 0;
+  const uint64_t hash_at_issue = hashes_operands ? shared_operands_hash(true) : 0;
   ::simt::async_issue(::simt::AsyncKind::kWgmma, [&d, &in_flight, a_rows, b, accumulate, warp, first, kept,
                                                   hashes_operands, shared_operands_hash, hash_at_issue] {
-    if (hashes_operands && shared_operands_hash() != hash_at_issue) {
+    if (hashes_operands && shared_operands_hash(false) != hash_at_issue) {
       ::simt::fail("wgmma: a shared-memory operand changed between the wgmma's issue and its wait (written after "
                    "the issue by a thread no barrier ordered before it, or while the wgmma was in flight)");
     }

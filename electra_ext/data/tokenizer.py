@@ -76,6 +76,12 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
+def write_vocab_txt(vocab: dict, directory: str):
+    """vocab.txt (one token per line, in id order), atomically: what BERT's tokenizers read."""
+    with atomic_output(os.path.join(directory, "vocab.txt")) as file:
+        file.write("".join(f"{token}\n" for token in sorted(vocab, key=vocab.__getitem__)).encode("utf-8"))
+
+
 def train_tokenizer(files: list, output_dir: str | os.PathLike, vocab_size: int = 30522, min_frequency: int = 2,
                     lowercase: bool = True) -> str:
     """Trains a WordPiece vocabulary of at most `vocab_size` entries (fewer when the corpus has fewer
@@ -103,8 +109,7 @@ def train_tokenizer(files: list, output_dir: str | os.PathLike, vocab_size: int 
     tokenizer = _bert_wordpiece(vocab, lowercase)
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    with atomic_output(os.path.join(output_dir, "vocab.txt")) as file:
-        file.write("".join(f"{token}\n" for token in sorted(vocab, key=vocab.__getitem__)).encode("utf-8"))
+    write_vocab_txt(vocab, output_dir)
     with atomic_output(os.path.join(output_dir, "tokenizer.json")) as file:
         file.write(tokenizer.to_str().encode("utf-8"))
     return output_dir
@@ -131,9 +136,7 @@ def save_for_transformers(tokenizer: Tokenizer, directory: str | os.PathLike, mo
         config.update(tokenizer_class="ElectraTokenizer", do_lower_case=normalizer["lowercase"],
                       strip_accents=normalizer["strip_accents"],
                       tokenize_chinese_chars=normalizer["handle_chinese_chars"])
-        vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-        with atomic_output(os.path.join(directory, "vocab.txt")) as file:
-            file.write("".join(token + "\n" for token, _ in vocabulary).encode("utf-8"))
+        write_vocab_txt(tokenizer.get_vocab(), directory)
     else:
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     with atomic_output(os.path.join(directory, "tokenizer.json")) as file:
