@@ -73,13 +73,38 @@ _worker_tokenizer = None
 
 def _start_worker(tokenizer_json: str):
     """Pool initializer: each worker tokenises one batch at a time on one thread (the workers are the
-    parallelism) with the parent's tokenizer. A Ctrl-C reaches the terminal's whole process group: the parent
-    reports it once and stops the pool, instead of each worker printing its own traceback (one that comes while
-    a worker still starts, importing torch before this runs, still prints that worker's)."""
+    parallelism) with the parent's tokenizer."""
     global _worker_tokenizer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A worker started with SIGINT blocked. A terminal's Ctrl-C reaches every process of its group; the parent
+    reports it once and stops the pool, and a worker must stay silent, also in the second or so it spends
+    importing torch before any code of ours runs (an initializer that ignored SIGINT left that window, and each
+    worker printed a KeyboardInterrupt traceback there). A signal mask passes through fork and exec, so it is set
+    on the parent's spawning thread for the moment of the spawn: a Ctrl-C then stays pending or goes to another
+    thread of the parent, never lost (as CPython's own resource tracker starts)."""
+
+    def start(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
+
+
+def _worker_pool(tokenizer, num_workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """spawn rather than fork: forking after tokenizers' thread pool has run can deadlock the child. A
+    ProcessPoolExecutor, unlike multiprocessing.Pool, raises BrokenProcessPool when a worker dies (killed for
+    memory, say) instead of waiting for its result forever."""
+    return concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=_WorkerContext(),
+                                                  initializer=_start_worker, initargs=(tokenizer.to_str(),))
 
 
 def _encode_in_worker(documents: list) -> tuple:
@@ -125,11 +150,7 @@ def _encoded_batches(batches, tokenizer, num_workers):
             for batch in batches:
                 yield _encode_documents(tokenizer, batch)
         return
-    # spawn rather than fork: forking after tokenizers' thread pool has run can deadlock the child. A
-    # ProcessPoolExecutor, unlike multiprocessing.Pool, raises BrokenProcessPool when a worker dies (killed for
-    # memory, say) instead of waiting for its result forever.
-    executor = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_start_worker, initargs=(tokenizer.to_str(),))
+    executor = _worker_pool(tokenizer, num_workers)
     try:
         pending = collections.deque()
         for batch in batches:
