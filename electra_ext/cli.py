@@ -1,7 +1,7 @@
 """The `electra-ext` command.
 
     electra-ext pretrain [--config FILE.yaml|json] [--OPTION VALUE ...]   pre-train (torchrun for several GPUs)
-    electra-ext train-tokenizer FILE... --output-dir DIR [--vocab-size N]  a WordPiece vocabulary for a corpus
+    electra-ext train-tokenizer FILE... --output-dir DIR [--cased]        a WordPiece vocabulary for a corpus
     electra-ext plot RUN_DIR                                               (re)draw a run's PNG plots
 """
 import argparse
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--output-dir", required=True, help="where vocab.txt and tokenizer.json go")
     tokenizer.add_argument("--vocab-size", type=int, default=30522, help="entries (default: 30522, BERT's)")
     tokenizer.add_argument("--min-frequency", type=int, default=2, help="least count of a kept merge")
+    tokenizer.add_argument("--cased", action="store_true",
+                           help="keep case and accents (default: lower-case and strip accents, as BERT uncased); "
+                                "the exports' tokenizers keep the choice")
 
     plot = commands.add_parser("plot", help="draw a run directory's loss and accuracy curves as PNG")
     plot.add_argument("run_dir")
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
             from electra_ext.data.tokenizer import train_tokenizer
 
             print(train_tokenizer(arguments.files, arguments.output_dir, vocab_size=arguments.vocab_size,
-                                  min_frequency=arguments.min_frequency))
+                                  min_frequency=arguments.min_frequency, lowercase=not arguments.cased))
         elif arguments.command == "plot":
             from electra_ext.train.metrics import plot_run
 

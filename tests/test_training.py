@@ -362,6 +362,11 @@ def test_cli_trains_a_tokenizer_and_redraws_plots(tmp_path, capsys):
     tokenizer = load_tokenizer(str(tmp_path / "tok"))
     assert 5 < tokenizer.get_vocab_size() <= 120
     assert set(special_token_ids(tokenizer)) == {"cls", "sep", "mask", "pad"}
+    assert tokenizer.encode("Line").ids == tokenizer.encode("line").ids
+    assert cli_main(["train-tokenizer", str(corpus), "--output-dir", str(tmp_path / "cased"), "--vocab-size", "120",
+                     "--min-frequency", "1", "--cased"]) == 0
+    cased = load_tokenizer(str(tmp_path / "cased"))
+    assert cased.encode("Line").ids != cased.encode("line").ids
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
