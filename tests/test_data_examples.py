@@ -63,6 +63,30 @@ def test_single_segment_and_random_length_rates():
     assert abs(short - 0.05 * 95 / 124) < 4 * np.sqrt(0.05 / len(examples)) + 0.005
 
 
+@pytest.mark.parametrize("line_lengths, a_lengths", [
+    # 6 + 4 reaches segment A's target of (23 - 3) // 2 = 10 tokens without staying under it: the line joins A
+    # only by the reference's coin flip, with B still empty; the 20-token line then goes to B either way.
+    ((6, 4, 20), {6: 0.45, 10: 0.45, 21: 0.1}),
+    # 6 + 3 stays under the target, so A always takes it; the 20-token line is the first that does not fit and
+    # gets the coin flip (21 = L - 2: everything, trimmed, in A, as in the single-segment 10%).
+    ((6, 3, 20), {9: 0.45, 21: 0.55}),
+    # A already at its target takes no coin flip: the rest goes to B.
+    ((10, 4, 20), {10: 0.9, 21: 0.1}),
+])
+def test_segment_a_takes_lines_by_the_reference_rule(line_lengths, a_lengths):
+    """The boundaries of the reference's rule, over 2,000 builders: A's token count is one of the listed ones
+    at the listed rates. Chi-square at the 0.1% tail."""
+    document = [np.arange(n) + 1000 * (i + 1) for i, n in enumerate(line_lengths)]
+    counts = dict.fromkeys(a_lengths, 0)
+    for seed in range(2000):
+        (example,) = ExampleBuilder(23, SPECIAL, np.random.default_rng(seed)).add_document(document)
+        a_length = example.segment_a_length - 2
+        assert a_length in counts, a_length
+        counts[a_length] += 1
+    chi_square = sum((counts[n] - 2000 * p) ** 2 / (2000 * p) for n, p in a_lengths.items())
+    assert chi_square < {1: 10.8, 2: 13.8}[len(a_lengths) - 1], counts
+
+
 def test_builds_are_deterministic_given_the_seed():
     documents = synthetic_documents(50)
     first = [e.input_ids for _, e in build_all(documents, 64, seed=4)]
@@ -105,3 +129,25 @@ def test_schedule_visits_every_example_once_per_epoch_and_splits_batches_by_worl
     # A fresh schedule (a resumed run) gives the same batches.
     assert np.array_equal(BatchSchedule(103, 8, 7).global_indices(77), schedule.global_indices(77))
     assert not np.array_equal(BatchSchedule(103, 8, 8).global_indices(0), schedule.global_indices(0))
+
+
+def test_held_out_documents_are_never_trained_on(tmp_path):
+    """Document d of a corpus (one vocabulary word of its own, repeated) is held out for evaluation exactly when
+    d % held_out_every == 0: its tokens appear in the eval examples and in no training example."""
+    from electra_ext.data.pretraining_data import PretrainingData
+    from electra_ext.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer().get_vocab()
+    words = sorted(word for word in vocab if word.isalpha() and word.isascii() and len(word) > 3)[:40]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("\n".join(" ".join([word] * 7) for _ in range(3)) for word in words) + "\n")
+    data = PretrainingData([str(corpus)], max_length=16, seed=0, cache_dir=str(tmp_path / "cache"), num_workers=1,
+                           held_out_every=5)
+
+    def words_of(examples):
+        batch = examples.batch(np.arange(len(examples)))
+        body = batch["input_ids"][batch["attention_mask"].astype(bool)]
+        return set(body.tolist()) - {data.special.cls, data.special.sep}
+
+    assert words_of(data.eval) == {vocab[word] for d, word in enumerate(words) if d % 5 == 0}
+    assert words_of(data.train) == {vocab[word] for d, word in enumerate(words) if d % 5}
