@@ -327,6 +327,19 @@ def test_a_corrupted_checkpoint_is_named_and_resume_falls_back_to_the_previous_o
     assert_same_result(run_dir, reference)
 
 
+def test_a_checkpoint_without_its_checksum_is_set_aside_as_incomplete(setup, reference, tmp_path, warnings_of):
+    """A save cut short between the checkpoint's rename and its .sha256's: the file is kept as *.incomplete,
+    named in a warning, and the run resumes from the checkpoint before it to the uninterrupted result."""
+    pretrain(run_config(setup, tmp_path / "run"), stop_after_step=4)
+    newest = tmp_path / "run" / "checkpoints" / "step-0000004.pt"
+    os.remove(f"{newest}.sha256")
+    run_dir = pretrain(run_config(setup, tmp_path / "run", resume=True))
+    assert any(f"checkpoint {newest} is incomplete" in message and "resuming from the checkpoint before it" in message
+               for message in warnings_of)
+    assert os.path.isfile(f"{newest}.incomplete")
+    assert_same_result(run_dir, reference)
+
+
 class DiskFillingFile:
     """A file on a disk with `room` bytes left: a write beyond it writes what fits, then fails as a full disk."""
 

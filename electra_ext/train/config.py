@@ -83,7 +83,8 @@ class TrainConfig:
     steps: Optional[int] = option(None, "optimizer steps; default: 800 on CPU; on GPU the preset's "
                                              "(the paper's: small 1M, base 766k, large 400k)")
     batch_size: Optional[int] = option(None, "global batch in sequences per optimizer step; default: the "
-                                             "preset's (16 for the CPU run)")
+                                             "preset's (tiny 8, small 128, base 256, large 2048), and 16 for "
+                                             "the CPU run without --preset")
     micro_batch_size: Optional[int] = option(None, "sequences per rank and forward pass (gradient accumulation "
                                                    "makes up the rest); default: batch_size / world size")
     max_seq_length: Optional[int] = option(None, "tokens per sequence; default: the preset's (128 or 512)")
@@ -114,7 +115,8 @@ class TrainConfig:
     log_every: int = option(10, "steps between training-metric records")
     tensorboard: bool = option(False, "also write TensorBoard events (needs the tensorboard package)")
     quiet: bool = option(False, "log lines instead of a progress bar")
-    num_workers: Optional[int] = option(None, "tokenisation processes; default: all cores")
+    num_workers: Optional[int] = option(None, "tokenisation processes; default: this process, on all cores "
+                                              "(tokenizers' threads)")
     device: str = option("auto", "cpu, cuda or cuda:N; auto: cuda when available")
 
     def __post_init__(self):
