@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -115,12 +116,20 @@ def checkpoint_at(run_dir, step: int) -> dict:
 
 # --- Numerical faults.
 
-def test_an_fp16_overflow_is_skipped_by_the_loss_scaler(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overflow_step", [1, 3])
+def test_an_fp16_overflow_is_skipped_by_the_loss_scaler(setup, tmp_path, monkeypatch, overflow_step):
     """A forward pass that overflows (an infinite loss, as an fp16 overflow gives) at step 3: the scaler skips
     that update (the weights after step 3 equal those after step 2) and halves its scale; training goes on,
-    with finite weights, to the end."""
-    poison_training_step(monkeypatch, 3, lambda out: out._replace(loss=out.loss * float("inf")))
-    run_dir = pretrain(run_config(setup, tmp_path / "run", precision="fp16", steps=5, checkpoint_every=1))
+    with finite weights, to the end. At step 1, the first update: the same, with no warning from torch's
+    scheduler (the rate follows the step count, skipped updates included)."""
+    poison_training_step(monkeypatch, overflow_step, lambda out: out._replace(loss=out.loss * float("inf")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_dir = pretrain(run_config(setup, tmp_path / "run", precision="fp16", steps=5, checkpoint_every=1))
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    if overflow_step == 1:
+        assert checkpoint_at(run_dir, 1)["scaler"]["scale"] == 2.0 ** 15
+        return
     states = {step: checkpoint_at(run_dir, step) for step in (2, 3, 4)}
     for name, value in states[3]["model"].items():
         assert torch.equal(value, states[2]["model"][name]), name

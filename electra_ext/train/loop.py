@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from datetime import datetime
 from typing import Optional
 
@@ -164,7 +165,12 @@ def pretrain(config: TrainConfig, *, stop_after_step: Optional[int] = None) -> s
             with interrupts_deferred():
                 scaler.step(optimizer)
                 scaler.update()
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # When the loss scaler skips the first update (fp16 overflows at its initial scale), torch warns
+                    # that the schedule's first rate is lost. It is not: the rate is a function of the step count,
+                    # which counts a skipped update like any other.
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 window["steps"] += 1
                 done = step + 1
