@@ -72,14 +72,19 @@ def low_precision_attention(q, k, v, seqlens, softmax_scale):
     return (probabilities @ vh).transpose(1, 2)
 
 
-def check_against_float64(device, op, dtype, batch, seq_len, heads, head_dim, dropout_p=0.0):
+def check_against_float64(device, op, dtype, batch, seq_len, heads, head_dim, dropout_p=0.0, softmax_scale=None,
+                          score_offset=0.0):
+    """score_offset c > 0: q = c + noise / 4 and k = -c + noise / 4, so every score is about -c^2 D scale (a
+    row's log-sum-exp far below zero) with a spread of a few units."""
     q, k, v = make_qkv(batch, seq_len, heads, head_dim, device, dtype, seed=seq_len)
+    if score_offset:
+        q, k = ((t.float() / 4 + sign * score_offset).to(dtype) for t, sign in ((q, 1), (k, -1)))
     seqlens = lengths_for(batch, seq_len).to(device)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
-    scale = head_dim**-0.5
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
 
     def seeded(fn):
-        return lambda a, b, c: fn(a, b, c, seqlens=seqlens, dropout_p=dropout_p,
+        return lambda a, b, c: fn(a, b, c, seqlens=seqlens, dropout_p=dropout_p, softmax_scale=softmax_scale,
                                   generator=torch.Generator(device).manual_seed(7))
 
     expected = forward_backward(seeded(functools.partial(attention, backend="reference")),
@@ -88,7 +93,7 @@ def check_against_float64(device, op, dtype, batch, seq_len, heads, head_dim, dr
         actual = forward_backward(seeded(op), q, k, v, grad_out)
     for name, a in zip(("out", "dq", "dk", "dv"), actual):
         assert a.dtype == dtype and a.shape == q.shape, name
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not score_offset:
         for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
             assert relative_error(a, e) <= 1e-5, name
         return
@@ -118,6 +123,23 @@ def test_head_dims(target, device, op, head_dim):
         check_against_float64(device, op, dtype, 3, 65, 2, head_dim)
 
 
+@pytest.mark.parametrize("softmax_scale", [0.3, 1.0])
+def test_softmax_scale_forward_and_backward(target, device, op, softmax_scale):
+    """Every other backward test runs the default 1 / sqrt(D)."""
+    for dtype in DTYPES[target]:
+        check_against_float64(device, op, dtype, 3, 65, 2, 64, softmax_scale=softmax_scale)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_rows_whose_scores_are_all_far_below_zero(target, device, op, head_dim):
+    """Scores about -128 (beyond float32's exp range, -87) with a last key block one key short (T = 63): the
+    kernels' running max and log-sum-exp keep the softmax finite, and the key masks keep the zero-filled key past
+    the sequence (score 0, far above the real ones) out of forward and backward. The float32 path is held to the
+    2x rule here too: at these magnitudes any float32 attention, PyTorch's included, is off by more than 1e-5."""
+    for dtype in DTYPES[target]:
+        check_against_float64(device, op, dtype, 2, 63, 2, head_dim, score_offset=4 * (64 / head_dim) ** 0.25)
+
+
 @pytest.mark.parametrize("target", [target for target in TARGETS if target != "cpu"])
 def test_mma_sync_kernels_where_wgmma_would_run(monkeypatch, target, device, op):
     """ELECTRA_EXT_WGMMA="0" keeps an sm_90 on the mma.sync kernels (the A100's) where it would take the wgmma
@@ -127,8 +149,11 @@ def test_mma_sync_kernels_where_wgmma_would_run(monkeypatch, target, device, op)
     both. Which kernels each setting takes (ELECTRA_EXT_EMULATED_SM="80" too) is checked by
     tests/native/test_attention_emulated.cpp."""
     monkeypatch.setenv("ELECTRA_EXT_WGMMA", "0")
-    for head_dim, seq_len in [(64, 17), (64, 130), (128, 65)]:
+    # 63: a last key block one key short (the forward's key mask at its edge).
+    for head_dim, seq_len in [(64, 17), (64, 63), (64, 130), (128, 65)]:
         check_against_float64(device, op, DTYPES[target][0], 3, seq_len, 2, head_dim)
+    check_against_float64(device, op, DTYPES[target][0], 3, 65, 2, 64, softmax_scale=0.3)
+    check_against_float64(device, op, DTYPES[target][1], 2, 63, 2, 64, score_offset=4.0)
     test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p(target, device, op, 0.1)
     test_dropout_matches_reference_with_the_same_seed(device, op, target)
 

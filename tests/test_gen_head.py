@@ -157,8 +157,11 @@ def test_no_counted_row_gives_zero_loss_and_zero_gradients(provider, rows):
 def test_other_ignore_index(provider):
     h, weight, bias, targets = inputs(40, seed=8)
     targets[::2] = 7  # ignore_index 7: these rows do not count, row targets 7 elsewhere would not count either
+    with torch.no_grad():
+        bias[7] += 30.0  # every row predicts 7: an ignored row counted as correct would show in num_correct
     out = gen_head(h, weight, bias, targets, ignore_index=7, backend=provider)
     loss, _, num_correct, expected_grads = float64_expected(h, weight, bias, targets, ignore_index=7)
+    assert num_correct == 0
     assert relative_error(out.loss, loss) < 1e-5 and out.num_correct.item() == num_correct
     for grad, expected in zip(torch.autograd.grad(out.loss, (h, weight, bias)), expected_grads):
         assert relative_error(grad, expected) < 1e-5
@@ -240,6 +243,8 @@ def test_disallow_correct_never_draws_the_target_and_seed_reproduces(provider):
 def test_kernel_and_reference_draw_the_same_tokens(temperature, disallow_correct):
     h, weight, bias, targets = inputs(300, seed=11, vocab=2500, hidden=64)
     targets[::5] = -100
+    with torch.no_grad():
+        bias[-4:] += 3.0  # the columns past the last multiple of 8 (the vector loops' scalar tail) win often
     runs = [gen_head(h, weight, bias, targets, temperature=temperature, disallow_correct=disallow_correct,
                      generator=torch.Generator().manual_seed(5), backend=backend) for backend in (None, "reference")]
     assert torch.equal(runs[0].samples, runs[1].samples)
@@ -477,6 +482,9 @@ def test_device_noise_is_the_philox_contract(target, device, backend):
                 1.0, False, -100, emulated=backend == "emulated")
     reference_out = OP(*(t.float() for t in zeros), torch.zeros(rows, dtype=torch.long), seed, 1.0, False, -100)
     assert torch.equal(op_out[1].cpu(), reference_out[1])
+    # Every logit ties, across vocabulary tiles too: the prediction is the first column, so every target 0 is
+    # correct.
+    assert op_out[3].item() == rows
 
 
 @on_device_targets
@@ -492,6 +500,18 @@ def test_device_disallow_correct_and_seed(target, device, backend):
     assert torch.equal(out.samples, run(3, disallow_correct=True).samples)
     assert (run(3).samples == targets).float().mean() > 0.9
     assert (run(4, disallow_correct=True).samples != out.samples).float().mean() > 0.5
+
+
+@on_device_targets
+def test_device_other_ignore_index(target, device, backend):
+    h, weight, bias, targets = device_inputs(40, 300, 32, torch.bfloat16, device, seed=8)
+    targets[::2] = 7
+    with torch.no_grad():
+        bias[7] += 30.0  # every row predicts 7: an ignored row counted as correct would show in num_correct
+    out = gen_head(h, weight, bias, targets, ignore_index=7, backend=backend)
+    loss, _, num_correct, _ = float64_expected(h, weight, bias, targets, ignore_index=7)
+    assert num_correct == 0 and out.num_correct.item() == 0
+    assert relative_error(out.loss, loss) < 1e-5
 
 
 @on_device_targets
