@@ -2,6 +2,7 @@
 emulated CUDA kernels, CUDA kernels): padding, lengths that straddle the kernels' tiles, strided inputs, the
 packed layout, Philox dropout (the same mask everywhere, forward and backward), opcheck, torch.compile and
 input checks."""
+import contextlib
 import functools
 
 import pytest
@@ -53,6 +54,23 @@ def lengths_for(batch, seq_len):
     """Full, about half, one token and, from four sequences on, an all-padding one."""
     lengths = [seq_len, (seq_len + 1) // 2, 1, 0][:batch]
     return torch.tensor(lengths, dtype=torch.int32)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """torch.use_deterministic_algorithms(enabled) for the block: on, the attention backward takes the dQ kernel
+    that recomputes S and dP instead of the dK/dV kernel's dQ sums."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on)
+
+
+def far_below_zero(head_dim):
+    """check_against_float64's score_offset that puts every score near -128 at this head dim."""
+    return 4 * (64 / head_dim) ** 0.25
 
 
 def forward_backward(fn, q, k, v, grad_out):
@@ -137,7 +155,7 @@ def test_rows_whose_scores_are_all_far_below_zero(target, device, op, head_dim):
     the sequence (score 0, far above the real ones) out of forward and backward. The float32 path is held to the
     2x rule here too: at these magnitudes any float32 attention, PyTorch's included, is off by more than 1e-5."""
     for dtype in DTYPES[target]:
-        check_against_float64(device, op, dtype, 2, 63, 2, head_dim, score_offset=4 * (64 / head_dim) ** 0.25)
+        check_against_float64(device, op, dtype, 2, 63, 2, head_dim, score_offset=far_below_zero(head_dim))
 
 
 @pytest.mark.parametrize("target", [target for target in TARGETS if target != "cpu"])
@@ -153,9 +171,10 @@ def test_mma_sync_kernels_where_wgmma_would_run(monkeypatch, target, device, op)
     for head_dim, seq_len in [(64, 17), (64, 63), (64, 130), (128, 65)]:
         check_against_float64(device, op, DTYPES[target][0], 3, seq_len, 2, head_dim)
     check_against_float64(device, op, DTYPES[target][0], 3, 65, 2, 64, softmax_scale=0.3)
-    check_against_float64(device, op, DTYPES[target][1], 2, 63, 2, 64, score_offset=4.0)
+    check_against_float64(device, op, DTYPES[target][1], 2, 63, 2, 64, score_offset=far_below_zero(64))
     test_dropout_mask_is_the_philox_contract_and_keeps_one_minus_p(target, device, op, 0.1)
-    test_dropout_matches_reference_with_the_same_seed(device, op, target)
+    for head_dim in (64, 128):
+        test_dropout_matches_reference_with_the_same_seed(device, op, target, head_dim)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["dq-atomics", "dq-kernel"])
@@ -164,23 +183,21 @@ def test_the_kernels_fit_a_consumer_gpu(monkeypatch, deterministic):
     L4 and RTX 50xx share; the A100 has 163, the H100 227), where a kernel that asks for more fails to launch.
     Every head dim, forward and backward, with the dQ kernel too, against the float64 reference."""
     monkeypatch.setenv("ELECTRA_EXT_EMULATED_SM", "86")
-    was_on = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         for head_dim in (32, 64, 128):
             check_against_float64("cpu", functools.partial(attention, backend="emulated"), torch.bfloat16, 2, 70, 2,
                                   head_dim)
-    finally:
-        torch.use_deterministic_algorithms(was_on)
 
 
-def test_dropout_matches_reference_with_the_same_seed(device, op, target):
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_dropout_matches_reference_with_the_same_seed(device, op, target, head_dim):
     # The float32 CPU kernel against the float64 reference with dropout; then every target's kernels in bfloat16
-    # against the float32 reference with the same seed (the same Philox masks and 1 / (1 - p) scale).
+    # against the float32 reference with the same seed (the same Philox masks and 1 / (1 - p) scale). Each head
+    # dim has its own tiles (the mma.sync dK/dV kernel's query tile: 64 rows at D = 32, 32 above).
     if target == "cpu":
-        check_against_float64(device, op, torch.float32, 4, 130, 2, 64, dropout_p=0.1)
+        check_against_float64(device, op, torch.float32, 4, 130, 2, head_dim, dropout_p=0.1)
     dtype = torch.bfloat16
-    q, k, v = make_qkv(3, 65, 2, 64, device, dtype, seed=3)
+    q, k, v = make_qkv(3, 65, 2, head_dim, device, dtype, seed=3)
     seqlens = lengths_for(3, 65).to(device)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     seeded = lambda fn: (lambda a, b, c: fn(a, b, c, seqlens=seqlens, dropout_p=0.1,  # noqa: E731
@@ -422,12 +439,8 @@ def test_deterministic_algorithms_take_the_dq_kernel(target, device, op):
 
     results = []
     default_kernels = kernels_of(lambda: results.append(run()))
-    was_on = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         deterministic_kernels = kernels_of(lambda: results.extend([run(), run()]))
-    finally:
-        torch.use_deterministic_algorithms(was_on)
     default, deterministic, again = results
     # On a Hopper build the default dK/dV kernel is the wgmma one, whose tensor cores sum in another order than
     # mma.sync's (the emulation sums both in one order, so it still compares them bit for bit).
@@ -441,6 +454,20 @@ def test_deterministic_algorithms_take_the_dq_kernel(target, device, op):
     if target == "cuda":
         assert "dq_convert_kernel" in default_kernels and "dq_kernel" not in default_kernels
         assert "dq_kernel" in deterministic_kernels and "dq_convert_kernel" not in deterministic_kernels
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "cpu"])
+def test_the_dq_kernel_at_its_edges(target, device, op, backend):
+    """The dQ kernel (deterministic algorithms) where the other tests take the dK/dV kernel's dQ: lengths one past
+    its key tiles (65 and 33; 64 keys a tile up to D = 64, 32 at D = 128), every score far below zero with a
+    zero-filled key past the sequence (T = 63), and packed sequences (their starts)."""
+    with deterministic_algorithms(True):
+        for head_dim in (32, 64, 128):
+            check_against_float64(device, op, DTYPES[target][0], 2, 65, 2, head_dim)
+        for head_dim in (32, 64):
+            check_against_float64(device, op, DTYPES[target][1], 2, 63, 2, head_dim,
+                                  score_offset=far_below_zero(head_dim))
+        test_varlen_equals_padded(target, device, backend, None)
 
 
 def test_cpu_result_does_not_depend_on_thread_count():
