@@ -407,7 +407,7 @@ def test_worker_processes_give_the_same_cache(corpus, tokenizer, tmp_path):
 
 def test_tokenisation_workers_leave_ctrl_c_to_the_parent(tokenizer):
     """A terminal's Ctrl-C reaches every process of its group: the workers have SIGINT blocked from their start
-    (a mask set at the initializer would leave them the seconds of importing torch, where each printed a
+    (ignoring it from the pool's initializer on left them the seconds of importing torch, where each printed a
     KeyboardInterrupt traceback), and the parent's own mask is as it was."""
     parent_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     with token_cache._worker_pool(tokenizer, 1) as pool:
