@@ -24,6 +24,18 @@ DTYPES = {"cpu": [torch.float32, torch.bfloat16], "emulated": [torch.bfloat16, t
           "cuda": [torch.bfloat16, torch.float16]}
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """torch.use_deterministic_algorithms(enabled) for the block: on, the attention backward takes the dQ kernel
+    that recomputes S and dP instead of the dK/dV kernel's dQ sums."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on)
+
+
 @pytest.fixture
 def op(backend):
     """attention as the target runs it."""
@@ -35,10 +47,8 @@ def bitwise_backward(target):
     """On a GPU the default backward adds dQ over key blocks with atomics, in whatever order the blocks run, so
     tests that compare gradients bit for bit ask PyTorch for deterministic algorithms there (the dQ kernel that
     recomputes S and dP instead). The emulation runs blocks one after another and compares the default path."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(was_on or target == "cuda")
-    yield
-    torch.use_deterministic_algorithms(was_on)
+    with deterministic_algorithms(torch.are_deterministic_algorithms_enabled() or target == "cuda"):
+        yield
 
 
 def make_qkv(batch, seq_len, heads, head_dim, device, dtype, seed=0, fused=True):
@@ -54,18 +64,6 @@ def lengths_for(batch, seq_len):
     """Full, about half, one token and, from four sequences on, an all-padding one."""
     lengths = [seq_len, (seq_len + 1) // 2, 1, 0][:batch]
     return torch.tensor(lengths, dtype=torch.int32)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled):
-    """torch.use_deterministic_algorithms(enabled) for the block: on, the attention backward takes the dQ kernel
-    that recomputes S and dP instead of the dK/dV kernel's dQ sums."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(enabled)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_on)
 
 
 def far_below_zero(head_dim):
@@ -544,11 +542,9 @@ def test_opcheck(target, device, backend, dropout_p, layout):
 def uninitialised_memory_is_nan():
     """PyTorch's deterministic mode fills every new uninitialised tensor (at::empty) with NaN: an output row a
     kernel should write and does not then shows up."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    yield
-    torch.use_deterministic_algorithms(was_on)
+    with deterministic_algorithms(True):
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        yield
 
 
 LAYOUT_SEQ_LEN = 130  # a partial last block in every kernel; a forward block of padding rows from position 128
