@@ -82,10 +82,10 @@ def _start_worker(tokenizer_json: str):
 class _WorkerProcess(multiprocessing.context.SpawnProcess):
     """A worker started with SIGINT blocked. A terminal's Ctrl-C reaches every process of its group; the parent
     alone handles it (stops the pool, exits with status 130), and a worker must stay silent, also in the second
-    or so it spends importing torch before any code of ours runs (an initializer that ignored SIGINT left that window, and each
-    worker printed a KeyboardInterrupt traceback there). A signal mask passes through fork and exec, so it is set
-    on the parent's spawning thread for the moment of the spawn: a Ctrl-C then stays pending or goes to another
-    thread of the parent, never lost (as CPython's own resource tracker starts)."""
+    or so it spends importing torch before any code of ours runs (an initializer that ignored SIGINT left that
+    window, and each worker printed a KeyboardInterrupt traceback there). A signal mask passes through fork and
+    exec, so it is set on the parent's spawning thread for the moment of the spawn: a Ctrl-C then stays pending or
+    goes to another thread of the parent, never lost (as CPython's own resource tracker starts)."""
 
     def start(self):
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
