@@ -463,8 +463,7 @@ def test_the_dq_kernel_at_its_edges(target, device, op, backend):
         for head_dim in (32, 64, 128):
             check_against_float64(device, op, DTYPES[target][0], 2, 65, 2, head_dim)
         for head_dim in (32, 64):
-            check_against_float64(device, op, DTYPES[target][1], 2, 63, 2, head_dim,
-                                  score_offset=far_below_zero(head_dim))
+            test_rows_whose_scores_are_all_far_below_zero(target, device, op, head_dim)
         test_varlen_equals_padded(target, device, backend, None)
 
 
