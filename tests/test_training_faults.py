@@ -15,6 +15,8 @@ import random
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -256,6 +258,51 @@ def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkp
     final.join(timeout=300)
     assert final.exitcode == 0
     assert_same_result(tmp_path / "killed", tmp_path / "reference")
+
+
+# A training run that dies (os._exit: nothing closed, nothing flushed) as soon as step 5's record is logged.
+DIE_AFTER_LOGGING_STEP_5 = """
+import json, os, sys
+from electra_ext.train import TrainConfig, metrics, pretrain
+write = metrics.MetricsLog.write
+def write_then_die(self, split, step, values):
+    write(self, split, step, values)
+    if split == "train" and step == 5:
+        os._exit(3)
+metrics.MetricsLog.write = write_then_die
+pretrain(TrainConfig.from_dict(json.loads(sys.argv[1])))
+"""
+
+
+def test_tensorboard_shows_each_step_once_after_a_crash_and_a_resume(setup, reference, tmp_path, monkeypatch):
+    """A run with --tensorboard dies after logging step 5 (its checkpoint is step 4's) and is resumed. TensorBoard's
+    reader must show each logged step once, with metrics.jsonl's values. Before, the crashed run's step 5 and the
+    resumed run's were both shown, the curve doubling back."""
+    pytest.importorskip("tensorboard", reason="the TensorBoard test needs tensorboard (pip install '.[test]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    options = run_options(setup, tmp_path / "run", tensorboard=True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the reference ran (the one_thread fixture)
+    died = subprocess.run([sys.executable, "-c", DIE_AFTER_LOGGING_STEP_5, json.dumps(options)], timeout=300)
+    assert died.returncode == 3
+    events_dir = tmp_path / "run" / "tensorboard"
+    (first_file,) = os.listdir(events_dir)
+    # The reader takes event files in name order, and a name begins with the second its file was made in.
+    while int(time.time()) <= int(first_file.split(".")[3]):
+        time.sleep(0.05)
+    pretrain(run_config(setup, tmp_path / "run", tensorboard=True, resume=True))
+    assert train_losses(tmp_path / "run") == train_losses(reference)
+
+    events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    records = read_metrics(tmp_path / "run")
+    for split in ("train", "eval"):
+        logged = [r for r in records if r["split"] == split]
+        for name in set(logged[0]) - {"split", "step"}:
+            shown = [(e.step, e.value) for e in events.Scalars(f"{split}/{name}")]
+            expected = [(r["step"], r[name]) for r in logged]
+            assert [step for step, _ in shown] == [step for step, _ in expected], f"{split}/{name}"
+            assert [value for _, value in shown] == pytest.approx([value for _, value in expected], rel=1e-6)
 
 
 # --- Ctrl-C: a real SIGINT to this process, handled wherever Python next checks for signals.

@@ -55,7 +55,9 @@ def peak_flops(device: torch.device) -> Optional[float]:
 class MetricsLog:
     """Appends one JSON object per line to run_dir/metrics.jsonl (flushed, so a crash keeps what was logged);
     mirrors scalars to TensorBoard when asked. Records past `after_step` (logged after the checkpoint a run
-    resumes from, or by an earlier attempt that left no checkpoint) are dropped first: they will be redone."""
+    resumes from, or by an earlier attempt that left no checkpoint) are dropped first: they will be redone.
+    TensorBoard's event files are append-only, so there each run writes a purge marker instead: readers hide
+    the earlier files' events from step after_step + 1 on, and show each step once."""
 
     def __init__(self, run_dir: str, tensorboard: bool = False, after_step: int = 0):
         path = os.path.join(run_dir, METRICS_NAME)
@@ -70,7 +72,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
                 raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=after_step + 1)
 
     def write(self, split: str, step: int, values: Dict[str, float]):
         self.file.write(json.dumps({"split": split, "step": step, **values}) + "\n")
@@ -78,6 +80,9 @@ class MetricsLog:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{split}/{name}", value, step)
+            # Flushed like the JSONL: the writer's thread writes queued events when it next runs, so a crash
+            # right after a log could lose them.
+            self.writer.flush()
 
     def close(self):
         self.file.close()
