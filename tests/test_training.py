@@ -155,7 +155,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_at_another_world_size(cache
     script.write_text("import sys\nfrom electra_ext.train import TrainConfig, pretrain\n"
                       "pretrain(TrainConfig.from_file(sys.argv[1]), stop_after_step=2)\n")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
          str(script), str(config)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path)  # outside the source tree, whose electra_ext has no compiled _C: the installed one
