@@ -227,3 +227,26 @@ def test_joint_model_round_trip(tmp_path, sharing):
     # Sharing survives loading: the tied tables are one tensor again.
     same = back.discriminator.electra.embeddings is back.generator.electra.embeddings
     assert same == (sharing == "tied")
+
+
+@pytest.mark.parametrize("their_class", [transformers.ElectraModel, transformers.ElectraForSequenceClassification,
+                                         transformers.ElectraForTokenClassification])
+def test_the_exported_discriminator_is_fine_tuned_as_users_load_it(tmp_path, their_class):
+    """What a pre-trained discriminator is for: transformers' task classes take its encoder as it is (same
+    hidden states) and add only their own head; the RTD head is the one part they leave out."""
+    torch.manual_seed(9)
+    model = ElectraForPretraining("tiny")
+    model.eval()
+    model.save_discriminator(str(tmp_path / "discriminator"))
+    theirs, info = their_class.from_pretrained(str(tmp_path / "discriminator"), output_loading_info=True)
+    assert not info["mismatched_keys"], info
+    assert all(key.startswith("classifier.") for key in info["missing_keys"]), info
+    assert info["unexpected_keys"] and all(key.startswith("discriminator_predictions.")
+                                           for key in info["unexpected_keys"]), info
+    assert bool(info["missing_keys"]) == (their_class is not transformers.ElectraModel), info
+    input_ids, attention_mask, token_type_ids = batch(model.config.discriminator, padded=True)
+    expected = model.discriminator(input_ids, attention_mask, token_type_ids).last_hidden_state
+    encoder = theirs.eval() if their_class is transformers.ElectraModel else theirs.eval().electra
+    actual = encoder(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+    valid = attention_mask.bool()
+    assert (expected - actual)[valid].abs().max().item() <= TOLERANCE
