@@ -1,5 +1,6 @@
-"""ops.attention's CPU kernel (its packed-QKV form, as the encoder calls it) against PyTorch's SDPA (CPU flash) on the
-views of the same fused QKV tensor, timed interleaved, and their peak memory.
+"""ops.attention's CPU kernel (its packed-QKV form, as the encoder calls it, on one fused QKV projection's output)
+against PyTorch's SDPA (CPU flash) as a transformers model calls it (q, k and v from separate projections, the
+padding mask built once per batch), timed interleaved, and their peak memory.
 
     python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory [--memory-runs 3]]
         [--dropout P] [--dtype float32|bfloat16]
@@ -41,18 +42,25 @@ def make_inputs(padded, dtype):
 
 
 def ours(qkv, seqlens, dropout_p):
+    """(attend, the leaves its gradients are taken for)."""
     from electra_ext import ops
-    return ops.attention_qkvpacked(qkv, seqlens=seqlens, dropout_p=dropout_p)
+    return (lambda: ops.attention_qkvpacked(qkv, seqlens=seqlens, dropout_p=dropout_p)), (qkv,)
 
 
 def sdpa(qkv, seqlens, dropout_p):
-    q, k, v = qkv.unbind(2)
+    """(attend, leaves): q, k and v each their own leaf [B, T, H, D], so that their gradients are SDPA's own (views
+    of one tensor would add the copy that stacks them)."""
+    q, k, v = (t.detach().contiguous().requires_grad_() for t in qkv.unbind(2))
     mask = None
     if seqlens is not None:
-        mask = (torch.arange(q.shape[1]) < seqlens.unsqueeze(1))[:, None, None, :]
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
-                                         dropout_p=dropout_p)
-    return out.transpose(1, 2)
+        mask = (torch.arange(T) < seqlens.unsqueeze(1))[:, None, None, :]
+
+    def attend():
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                             dropout_p=dropout_p)
+        return out.transpose(1, 2)
+
+    return attend, (q, k, v)
 
 
 PROVIDERS = {"electra_ext": ours, "sdpa": sdpa}
@@ -61,14 +69,14 @@ CASES = [(mode, padded) for mode in ("fwd", "fwd_bwd") for padded in (False, Tru
 
 def make_call(provider, mode, padded, dropout_p, dtype):
     qkv, seqlens, grad_out = make_inputs(padded, dtype)
-    attend = PROVIDERS[provider]
+    attend, leaves = PROVIDERS[provider](qkv, seqlens, dropout_p)
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return attend(qkv, seqlens, dropout_p)
+                return attend()
     else:
         def call():
-            return torch.autograd.grad(attend(qkv, seqlens, dropout_p), qkv, grad_out)
+            return torch.autograd.grad(attend(), leaves, grad_out)
     return call
 
 

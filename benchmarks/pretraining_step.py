@@ -53,8 +53,11 @@ class HFElectraPretraining(nn.Module):
         self.discriminator.electra.embeddings = self.generator.electra.embeddings
 
     def forward(self, input_ids, attention_mask, token_type_ids):
+        """attention_mask None: no padding, and the models get no mask (transformers' SDPA path may then use
+        flash; an all-ones mask costs a host sync in eager mode and rules flash out under torch.compile)."""
         config = self.config
-        batch = mask_tokens(input_ids, attention_mask, config)
+        batch = mask_tokens(input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+                            config)
         labels = torch.full_like(input_ids, -100).scatter(1, batch.positions, batch.targets)
         generated = self.generator(batch.masked_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                    labels=labels)
@@ -87,13 +90,14 @@ def build_model(provider: str, preset_name: str, device: str) -> nn.Module:
 
 
 def make_batch(preset_name: str, batch_size: int, seq_len: int, device: str, seed: int = 0) -> dict:
-    """Full-length sequences ([CLS] ... [SEP], no padding, as pre-training packs them) of random word-piece ids."""
+    """Full-length sequences ([CLS] ... [SEP], no padding, as pre-training packs them) of random word-piece ids;
+    attention_mask None, so that each provider takes its fastest path for an unpadded batch."""
     config = pretraining_config(preset_name)
     generator = torch.Generator().manual_seed(seed)
     # 1000 and up: past BERT's [unused] and special tokens.
     input_ids = torch.randint(1000, config.discriminator.vocab_size, (batch_size, seq_len), generator=generator)
     input_ids[:, 0], input_ids[:, -1] = config.cls_token_id, config.sep_token_id
-    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids, device=device),
+    return {"input_ids": input_ids.to(device), "attention_mask": None,
             "token_type_ids": torch.zeros_like(input_ids, device=device)}
 
 
@@ -107,6 +111,10 @@ class TrainingStep:
         self.model = build_model(provider, preset_name, device).train()
         self.forward = self.model
         if provider.endswith("_compiled"):
+            # Dynamo remembers the shapes it compiled process-wide, and recompiles a new batch size with a symbolic
+            # batch: without the reset a step compiled after another step's (the next shape) would be timed on
+            # dynamic-shape graphs. The first compile after it is static.
+            torch._dynamo.reset()
             self.forward = torch.compile(self.model)
         self.loss = (lambda out: out) if provider.startswith("hf_") else (lambda out: out.loss)
         train_config = TrainConfig(preset=preset_name, device=device).resolve()

@@ -1,9 +1,10 @@
-"""Turns a pytest-benchmark JSON from this folder's benchmarks into a Markdown table.
+"""Turns pytest-benchmark JSONs from this folder's benchmarks into Markdown tables.
 
-usage: python benchmarks/summarize.py bench.json [--markdown-out summary.md]
+usage: python benchmarks/summarize.py bench.json [more.json ...] [--markdown-out summary.md] [--json-out all.json]
 
-Prints the table; --markdown-out also writes it, under a header naming the card, driver, torch,
-commit and date, to a file.
+Prints the tables of every file's cases together; --markdown-out also writes them, under a header naming the
+card, driver, torch, commit and date (the first file's), to a file; --json-out writes the files' cases as one
+pytest-benchmark JSON.
 """
 
 import argparse
@@ -18,10 +19,11 @@ STEP_OP, STEP_BASELINE = "pretraining_step", "hf_sdpa"
 
 
 class Table:
-    """How one op's cases are tabulated: the throughput column and the provider the speed-ups are against."""
+    """How one op's cases are tabulated: the throughput column and the providers the speed-ups are against (the
+    fastest of them in each device, shape and mode)."""
 
-    def __init__(self, op, baseline, throughput_column, throughput, note):
-        self.op, self.baseline, self.note = op, baseline, note
+    def __init__(self, op, baseline, baselines, throughput_column, throughput, note):
+        self.op, self.baseline, self.baselines, self.note = op, baseline, baselines, note
         self.throughput_column, self.throughput = throughput_column, throughput
 
     def columns(self):
@@ -39,17 +41,22 @@ def tflops(case, copy_gbps):
     return [f"{case['flops'] / case['seconds'] / 1e12:.1f}"]
 
 
+SDPA_PROVIDERS = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-varlen")
+
 TABLES = [
-    Table("disc_head", "reference", ["GB/s", "% of copy"], gbps,
+    Table("disc_head", "reference", ("reference",), ["GB/s", "% of copy"], gbps,
           "GB/s counts the bytes one call must move (x read once forward, twice plus dx written for fwd_bwd); "
           "% of copy is against a device-to-device copy measured in the same run."),
-    Table("attention", "sdpa", ["TFLOP/s"], tflops,
+    Table("attention", "best sdpa", SDPA_PROVIDERS, ["TFLOP/s"], tflops,
           "TFLOP/s counts 4 H D sum(len^2) per forward on valid tokens, 2.5x that per backward; sdpa is "
-          "torch.nn.functional.scaled_dot_product_attention (with a boolean key mask when padded)."),
-    Table("gen_head", "reference", ["TFLOP/s"], tflops,
-          "TFLOP/s counts 2 M V E per GEMM pass, one forward, three for fwd_bwd; reference is the eager PyTorch "
-          "head (F.linear, cross_entropy, Gumbel argmax on the [M, V] logits); liger is Liger-Kernel's fused "
-          "linear cross-entropy (loss only, no sample)."),
+          "torch.nn.functional.scaled_dot_product_attention as it dispatches (with a boolean key mask when "
+          "padded), sdpa-flash, -efficient and -cudnn the same forced to one backend, sdpa-varlen on nested "
+          "tensors of the valid tokens; the speed-ups are against the fastest of these."),
+    Table("gen_head", "eager", ("eager",), ["TFLOP/s"], tflops,
+          "TFLOP/s counts 2 M V E per GEMM pass, one forward, three for fwd_bwd; eager is the PyTorch head in "
+          "the inputs' dtype (F.linear, cross_entropy in float32, Gumbel argmax with torch's RNG on the [M, V] "
+          "logits); reference is the ops' float32 oracle (its Philox noise in PyTorch ops); liger is "
+          "Liger-Kernel's fused linear cross-entropy (loss only, no sample)."),
 ]
 
 
@@ -71,11 +78,11 @@ def cases_of(benchmarks):
 
 
 def table_rows(table, cases, copy_gbps):
-    baseline_seconds = {
-        (case["device"], case["shape"], case["mode"]): case["seconds"]
-        for case in cases
-        if case["provider"] == table.baseline
-    }
+    baseline_seconds = {}
+    for case in cases:
+        if case["provider"] in table.baselines:
+            key = (case["device"], case["shape"], case["mode"])
+            baseline_seconds[key] = min(case["seconds"], baseline_seconds.get(key, case["seconds"]))
     for case in cases:
         baseline = baseline_seconds.get((case["device"], case["shape"], case["mode"]))
         peak_bytes = case.get("peak_bytes_above_inputs")
@@ -117,7 +124,8 @@ def markdown_tables(benchmarks):
 
 def step_table(cases):
     """The training-step benchmark: one row per provider, speed and memory against HF with SDPA at the same
-    device, shape and mode, MFU against the matrix-product rate measured in the same run."""
+    device, shape and mode, MFU against the card's datasheet peak and against the matrix-product rate measured
+    in the same run."""
     matmul_flops = {case["device"]: case["flops"] / case["seconds"] for case in cases
                     if case["op"] == STEP_OP and case["provider"] == MATMUL_PROVIDER}
     # By device, the step mode first, then shape; providers stay in the run's order (a stable sort).
@@ -126,17 +134,19 @@ def step_table(cases):
     if not steps:
         return ""
     baselines = {(c["device"], c["shape"], c["mode"]): c for c in steps if c["provider"] == STEP_BASELINE}
-    columns = ["device", "shape", "mode", "provider", "batch", "ms / step", "tokens/s", "MFU", "peak GB",
-               f"tokens/s vs {STEP_BASELINE}", f"peak memory vs {STEP_BASELINE}"]
+    columns = ["device", "shape", "mode", "provider", "batch", "ms / step", "tokens/s", "MFU",
+               "of matmul rate", "peak GB", f"tokens/s vs {STEP_BASELINE}", f"peak memory vs {STEP_BASELINE}"]
     lines = ["## pretraining_step", "",
              "One full training step (masking, generator, sampling, discriminator, backward, AdamW step). MFU is "
-             "model FLOPs (benchmarks/model_flops.py) per second over the bf16 (CPU: fp32) matrix-product rate "
-             "measured in the same run; peak GB is the step's whole peak allocation (parameters, optimizer "
-             "state, activations); mode largest_batch is the largest batch within the run's memory budget.", "",
+             "model FLOPs (benchmarks/model_flops.py) per second over the card's datasheet dense bf16 peak "
+             "(PaLM's definition; none on the CPU); of matmul rate, the same over the bf16 (CPU: fp32) "
+             "matrix-product rate measured in the same run, which is below the peak; peak GB is the step's whole "
+             "peak allocation (parameters, optimizer state, activations); mode largest_batch is the largest batch "
+             "within the run's memory budget.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for case in steps:
         tokens_per_second = case["tokens"] / case["seconds"]
-        rate = matmul_flops.get(case["device"])
+        rate, datasheet = matmul_flops.get(case["device"]), case.get("peak_flops")
         peak = case.get("peak_bytes")
         baseline = baselines.get((case["device"], case["shape"], case["mode"]))
         speed_up = memory = "-"
@@ -147,6 +157,7 @@ def step_table(cases):
         lines.append("| " + " | ".join([
             case["device"], f"{case['preset']} {case['seq_len']}", case["mode"], case["provider"], str(case["batch"]),
             f"{case['seconds'] * 1e3:.1f}", f"{tokens_per_second:,.0f}",
+            f"{100 * case['flops'] / case['seconds'] / datasheet:.1f}%" if datasheet else "-",
             f"{100 * case['flops'] / case['seconds'] / rate:.1f}%" if rate else "-",
             f"{peak / 1e9:.2f}" if peak is not None else "-", speed_up, memory]) + " |")
     if matmul_flops:
@@ -171,14 +182,24 @@ def header(results):
     )
 
 
+def merged_results(paths):
+    """The first file's run facts with every file's benchmarks."""
+    results = [json.loads(path.read_text()) for path in paths]
+    return dict(results[0], benchmarks=[case for result in results for case in result["benchmarks"]])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("benchmark_json", type=Path)
-    parser.add_argument("--markdown-out", type=Path, help="also write the table, with a header, here")
+    parser.add_argument("benchmark_json", type=Path, nargs="+")
+    parser.add_argument("--markdown-out", type=Path, help="also write the tables, with a header, here")
+    parser.add_argument("--json-out", type=Path, help="also write the files' cases as one JSON here")
     args = parser.parse_args()
-    results = json.loads(args.benchmark_json.read_text())
+    results = merged_results(args.benchmark_json)
     if not results["benchmarks"]:
-        raise SystemExit(f"{args.benchmark_json} holds no benchmarks (was the run --benchmark-disable?)")
+        raise SystemExit(f"{', '.join(map(str, args.benchmark_json))} hold no benchmarks (was the run "
+                         "--benchmark-disable?)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=1))
     table = markdown_tables(results["benchmarks"])
     print(table, end="")
     if args.markdown_out:

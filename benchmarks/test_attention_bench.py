@@ -1,10 +1,15 @@
-"""ops.attention (its packed-QKV form, as the encoder calls it) against PyTorch's scaled_dot_product_attention and
-the math reference, each on one fused QKV projection's output.
+"""ops.attention (its packed-QKV form, as the encoder calls it, on one fused QKV projection's output) against
+PyTorch's scaled_dot_product_attention as a transformers model calls it (q, k and v from separate projections,
+padding as a boolean key mask built once per batch) and the math reference.
 
-SDPA with a padding mask (a boolean attn_mask) can only use its memory-efficient or cuDNN backends; without one
-it also has flash. Each case runs with no padding and with ~15% padding (lengths spread evenly from 70% to 100%
-of T), forward, backward alone and forward + backward, in bf16 on CUDA and float32 on the CPU. On CUDA, forward +
-backward also runs captured in a CUDA graph (mode fwd_bwd_graph): the kernels' device time without the host's.
+SDPA is timed as it dispatches by itself ("sdpa", the backend it chose recorded as sdpa_backend) and, on CUDA,
+forced to each of its backends ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn"; a backend that refuses the case,
+CUDA's flash with a mask for one, skips it), and with padding also on nested jagged tensors of the valid tokens only
+("sdpa-varlen": flash's variable-length kernels, the same padding with nothing computed for it). summarize.py
+takes the fastest of these as the baseline. Each case runs with no padding and with ~15% padding (lengths spread
+evenly from 70% to 100% of T), forward, backward alone and forward + backward, in bf16 on CUDA and float32 on the
+CPU. On CUDA, forward + backward also runs captured in a CUDA graph (mode fwd_bwd_graph): the kernels' device time
+without the host's.
 
 TFLOP/s counts the work on valid tokens: 4 * H * D * sum_b(len_b^2) per forward (q k^T and P v), 2.5x that per
 backward (five products, FlashAttention's convention), 3.5x for forward + backward.
@@ -18,6 +23,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from electra_ext import BUILD_INFO, ops
 from electra_ext.ops.reference import attention_reference
@@ -37,23 +43,84 @@ BACKWARD_FLOPS_FACTOR = 2.5
 CUDA_MARKS = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def sdpa(qkv, seqlens):
-    """PyTorch's attention on the [B, T, H, D] views of qkv; padding as a boolean key mask (None: no mask, flash
-    allowed)."""
-    q, k, v = qkv.unbind(2)
-    mask = None
-    if seqlens is not None:
-        mask = (torch.arange(q.shape[1], device=q.device) < seqlens.unsqueeze(1))[:, None, None, :]
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
-    return out.transpose(1, 2)
+class Attention:
+    """One provider's case: attend() gives the output, whose gradient is taken with respect to `leaves`, with
+    `grad_out` as the output's gradient (each in the form the provider takes)."""
+
+    def __init__(self, attend, leaves, grad_out, **info):
+        self.attend, self.leaves, self.grad_out, self.info = attend, leaves, grad_out, info
 
 
-# Each provider as an encoder calls it on its fused QKV projection's output [B, T, 3, H, D].
+def electra_ext_attention(qkv, seqlens, grad_out):
+    return Attention(lambda: ops.attention_qkvpacked(qkv, seqlens=seqlens), (qkv,), grad_out)
+
+
+def reference_attention(qkv, seqlens, grad_out):
+    scale = qkv.shape[-1] ** -0.5
+    return Attention(lambda: attention_reference(*qkv.unbind(2), seqlens, 0.0, scale, None), (qkv,), grad_out)
+
+
+def separate_projections(qkv):
+    """q, k and v as three projections' outputs [B, T, H, D], each its own leaf: their gradients are SDPA's
+    own, where views of one tensor would add a copy that stacks them."""
+    return tuple(t.detach().contiguous().requires_grad_() for t in qkv.unbind(-3))
+
+
+def sdpa_attention(backend=None):
+    def build(qkv, seqlens, grad_out):
+        q, k, v = (t.transpose(1, 2) for t in separate_projections(qkv))
+        mask = None
+        if seqlens is not None:
+            mask = (torch.arange(qkv.shape[1], device=qkv.device) < seqlens.unsqueeze(1))[:, None, None, :]
+
+        def attend():
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+        if backend is not None:
+            try:
+                attend()
+            except RuntimeError as error:  # "No available kernel", with the backend's reasons as warnings
+                pytest.skip(f"SDPA's {backend.name} backend does not take this case: {error}")
+        chosen = backend if backend is not None else SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask=mask))
+        return Attention(attend, (q, k, v), grad_out, sdpa_backend=chosen.name)
+
+    return build
+
+
+def sdpa_varlen_attention(qkv, seqlens, grad_out):
+    """SDPA on nested jagged tensors [B, j, H, D] made of the valid tokens alone, packed [tokens, H, D]."""
+    if seqlens is None:
+        pytest.skip("without padding the nested tensors are the dense ones: sdpa-flash times that")
+    valid = torch.arange(qkv.shape[1], device=qkv.device) < seqlens.unsqueeze(1)
+    q, k, v = separate_projections(qkv[valid])
+    offsets = F.pad(seqlens.long().cumsum(0), (1, 0))
+    # Given, so that SDPA does not read them from the device on every call (a sync, and no CUDA graph).
+    min_seqlen, max_seqlen = int(seqlens.min()), int(seqlens.max())
+
+    def nested(values):
+        return torch.nested.nested_tensor_from_jagged(values, offsets, min_seqlen=min_seqlen, max_seqlen=max_seqlen)
+
+    def attend():
+        out = F.scaled_dot_product_attention(*(nested(t).transpose(1, 2) for t in (q, k, v)))
+        return out.transpose(1, 2)
+
+    return Attention(attend, (q, k, v), nested(grad_out[valid]))
+
+
+# Each provider as an encoder calls it; given the fused QKV projection's output [B, T, 3, H, D].
 PROVIDERS = {
-    "electra_ext": lambda qkv, seqlens: ops.attention_qkvpacked(qkv, seqlens=seqlens),
-    "sdpa": sdpa,
-    "reference": lambda qkv, seqlens: attention_reference(*qkv.unbind(2), seqlens, 0.0, qkv.shape[-1] ** -0.5,
-                                                          None),
+    "electra_ext": electra_ext_attention,
+    "sdpa": sdpa_attention(),
+    "reference": reference_attention,
+}
+# SDPA forced to each backend, and on nested tensors. On the CPU only flash and nested tensors run (the others
+# skip), so that CI runs each code path once.
+SDPA_VARIANTS = {
+    "sdpa-flash": sdpa_attention(SDPBackend.FLASH_ATTENTION),
+    "sdpa-efficient": sdpa_attention(SDPBackend.EFFICIENT_ATTENTION),
+    "sdpa-cudnn": sdpa_attention(SDPBackend.CUDNN_ATTENTION),
+    "sdpa-varlen": sdpa_varlen_attention,
 }
 # On CUDA, electra_ext's backward under torch.use_deterministic_algorithms(True): the dQ kernel recomputes S and
 # dP (7 tile products instead of 5) where the default adds dQ over key blocks with atomics. The CPU kernels have
@@ -64,8 +131,9 @@ DETERMINISTIC = "electra_ext-deterministic"
 # times both kinds side by side. Elsewhere electra_ext is the mma.sync kernels already, and this case skips.
 MMA_SYNC = "electra_ext-mma_sync"
 ELECTRA_EXT_VARIANTS = (DETERMINISTIC, MMA_SYNC)
-CASES = [("cpu", provider) for provider in PROVIDERS] + [
-    pytest.param("cuda", provider, marks=CUDA_MARKS) for provider in [*PROVIDERS, *ELECTRA_EXT_VARIANTS]]
+CASES = [("cpu", provider) for provider in [*PROVIDERS, *SDPA_VARIANTS]] + [
+    pytest.param("cuda", provider, marks=CUDA_MARKS)
+    for provider in [*PROVIDERS, *ELECTRA_EXT_VARIANTS, *SDPA_VARIANTS]]
 
 
 def make_inputs(device, shape, padding):
@@ -76,7 +144,9 @@ def make_inputs(device, shape, padding):
     qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device, dtype=dtype, generator=generator)
     seqlens = None
     if PADDINGS[padding]:
-        fraction = torch.linspace(1.0 - 2 * PADDINGS[padding], 1.0, batch, device=device)
+        # Lengths spread evenly, the mean at 1 - padding (a single sequence: that mean).
+        low = 1.0 - 2 * PADDINGS[padding] if batch > 1 else 1.0 - PADDINGS[padding]
+        fraction = torch.linspace(low, 1.0 if batch > 1 else low, batch, device=device)
         seqlens = (fraction * seq_len).round().to(torch.int32)
     return qkv.requires_grad_(), seqlens
 
@@ -102,21 +172,25 @@ def deterministic_algorithms(on):
 
 
 def attention_case(monkeypatch, device, shape, padding, provider):
-    """(attend, qkv, seqlens, grad_out) of one case, with the mma.sync variant's setting made (or the case skipped
-    where it would time the same kernels as electra_ext)."""
+    """(Attention, qkv, seqlens) of one case, with the mma.sync variant's setting made (or the case skipped where
+    it would time the same kernels as electra_ext)."""
     if provider == MMA_SYNC:
         if not (BUILD_INFO.WITH_SM90A and torch.cuda.get_device_capability() == (9, 0)):
             pytest.skip("electra_ext runs the mma.sync kernels here already (no sm_90a code in this build, or not a "
                         "compute capability 9.0 card)")
         monkeypatch.setenv("ELECTRA_EXT_WGMMA", "0")
     qkv, seqlens = make_inputs(device, shape, padding)
-    attend = PROVIDERS["electra_ext" if provider in ELECTRA_EXT_VARIANTS else provider]
+    build = {**PROVIDERS, **SDPA_VARIANTS}["electra_ext" if provider in ELECTRA_EXT_VARIANTS else provider]
     batch, seq_len, _, heads, head_dim = qkv.shape
     grad_out = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=qkv.dtype)
-    return attend, qkv, seqlens, grad_out
+    return build(qkv, seqlens, grad_out), qkv, seqlens
 
 
-def case_info(qkv, seqlens, grad_out, provider, shape, padding, mode):
+def gradients(attention):
+    return torch.autograd.grad(attention.attend(), attention.leaves, attention.grad_out)
+
+
+def case_info(attention, qkv, seqlens, provider, shape, padding, mode):
     """What summarize.py reads of a case, besides its time."""
     batch, seq_len, _, heads, head_dim = qkv.shape
     flops = forward_flops(seq_len, heads, head_dim, batch, seqlens)
@@ -125,7 +199,7 @@ def case_info(qkv, seqlens, grad_out, provider, shape, padding, mode):
               "fwd_bwd_graph": forward_backward}[mode]
     return dict(
         device=qkv.device.type,
-        bytes_per_call=4 * grad_out.numel() * qkv.element_size(),  # q, k, v read and out written once
+        bytes_per_call=4 * qkv.numel() // 3 * qkv.element_size(),  # q, k, v read and out written once
         flops=flops,
         op="attention",
         provider=provider,
@@ -133,6 +207,7 @@ def case_info(qkv, seqlens, grad_out, provider, shape, padding, mode):
         mode=mode,
         dtype=str(qkv.dtype),
         B=batch, T=seq_len, H=heads, D=head_dim,
+        **attention.info,
     )
 
 
@@ -141,51 +216,60 @@ def case_info(qkv, seqlens, grad_out, provider, shape, padding, mode):
 @pytest.mark.parametrize("shape", ["small", "base", "host"])
 @pytest.mark.parametrize("device,provider", CASES)
 def test_attention(timed_benchmark, monkeypatch, device, shape, padding, mode, provider):
-    attend, qkv, seqlens, grad_out = attention_case(monkeypatch, device, shape, padding, provider)
+    attention, qkv, seqlens = attention_case(monkeypatch, device, shape, padding, provider)
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return attend(qkv, seqlens)
+                out = attention.attend()
+            return out.values() if out.is_nested else out
     elif mode == "bwd":
-        out = attend(qkv, seqlens)
+        out = attention.attend()
 
         def call():
-            return torch.autograd.grad(out, qkv, grad_out, retain_graph=True)
+            return torch.autograd.grad(out, attention.leaves, attention.grad_out, retain_graph=True)
     else:
         def call():
-            return torch.autograd.grad(attend(qkv, seqlens), qkv, grad_out)
+            return gradients(attention)
 
     with deterministic_algorithms(provider == DETERMINISTIC):
-        timed_benchmark(call, **case_info(qkv, seqlens, grad_out, provider, shape, padding, mode))
+        timed_benchmark(call, **case_info(attention, qkv, seqlens, provider, shape, padding, mode))
 
 
 def cuda_graph_replay(call):
     """call captured once in a CUDA graph, after warm-up calls on a side stream (as torch.cuda.graph asks: they
-    fill the caching allocator and leave no first-call work in the capture); returns the graph's replay."""
+    fill the caching allocator and leave no first-call work in the capture); returns (the graph's replay, which
+    returns the captured call's outputs, now the replay's, and the last warm-up call's outputs)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            call()
+            eager = call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        call()
-    return graph.replay
+        captured = call()
+
+    def replay():
+        graph.replay()
+        return captured
+
+    return replay, eager
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("shape", ["small", "base"])
 @pytest.mark.parametrize("provider", [pytest.param(provider, marks=CUDA_MARKS)
-                                      for provider in ("electra_ext", MMA_SYNC, "sdpa")])
+                                      for provider in ("electra_ext", MMA_SYNC, "sdpa", *SDPA_VARIANTS)])
 def test_attention_cuda_graph(timed_benchmark, monkeypatch, shape, padding, provider):
     """Forward + backward captured in a CUDA graph and replayed: the kernels' device time with no host time between
     them, as in a training step whose host runs ahead of the device, or one captured whole (torch.compile's
     mode="reduce-overhead"). At ELECTRA-Small an eager call's host time is longer than its kernels
     (benchmarks/NOTES.md), so test_attention's fwd_bwd times the host there; this times the kernels, SDPA's
-    under the same capture."""
-    attend, qkv, seqlens, grad_out = attention_case(monkeypatch, "cuda", shape, padding, provider)
-    replay = cuda_graph_replay(lambda: torch.autograd.grad(attend(qkv, seqlens), qkv, grad_out))
+    under the same capture. A replay must give the eager call's gradients (to bf16 rounding: the dQ sums' order
+    varies), so that a capture that left work out cannot pass as fast."""
+    attention, qkv, seqlens = attention_case(monkeypatch, "cuda", shape, padding, provider)
+    replay, eager = cuda_graph_replay(lambda: gradients(attention))
+    torch.testing.assert_close(replay(), eager, rtol=2e-2, atol=2e-2)
     # The graph's memory is its own pool, allocated at capture: a replay allocates nothing to measure.
     timed_benchmark(replay, measure_peak=False,
-                    **case_info(qkv, seqlens, grad_out, provider, shape, padding, "fwd_bwd_graph"))
+                    **case_info(attention, qkv, seqlens, provider, shape, padding, "fwd_bwd_graph"))

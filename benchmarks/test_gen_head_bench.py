@@ -1,10 +1,12 @@
-"""ops.gen_head (the fused generator head: loss, gradients and the Gumbel sample) against the eager reference users
-would otherwise write (F.linear -> cross_entropy -> Gumbel argmax on the materialised [M, V] logits) and, on CUDA
+"""ops.gen_head (the fused generator head: loss, gradients and the Gumbel sample) against the eager head users
+would otherwise write ("eager": F.linear in the inputs' dtype -> cross_entropy in float32 -> Gumbel argmax with
+torch's RNG, on the materialised [M, V] logits), the ops' float32 oracle ("reference": the same in float32, its
+Gumbel noise by Philox in PyTorch ops, as the kernels draw it: a correctness tool, slow by design) and, on CUDA
 where it installs, Liger-Kernel's fused linear cross-entropy (the loss and its gradients only, no sample).
 
 TFLOP/s counts 2 M V E per GEMM pass: one for the forward, three for forward + backward (logits, dh, dW); both
 kernels' backward recompute the logits, a fourth pass that is not counted. On CUDA each case also records the
-peak memory above its inputs (conftest.py): the target is <= 5% of the reference's.
+peak memory above its inputs (conftest.py): the target is <= 5% of the eager head's.
 
 Run all:   pytest benchmarks/test_gen_head_bench.py --benchmark-json bench.json
 CI (CPU):  pytest benchmarks/ --benchmark-disable   (each case runs once, as a smoke test)
@@ -14,6 +16,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from electra_ext import ops
 
@@ -33,7 +36,7 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
 
-PROVIDERS = ["electra_ext", "reference", "liger"]
+PROVIDERS = ["electra_ext", "eager", "reference", "liger"]
 LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -42,10 +45,21 @@ def liger_loss(h, weight, bias, targets):
     return LigerFusedLinearCrossEntropyLoss()(weight, h, targets, bias)
 
 
+def eager_loss(h, weight, bias, targets):
+    """The loss; the sample drawn as a training step would (and discarded)."""
+    logits = F.linear(h, weight, bias)
+    loss = F.cross_entropy(logits.float(), targets)
+    with torch.no_grad():  # Gumbel-max: argmax(logits + G), G = -log(E) with E ~ Exponential(1)
+        (logits.float() - torch.empty(logits.shape, device=h.device).exponential_().log()).argmax(-1)
+    return loss
+
+
 def head_call(provider, h, weight, bias, targets):
-    """The loss of one call, plus the sample for the two providers that draw one."""
+    """The loss of one call; every provider but Liger also draws the sample."""
     if provider == "liger":
         return liger_loss(h, weight, bias, targets)
+    if provider == "eager":
+        return eager_loss(h, weight, bias, targets)
     return ops.gen_head(h, weight, bias, targets, backend=None if provider == "electra_ext" else "reference").loss
 
 

@@ -3,7 +3,8 @@ each provider of pretraining_step.py: electra_ext's kernels, its reference path,
 HF under torch.compile. bf16 autocast on CUDA, fp32 on the CPU; the same batch for every provider.
 
 Recorded per case: ms/step and tokens/s (summarize.py), the model FLOPs of the step (model_flops.py) for MFU
-against the bf16 matrix-product rate measured in the same run (test_matmul_rate), and on CUDA the peak memory.
+against the card's datasheet bf16 peak (electra_ext.train.metrics.PEAK_TFLOPS) and against the bf16
+matrix-product rate measured in the same run (test_matmul_rate), and on CUDA the peak memory.
 test_largest_batch finds, per provider, the largest batch whose step fits in MEMORY_BUDGET_BYTES, and times
 the step there.
 
@@ -15,6 +16,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the HF providers need transformers (pip install '.[test]')")
 
+from electra_ext.train.metrics import peak_flops
 from model_flops import training_flops_per_token
 from pretraining_step import PROVIDERS, TrainingStep, make_batch, pretraining_config
 
@@ -57,7 +59,7 @@ def record_step(timed_benchmark, step, device, shape, provider, batch_size, mode
         device=device, shape=shape, mode=mode, bytes_per_call=None, reps=STEP_REPS,
         op="pretraining_step", provider=provider, preset=preset, batch=batch_size, seq_len=seq_len,
         tokens=tokens, flops=training_flops_per_token(pretraining_config(preset), seq_len) * tokens,
-        dtype="bfloat16" if device == "cuda" else "float32", **info,
+        dtype="bfloat16" if device == "cuda" else "float32", peak_flops=peak_flops(torch.device(device)), **info,
     )
 
 
@@ -78,24 +80,37 @@ def peak_step_bytes(step, batch):
 
 
 def largest_batch(step, preset, seq_len, first_batch):
-    """The largest batch whose step peaks within MEMORY_BUDGET_BYTES. A step's peak is parameters, gradients and
-    optimizer state (fixed) plus activations (proportional to the batch): the line through the peaks at
-    first_batch and twice it gives the estimate, which then shrinks by 5% until a step fits."""
+    """The largest batch whose step peaks within MEMORY_BUDGET_BYTES, to within 5%. A step's peak is parameters,
+    gradients and optimizer state (fixed) plus activations (proportional to the batch): the line through the
+    peaks at first_batch and twice it gives the estimate, which then grows by 5% while a step fits, or shrinks by
+    5% until one does."""
+    def fits(batch_size):
+        try:
+            return peak_step_bytes(step, make_batch(preset, batch_size, seq_len, "cuda")) <= MEMORY_BUDGET_BYTES
+        except torch.OutOfMemoryError:
+            step.optimizer.zero_grad(set_to_none=True)  # a step that failed in backward left gradients behind
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
     def peak(batch_size):
         return peak_step_bytes(step, make_batch(preset, batch_size, seq_len, "cuda"))
 
     peak(first_batch)  # the first step creates the optimizer state (and compiles)
     low, high = peak(first_batch), peak(2 * first_batch)
+    if high <= low:
+        raise AssertionError(f"the step's peak did not grow with the batch ({low} bytes at {first_batch} "
+                             f"sequences, {high} at {2 * first_batch}): no line to estimate from")
     per_sequence = (high - low) / first_batch
     batch_size = int((MEMORY_BUDGET_BYTES - (low - per_sequence * first_batch)) / per_sequence)
+    if batch_size > 0 and fits(batch_size):
+        while fits(grown := max(batch_size + 1, int(batch_size * 1.05))):
+            batch_size = grown
+        return batch_size
     while batch_size > 0:
-        try:
-            if peak(batch_size) <= MEMORY_BUDGET_BYTES:
-                return batch_size
-        except torch.OutOfMemoryError:
-            step.optimizer.zero_grad(set_to_none=True)  # a step that failed in backward left gradients behind
-        torch.cuda.empty_cache()
         batch_size = int(batch_size * 0.95)
+        if batch_size > 0 and fits(batch_size):
+            return batch_size
     raise AssertionError(f"no batch fits in {MEMORY_BUDGET_BYTES / 2**30:.0f} GiB")
 
 
@@ -106,6 +121,9 @@ def test_largest_batch(timed_benchmark, shape, provider):
     preset, first_batch, seq_len = SHAPES["cuda"][shape]
     step = TrainingStep(provider, preset, "cuda")
     batch_size = largest_batch(step, preset, seq_len, first_batch // 4)
+    # The search's second batch size made a compiled step's graphs dynamic (cheap: one recompile for every size
+    # tried); the reset makes the timing's warm-up round compile the found size as static graphs.
+    torch._dynamo.reset()
     record_step(timed_benchmark, step, "cuda", shape, provider, batch_size, "largest_batch",
                 memory_budget_bytes=MEMORY_BUDGET_BYTES)
 

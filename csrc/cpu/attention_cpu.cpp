@@ -35,8 +35,10 @@
 // Memory: per thread, the forward's float32 scratch at T = 512, D = 64 is 68 KB for float32 (K^T panel 32 KB,
 // score tile 32 KB, row maxima and sums 4 KB) and 178 KB for bfloat16 (plus float32 V and q blocks, 48 KB, and
 // the accumulator of 256 rows, 64 KB), against 148 KB and 212 KB in SDPA's CPU flash kernel (a 64 x 512 score
-// tile, a 64 x 64 accumulator, and for bfloat16 a bfloat16 copy of the score tile). The backward holds ~1.2 MB;
-// its peak is the gradients' (26 MB against SDPA's 42 MB at this shape; benchmarks/cpu_attention_compare.py).
+// tile, a 64 x 64 accumulator, and for bfloat16 a bfloat16 copy of the score tile). The backward holds 0.84 MB
+// per thread (q, dO and their transposes for the whole sequence, k, v and K^T per key block): forward + backward
+// peaks 25.4 MiB above its inputs at this shape with 2 threads, SDPA's 24.4 (benchmarks/cpu_attention_compare.py,
+// SDPA given separate q, k, v leaves; the gradients and output alone are 24.0).
 //
 // Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
 // bodies (attention_cpu_kernels.h) are compiled twice, for baseline x86-64 and with AVX2 + FMA, and the build is
