@@ -78,8 +78,8 @@ def sdpa_attention(backend=None):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
         if backend is not None:
-            try:
-                attend()
+            try:  # forward and backward: a backend may take a case's forward and not its backward
+                torch.autograd.grad(attend(), (q, k, v), grad_out)
             except RuntimeError as error:  # "No available kernel", with the backend's reasons as warnings
                 pytest.skip(f"SDPA's {backend.name} backend does not take this case: {error}")
         chosen = backend if backend is not None else SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask=mask))
