@@ -178,10 +178,12 @@ run_step attention-profile "$LOG_DIR/attention_profile.log" profile_attention
 # kind as above (~15 s each; the clocks left alone, as the device notes ask): where the issue slots, tensor pipes
 # and memory go, which the timings alone cannot say. ncu reads counters on Firecracker machines only.
 attention_counters() {
-    local kind
+    local kind ncu=ncu
+    # The image's PATH may lack the toolkit's bin folder.
+    command -v ncu >/dev/null || ncu=${CUDA_HOME:-/usr/local/cuda}/bin/ncu
     for kind in $WGMMA_SETTINGS; do
         # 3 untimed steps launch 6 forward and dK/dV kernels before the 2 profiled.
-        ELECTRA_EXT_WGMMA=$kind ncu --clock-control none -k regex:'forward_kernel|dkdv_kernel' --launch-skip 6 \
+        ELECTRA_EXT_WGMMA=$kind "$ncu" --clock-control none -k regex:'forward_kernel|dkdv_kernel' --launch-skip 6 \
             --launch-count 2 --section SpeedOfLight --section Occupancy --section SchedulerStats \
             --section WarpStateStats --section MemoryWorkloadAnalysis \
             python3 "$REPO/benchmarks/profile_attention.py" --steps 1 --no-torch-profiler || return 1

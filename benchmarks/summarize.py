@@ -15,7 +15,7 @@ from pathlib import Path
 
 COPY_PROVIDER = "copy"
 MATMUL_PROVIDER = "matmul"
-STEP_OP, STEP_BASELINE = "pretraining_step", "hf_sdpa"
+STEP_OP, STEP_BASELINE, STEP_COMPILED_BASELINE = "pretraining_step", "hf_sdpa", "hf_compiled"
 
 
 class Table:
@@ -133,9 +133,11 @@ def step_table(cases):
                    key=lambda case: (case["device"], case["mode"] != "step", case["shape"]))
     if not steps:
         return ""
-    baselines = {(c["device"], c["shape"], c["mode"]): c for c in steps if c["provider"] == STEP_BASELINE}
-    columns = ["device", "shape", "mode", "provider", "batch", "ms / step", "tokens/s", "MFU",
-               "of matmul rate", "peak GB", f"tokens/s vs {STEP_BASELINE}", f"peak memory vs {STEP_BASELINE}"]
+    baselines, compiled_baselines = ({(c["device"], c["shape"], c["mode"]): c for c in steps if c["provider"] == name}
+                                     for name in (STEP_BASELINE, STEP_COMPILED_BASELINE))
+    columns = ["device", "shape", "mode", "provider", "batch", "ms / step", "tokens/s", "MFU", "of matmul rate",
+               "peak GB", f"tokens/s vs {STEP_BASELINE}", f"tokens/s vs {STEP_COMPILED_BASELINE}",
+               f"peak memory vs {STEP_BASELINE}"]
     lines = ["## pretraining_step", "",
              "One full training step (masking, generator, sampling, discriminator, backward, AdamW step). MFU is "
              "model FLOPs (benchmarks/model_flops.py) per second over the card's datasheet dense bf16 peak "
@@ -148,18 +150,22 @@ def step_table(cases):
         tokens_per_second = case["tokens"] / case["seconds"]
         rate, datasheet = matmul_flops.get(case["device"]), case.get("peak_flops")
         peak = case.get("peak_bytes")
-        baseline = baselines.get((case["device"], case["shape"], case["mode"]))
-        speed_up = memory = "-"
+        key = (case["device"], case["shape"], case["mode"])
+        baseline, compiled_baseline = baselines.get(key), compiled_baselines.get(key)
+        speed_up = compiled_speed_up = memory = "-"
         if baseline:
             speed_up = f"{tokens_per_second / (baseline['tokens'] / baseline['seconds']):.2f}x"
             if peak is not None and baseline.get("peak_bytes"):
                 memory = f"{peak / baseline['peak_bytes']:.2f}x"
+        if compiled_baseline:
+            compiled_rate = compiled_baseline["tokens"] / compiled_baseline["seconds"]
+            compiled_speed_up = f"{tokens_per_second / compiled_rate:.2f}x"
         lines.append("| " + " | ".join([
             case["device"], f"{case['preset']} {case['seq_len']}", case["mode"], case["provider"], str(case["batch"]),
             f"{case['seconds'] * 1e3:.1f}", f"{tokens_per_second:,.0f}",
             f"{100 * case['flops'] / case['seconds'] / datasheet:.1f}%" if datasheet else "-",
             f"{100 * case['flops'] / case['seconds'] / rate:.1f}%" if rate else "-",
-            f"{peak / 1e9:.2f}" if peak is not None else "-", speed_up, memory]) + " |")
+            f"{peak / 1e9:.2f}" if peak is not None else "-", speed_up, compiled_speed_up, memory]) + " |")
     if matmul_flops:
         lines += ["", "Measured matrix-product rate: " +
                   ", ".join(f"{device} {rate / 1e12:.1f} TFLOP/s" for device, rate in matmul_flops.items())]

@@ -216,6 +216,8 @@ def case_info(attention, qkv, seqlens, provider, shape, padding, mode):
 @pytest.mark.parametrize("shape", ["small", "base", "host"])
 @pytest.mark.parametrize("device,provider", CASES)
 def test_attention(timed_benchmark, monkeypatch, device, shape, padding, mode, provider):
+    if provider == DETERMINISTIC and mode == "fwd":
+        pytest.skip("deterministic algorithms change the backward only: this forward is electra_ext's")
     attention, qkv, seqlens = attention_case(monkeypatch, device, shape, padding, provider)
     if mode == "fwd":
         def call():
