@@ -93,7 +93,7 @@ def train_curves(data: PretrainingData, *, preset: str, steps: int, batch_size: 
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: linear_warmup_linear_decay(step, config.warmup_steps, config.steps))
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" \
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
     schedule = BatchSchedule(len(data.train), batch_size, DATA_SEED)
     records = []

@@ -3,15 +3,28 @@
 # benchmarks (the ops and the end-to-end pre-training step) against the installed package, then the bf16
 # convergence parity (benchmarks/convergence.py), draws the step's speed-ups (speedups.png), and prints the
 # benchmark summary last.
-# Logs, bench.json, summary.md, speedups.png and the parity curves go to $OUT if set, else to a fresh temporary
-# folder. Took ~5 minutes on an H200 with 16 cores at 5269a96 (3.75 of them the full test suite), before the
-# pre-training step and the parity were added: they have not run on a GPU yet. Exits non-zero, naming the
-# failed steps, if any failed.
+# Logs, bench.json, summary.md, speedups.png and the parity curves go to a fresh temporary folder (named at the
+# start). With $OUT set (the device tool's folder of files to bring back, at most 8 of them), the script ends,
+# however it ends, by copying summary.md, bench.json, speedups.png and timings.txt there with the whole folder as
+# gpu_check-logs.tgz. Took ~5 minutes on an H200 with 16 cores at 5269a96 (3.75 of them the full test suite),
+# before the pre-training step and the parity were added: they have not run on a GPU yet. Exits non-zero, naming
+# the failed steps, if any failed.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-LOG_DIR=${OUT:-$(mktemp -d)}
+LOG_DIR=$(mktemp -d)
 failed=()
+echo "gpu_check: logs and results in $LOG_DIR"
+if [[ -n ${OUT:-} ]]; then
+    bring_back() {
+        local name
+        for name in summary.md bench.json speedups.png timings.txt; do
+            if [[ -f $LOG_DIR/$name ]]; then cp "$LOG_DIR/$name" "$OUT/"; fi
+        done
+        tar -czf "$OUT/gpu_check-logs.tgz" -C "$LOG_DIR" .
+    }
+    trap bring_back EXIT
+fi
 
 if ! command -v nvidia-smi >/dev/null ||
     ! python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then

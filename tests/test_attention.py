@@ -599,7 +599,7 @@ def test_no_padding_without_seqlens_equals_full_lengths(target, device, backend,
 
 @pytest.mark.parametrize("packed", [False, True], ids=["q, k, v", "qkv packed"])
 @pytest.mark.parametrize("lengths", ["seqlens", "no padding"])
-def test_batch_layout_equals_token_layout(target, device, backend, packed, lengths):
+def test_batch_layout_equals_token_layout(target, device, backend, packed, lengths, bitwise_backward):
     """The padded layout's q, k, v as [B, T, ...] (what the encoder has) against the same tokens as [B * T, ...]:
     the same bits out, in the caller's shape."""
     q, k, v, grad_out = layout_test_inputs(target, device)
