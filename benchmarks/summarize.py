@@ -38,7 +38,8 @@ def gbps(case, copy_gbps):
 
 
 def tflops(case, copy_gbps):
-    return [f"{case['flops'] / case['seconds'] / 1e12:.1f}"]
+    rate = case["flops"] / case["seconds"] / 1e12
+    return [f"{rate:.1f}" if rate >= 10 else f"{rate:.3g}"]  # 3 digits for the CPU's and small shapes' rates
 
 
 SDPA_PROVIDERS = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-varlen")
