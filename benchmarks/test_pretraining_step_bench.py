@@ -84,17 +84,17 @@ def largest_batch(step, preset, seq_len, first_batch):
     gradients and optimizer state (fixed) plus activations (proportional to the batch): the line through the
     peaks at first_batch and twice it gives the estimate, which then grows by 5% while a step fits, or shrinks by
     5% until one does."""
+    def peak(batch_size):
+        return peak_step_bytes(step, make_batch(preset, batch_size, seq_len, "cuda"))
+
     def fits(batch_size):
         try:
-            return peak_step_bytes(step, make_batch(preset, batch_size, seq_len, "cuda")) <= MEMORY_BUDGET_BYTES
+            return peak(batch_size) <= MEMORY_BUDGET_BYTES
         except torch.OutOfMemoryError:
             step.optimizer.zero_grad(set_to_none=True)  # a step that failed in backward left gradients behind
             return False
         finally:
             torch.cuda.empty_cache()
-
-    def peak(batch_size):
-        return peak_step_bytes(step, make_batch(preset, batch_size, seq_len, "cuda"))
 
     peak(first_batch)  # the first step creates the optimizer state (and compiles)
     low, high = peak(first_batch), peak(2 * first_batch)
