@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from electra_ext import BUILD_INFO, ops
-from electra_ext.ops.reference import attention_reference
+from electra_ext.ops.reference import attention_reference, key_padding_mask
 
 # (batch, seq_len, heads, head_dim). ELECTRA-Small (B=128, T=128, H=4) and Base (B=32, T=512, H=12) on CUDA; the
 # CPU runs the same sequence lengths on fewer sequences, so that CI's single round stays in seconds. "host": one
@@ -71,7 +71,7 @@ def sdpa_attention(backend=None):
         q, k, v = (t.transpose(1, 2) for t in separate_projections(qkv))
         mask = None
         if seqlens is not None:
-            mask = (torch.arange(qkv.shape[1], device=qkv.device) < seqlens.unsqueeze(1))[:, None, None, :]
+            mask = key_padding_mask(seqlens, qkv.shape[1])[:, None, None, :]
 
         def attend():
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
@@ -92,7 +92,7 @@ def sdpa_varlen_attention(qkv, seqlens, grad_out):
     """SDPA on nested jagged tensors [B, j, H, D] made of the valid tokens alone, packed [tokens, H, D]."""
     if seqlens is None:
         pytest.skip("without padding the nested tensors are the dense ones: sdpa-flash times that")
-    valid = torch.arange(qkv.shape[1], device=qkv.device) < seqlens.unsqueeze(1)
+    valid = key_padding_mask(seqlens, qkv.shape[1])
     q, k, v = separate_projections(qkv[valid])
     offsets = F.pad(seqlens.long().cumsum(0), (1, 0))
     # Given, so that SDPA does not read them from the device on every call (a sync, and no CUDA graph).
