@@ -23,22 +23,29 @@
 // float32 buffer of the task's rows for other dtypes. Tasks are handed out dynamically, longest first:
 // at::parallel_for's static split gave one thread 3.2x the other's work with lengths 512, 400, 300, 200.
 //
-// Backward tiling: one task per (sequence, head). It works on transposed [64 keys, 128 queries] tiles:
-// S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every operand
-// as stored (no tile is transposed) and the element-wise step runs along query rows, where lse and delta are
-// contiguous. q, k, v and dO are packed contiguous per (sequence, head): read in place with the fused QKV's token
-// stride (2304 floats), the products took 117 ms instead of 95 (one core); 128 x 64 tiles instead of 64 x 64
-// took the three accumulating products from 64 to 54 ms. dQ^T accumulates over key blocks in a fixed order in the
-// task's buffer and dK, dV are owned by their key block: results are bitwise the same for any number of threads.
-// delta = rowsum(dO o O) is computed per task, not through a [tokens, H, D] float32 temporary.
+// Backward tiling: one task per (sequence, head), its query blocks the outer loop (as in SDPA's CPU kernel), so a
+// thread holds one query block's operands, not a whole sequence's. It works on transposed [64 keys, 128 queries]
+// tiles: S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every
+// operand as stored (no tile is transposed) and the element-wise step runs along query rows, where lse and delta
+// are contiguous. Per query block, Q^T and dO^T are built once; per (query block, key block), K^T [D, 64] is
+// built again (T / 128 times per key block, 4 at T = 512: ~4.5 ms on one core by the forward's measured ~1.1 ms
+// per pass over a sequence's keys, against ~95 ms of products). float32 q, k, v and dO are
+// read in place with the fused QKV's token stride (2304 floats): forward + backward took 61-63 ms so (2 threads),
+// 63 ms with contiguous copies of every block. 128 x 64 tiles instead of 64 x 64 took the three
+// accumulating products from 64 to 54 ms (one core). dQ^T accumulates over key blocks in the task's panel, dK
+// and dV over query blocks in the float32 gradients themselves (in float32 buffers of the sequence's rows for
+// other dtypes), each in a fixed order: results are bitwise the same for any number of threads. delta =
+// rowsum(dO o O) is computed per query block, not through a [tokens, H, D] float32 temporary.
 //
 // Memory: per thread, the forward's float32 scratch at T = 512, D = 64 is 68 KB for float32 (K^T panel 32 KB,
 // score tile 32 KB, row maxima and sums 4 KB) and 178 KB for bfloat16 (plus float32 V and q blocks, 48 KB, and
 // the accumulator of 256 rows, 64 KB), against 148 KB and 212 KB in SDPA's CPU flash kernel (a 64 x 512 score
-// tile, a 64 x 64 accumulator, and for bfloat16 a bfloat16 copy of the score tile). The backward holds 0.84 MB
-// per thread (q, dO and their transposes for the whole sequence, k, v and K^T per key block): forward + backward
-// peaks 25.4 MiB above its inputs at this shape with 2 threads, SDPA's 24.4 (benchmarks/cpu_attention_compare.py,
-// SDPA given separate q, k, v leaves; the gradients and output alone are 24.0).
+// tile, a 64 x 64 accumulator, and for bfloat16 a bfloat16 copy of the score tile). The backward's is 177 KB for
+// float32 (Q^T, dO^T and dQ^T panels 96 KB, K^T 16 KB, two tiles 64 KB) and 529 KB for bfloat16 (plus float32
+// copies of the q, dO, k and v blocks, 96 KB, and the sequence's dK and dV accumulators, 256 KB), against SDPA's
+// 256 KB and 384 KB (two 64 x 512 tiles, and their bfloat16 copies). Forward + backward at this shape, 2 threads,
+// peaks 24.3 MiB above its inputs in float32 (SDPA 24.4) and 12.8 in bfloat16 (SDPA 12.9); the gradients and the
+// output alone are 24.0 and 12.0 (benchmarks/cpu_attention_compare.py, SDPA given separate q, k, v leaves).
 //
 // Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
 // bodies (attention_cpu_kernels.h) are compiled twice, for baseline x86-64 and with AVX2 + FMA, and the build is
@@ -177,24 +184,6 @@ const float* float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t c
   for (int64_t i = 0; i < count; ++i) {
     const scalar_t* source = rows.row(token + i);
     for (int64_t d = 0; d < head_dim; ++d) buffer[i * head_dim + d] = static_cast<float>(source[d]);
-  }
-  *ld = head_dim;
-  return buffer;
-}
-
-// `count` rows from `token` on as a contiguous row-major float32 [count, head_dim] matrix in `buffer`: the BLAS
-// reads a contiguous operand faster than rows strided by the token stride of a fused QKV projection.
-template <typename scalar_t>
-const float* packed_float_rows(const HeadRows<scalar_t>& rows, int64_t token, int64_t count, int64_t head_dim,
-                               float* buffer, int64_t* ld) {
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t* source = rows.row(token + i);
-    float* destination = buffer + i * head_dim;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      std::memcpy(destination, source, head_dim * sizeof(float));
-    } else {
-      for (int64_t d = 0; d < head_dim; ++d) destination[d] = static_cast<float>(source[d]);
-    }
   }
   *ld = head_dim;
   return buffer;

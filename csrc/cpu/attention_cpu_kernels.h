@@ -474,22 +474,24 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
   });
 }
 
-// The backward works on transposed tiles: S^T = K Q^T and dP^T = V dO^T are [key columns, query rows], so that
-// dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T all take their operands as stored and no tile is ever
-// transposed; the element-wise step runs along query rows, where lse and delta are contiguous.
+// Per task (one sequence and head) the query blocks are the outer loop, as in SDPA's CPU kernel: a thread holds one
+// query block's q, dO, their transposes and its dQ^T accumulator, and one key block's k, v and K^T, rebuilt for
+// every query block. dK and dV accumulate over the query blocks in the float32 gradients themselves, or, for
+// bfloat16 and float16, in float32 buffers of the sequence's rows. The tiles are transposed, [key columns, query
+// rows]: S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every
+// operand as stored and the element-wise step runs along query rows, where lse and delta are contiguous.
 template <typename scalar_t>
 void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& out,
                                const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   const int64_t tokens = in.q.size(0), heads = in.q.size(1), head_dim = in.q.size(2);
   const int64_t batches = in.batch;
-  const int64_t max_seqlen = in.max_seqlen;
-  const int64_t query_blocks = blocks_of(max_seqlen, kBackwardQueryRows);
   const int32_t* starts = in.starts.data_ptr<int32_t>();
   const int32_t* seqlens = in.seqlens.data_ptr<int32_t>();
   const float scale = static_cast<float>(in.softmax_scale);
   const float* lse_data = lse.data_ptr<float>();
   const int64_t grad_token_stride = grad_q.stride(0);  // grad_q, grad_k, grad_v: views of one [tokens, 3, H, D]
   const bool dropout = in.dropout_threshold > 0;
+  constexpr bool accumulate_in_gradients = std::is_same_v<scalar_t, float>;
 
   // One task per (sequence, head), longest first.
   std::vector<int64_t> tasks;
@@ -500,39 +502,44 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
                    [&](int64_t a, int64_t b) { return seqlens[a / heads] > seqlens[b / heads]; });
 
   const int64_t query_panel = head_dim * kBackwardQueryRows, key_panel = head_dim * kBackwardKeyColumns;
-  const int64_t rows_size = max_seqlen * head_dim;
   const int64_t tile_size = kBackwardKeyColumns * kBackwardQueryRows;
-  const int64_t key_block_size = kBackwardKeyColumns * head_dim;
+  const int64_t multipliers_size = dropout ? tile_size : 0;
+  const int64_t q_size = reads_in_place<scalar_t>(in.q.stride(0), head_dim) ? 0 : query_panel;
+  const int64_t grad_out_size = reads_in_place<scalar_t>(grad_out.stride(0), head_dim) ? 0 : query_panel;
+  const int64_t k_size = reads_in_place<scalar_t>(in.k.stride(0), head_dim) ? 0 : key_panel;
+  const int64_t v_size = reads_in_place<scalar_t>(in.v.stride(0), head_dim) ? 0 : key_panel;
+  const int64_t accumulator_size = accumulate_in_gradients ? 0 : in.max_seqlen * head_dim;
   struct Scratch {
     at::Tensor storage;
-    float *q_transposed, *grad_out_transposed, *grad_q_transposed, *key_transposed, *q_buffer, *k_buffer, *v_buffer,
-        *grad_out_buffer, *delta, *probs, *grad_probs, *multipliers, *grad_k_accumulator,
-        *grad_v_accumulator;
+    float *q_transposed, *grad_out_transposed, *grad_q_transposed, *key_transposed, *q_buffer, *grad_out_buffer,
+        *k_buffer, *v_buffer, *delta, *probs, *grad_probs, *multipliers, *grad_k_accumulator, *grad_v_accumulator;
   };
   auto make_scratch = [&] {
-    // Per thread: Q^T, dO^T and the dQ^T accumulator as [head_dim, kBackwardQueryRows] panels per query block,
-    // q and dO packed as float32, which every key block reads; K^T of one key block as a [head_dim,
-    // kBackwardKeyColumns] panel and its k and v rows packed; delta, three transposed tiles [key columns, query
-    // rows], and dK, dV of one key block. At T = 512, D = 64: 0.84 MB (k, v and K^T for the whole sequence, as
-    // before 2026-11-28: 1.18 MB, which put forward + backward 1.6 MiB above SDPA's peak with 2 threads).
+    // Per thread: Q^T, dO^T and dQ^T as [head_dim, kBackwardQueryRows] panels, K^T as [head_dim,
+    // kBackwardKeyColumns], delta, two transposed tiles (three with dropout); float32 copies of the q, dO, k and v
+    // blocks only where they cannot be read in place, and the dK and dV accumulators of a whole sequence only
+    // where the gradients are not float32. At T = 512, D = 64: 177 KB for float32 (SDPA's CPU flash kernel: two
+    // 64 x 512 float32 tiles, 256 KB), 529 KB for bfloat16. The key-block-outer loop this replaced (2026-11-28)
+    // held q, dO, Q^T, dO^T and dQ^T of a whole sequence: 0.84 MB, which put forward + backward 1.4 MiB above its
+    // output and gradients with 2 threads (SDPA 0.4).
     Scratch s;
-    s.storage = at::empty({3 * query_blocks * query_panel + key_panel + 2 * rows_size + 2 * key_block_size +
-                           max_seqlen + 3 * tile_size + 2 * key_block_size},
+    s.storage = at::empty({3 * query_panel + key_panel + q_size + grad_out_size + k_size + v_size +
+                           kBackwardQueryRows + 2 * tile_size + multipliers_size + 2 * accumulator_size},
                           in.q.options().dtype(at::kFloat));
     s.q_transposed = s.storage.template data_ptr<float>();
-    s.grad_out_transposed = s.q_transposed + query_blocks * query_panel;
-    s.grad_q_transposed = s.grad_out_transposed + query_blocks * query_panel;
-    s.key_transposed = s.grad_q_transposed + query_blocks * query_panel;
+    s.grad_out_transposed = s.q_transposed + query_panel;
+    s.grad_q_transposed = s.grad_out_transposed + query_panel;
+    s.key_transposed = s.grad_q_transposed + query_panel;
     s.q_buffer = s.key_transposed + key_panel;
-    s.grad_out_buffer = s.q_buffer + rows_size;
-    s.k_buffer = s.grad_out_buffer + rows_size;
-    s.v_buffer = s.k_buffer + key_block_size;
-    s.delta = s.v_buffer + key_block_size;
-    s.probs = s.delta + max_seqlen;
+    s.grad_out_buffer = s.q_buffer + q_size;
+    s.k_buffer = s.grad_out_buffer + grad_out_size;
+    s.v_buffer = s.k_buffer + k_size;
+    s.delta = s.v_buffer + v_size;
+    s.probs = s.delta + kBackwardQueryRows;
     s.grad_probs = s.probs + tile_size;
     s.multipliers = s.grad_probs + tile_size;
-    s.grad_k_accumulator = s.multipliers + tile_size;
-    s.grad_v_accumulator = s.grad_k_accumulator + key_block_size;
+    s.grad_k_accumulator = s.multipliers + multipliers_size;
+    s.grad_v_accumulator = s.grad_k_accumulator + accumulator_size;
     return s;
   };
 
@@ -541,49 +548,53 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
     const int64_t seqlen = seqlens[batch], start = starts[batch];
     const HeadRows<scalar_t> q_rows(in.q, head), k_rows(in.k, head), v_rows(in.v, head);
     const HeadRows<scalar_t> grad_out_rows(grad_out, head), out_rows(out, head);
-    int64_t q_ld = 0, grad_out_ld = 0;
-    const float* q_all = packed_float_rows(q_rows, start, seqlen, head_dim, s.q_buffer, &q_ld);
-    const float* grad_out_all =
-        packed_float_rows(grad_out_rows, start, seqlen, head_dim, s.grad_out_buffer, &grad_out_ld);
-    for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
-      const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
-      const int64_t panel = first_row / kBackwardQueryRows * query_panel;
-      transposed_float_rows(q_rows, start + first_row, rows, head_dim, s.q_transposed + panel, kBackwardQueryRows);
-      transposed_float_rows(grad_out_rows, start + first_row, rows, head_dim, s.grad_out_transposed + panel,
-                            kBackwardQueryRows);
-    }
-    // delta = rowsum(dO o O), what the softmax backward subtracts from dP.
-    for (int64_t i = 0; i < seqlen; ++i) {
-      const scalar_t* g = grad_out_rows.row(start + i);
-      const scalar_t* o = out_rows.row(start + i);
-      float lanes[kLanes] = {};
-      int64_t d = 0;
-      for (; d + kLanes <= head_dim; d += kLanes) {
-        for (int64_t lane = 0; lane < kLanes; ++lane) {
-          lanes[lane] += static_cast<float>(g[d + lane]) * static_cast<float>(o[d + lane]);
-        }
-      }
-      for (; d < head_dim; ++d) lanes[0] += static_cast<float>(g[d]) * static_cast<float>(o[d]);
-      float sum = 0.0f;
-      for (float lane : lanes) sum += lane;
-      s.delta[i] = sum;
+    const int64_t first_gradient = start * grad_token_stride + head * head_dim;
+    float* grad_k_rows = s.grad_k_accumulator;
+    float* grad_v_rows = s.grad_v_accumulator;
+    int64_t grad_ld = head_dim;
+    if constexpr (accumulate_in_gradients) {
+      grad_k_rows = grad_k.data_ptr<float>() + first_gradient;
+      grad_v_rows = grad_v.data_ptr<float>() + first_gradient;
+      grad_ld = grad_token_stride;
     }
     const float* lse_row = lse_data + head * tokens + start;
 
-    for (int64_t first_column = 0; first_column < seqlen; first_column += kBackwardKeyColumns) {
-      const int64_t columns = std::min(kBackwardKeyColumns, seqlen - first_column);
-      transposed_float_rows(k_rows, start + first_column, columns, head_dim, s.key_transposed, kBackwardKeyColumns);
-      int64_t k_ld = 0, v_ld = 0;
-      const float* k_block = packed_float_rows(k_rows, start + first_column, columns, head_dim, s.k_buffer, &k_ld);
-      const float* v_block = packed_float_rows(v_rows, start + first_column, columns, head_dim, s.v_buffer, &v_ld);
-      for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
-        const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
-        const int64_t panel = first_row / kBackwardQueryRows * query_panel;
+    for (int64_t first_row = 0; first_row < seqlen; first_row += kBackwardQueryRows) {
+      const int64_t rows = std::min(kBackwardQueryRows, seqlen - first_row);
+      int64_t q_ld = 0, grad_out_ld = 0;
+      const float* q_block = float_rows(q_rows, start + first_row, rows, head_dim, s.q_buffer, &q_ld);
+      const float* grad_out_block =
+          float_rows(grad_out_rows, start + first_row, rows, head_dim, s.grad_out_buffer, &grad_out_ld);
+      transposed_float_rows(q_rows, start + first_row, rows, head_dim, s.q_transposed, kBackwardQueryRows);
+      transposed_float_rows(grad_out_rows, start + first_row, rows, head_dim, s.grad_out_transposed,
+                            kBackwardQueryRows);
+      // delta = rowsum(dO o O), what the softmax backward subtracts from dP.
+      for (int64_t i = 0; i < rows; ++i) {
+        const scalar_t* o = out_rows.row(start + first_row + i);
+        const float* g = grad_out_block + i * grad_out_ld;
+        float lanes[kLanes] = {};
+        int64_t d = 0;
+        for (; d + kLanes <= head_dim; d += kLanes) {
+          for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] += g[d + lane] * static_cast<float>(o[d + lane]);
+        }
+        for (; d < head_dim; ++d) lanes[0] += g[d] * static_cast<float>(o[d]);
+        float sum = 0.0f;
+        for (float lane : lanes) sum += lane;
+        s.delta[i] = sum;
+      }
+
+      for (int64_t first_column = 0; first_column < seqlen; first_column += kBackwardKeyColumns) {
+        const int64_t columns = std::min(kBackwardKeyColumns, seqlen - first_column);
+        transposed_float_rows(k_rows, start + first_column, columns, head_dim, s.key_transposed,
+                              kBackwardKeyColumns);
+        int64_t k_ld = 0, v_ld = 0;
+        const float* k_block = float_rows(k_rows, start + first_column, columns, head_dim, s.k_buffer, &k_ld);
+        const float* v_block = float_rows(v_rows, start + first_column, columns, head_dim, s.v_buffer, &v_ld);
         // S^T = K Q^T and dP^T = V dO^T, [columns, rows] with leading dimension kBackwardQueryRows.
-        matmul(columns, rows, head_dim, k_block, k_ld, s.q_transposed + panel, kBackwardQueryRows, s.probs,
+        matmul(columns, rows, head_dim, k_block, k_ld, s.q_transposed, kBackwardQueryRows, s.probs,
                kBackwardQueryRows, false);
-        matmul(columns, rows, head_dim, v_block, v_ld, s.grad_out_transposed + panel, kBackwardQueryRows,
-               s.grad_probs, kBackwardQueryRows, false);
+        matmul(columns, rows, head_dim, v_block, v_ld, s.grad_out_transposed, kBackwardQueryRows, s.grad_probs,
+               kBackwardQueryRows, false);
         if (dropout) {
           transposed_dropout_multipliers(in, batch, head, first_row, rows, first_column, columns, s.multipliers,
                                          kBackwardQueryRows);
@@ -591,29 +602,30 @@ void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad
         for (int64_t j = 0; j < columns; ++j) {
           // probs <- P o M, grad_probs <- dS (softmax_scale folded in for dQ and dK).
           backward_column(s.probs + j * kBackwardQueryRows, s.grad_probs + j * kBackwardQueryRows,
-                          dropout ? s.multipliers + j * kBackwardQueryRows : nullptr, lse_row + first_row,
-                          s.delta + first_row, rows, scale);
+                          dropout ? s.multipliers + j * kBackwardQueryRows : nullptr, lse_row + first_row, s.delta,
+                          rows, scale);
         }
         const bool first_query_block = first_row == 0;
-        matmul(columns, head_dim, rows, s.probs, kBackwardQueryRows, grad_out_all + first_row * grad_out_ld,
-               grad_out_ld, s.grad_v_accumulator, head_dim, !first_query_block);
-        matmul(columns, head_dim, rows, s.grad_probs, kBackwardQueryRows, q_all + first_row * q_ld, q_ld,
-               s.grad_k_accumulator, head_dim, !first_query_block);
+        matmul(columns, head_dim, rows, s.probs, kBackwardQueryRows, grad_out_block, grad_out_ld,
+               grad_v_rows + first_column * grad_ld, grad_ld, !first_query_block);
+        matmul(columns, head_dim, rows, s.grad_probs, kBackwardQueryRows, q_block, q_ld,
+               grad_k_rows + first_column * grad_ld, grad_ld, !first_query_block);
         matmul(head_dim, rows, columns, s.key_transposed, kBackwardKeyColumns, s.grad_probs, kBackwardQueryRows,
-               s.grad_q_transposed + panel, kBackwardQueryRows, first_column > 0);
+               s.grad_q_transposed, kBackwardQueryRows, first_column > 0);
       }
-      const int64_t first_token = (start + first_column) * grad_token_stride + head * head_dim;
-      store_rows(s.grad_k_accumulator, columns, head_dim, 1.0f, grad_k.data_ptr<scalar_t>() + first_token,
-                 grad_token_stride);
-      store_rows(s.grad_v_accumulator, columns, head_dim, 1.0f, grad_v.data_ptr<scalar_t>() + first_token,
-                 grad_token_stride);
+      scalar_t* grad_q_block = grad_q.data_ptr<scalar_t>() + first_gradient + first_row * grad_token_stride;
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t d = 0; d < head_dim; ++d) {
+          grad_q_block[i * grad_token_stride + d] =
+              static_cast<scalar_t>(s.grad_q_transposed[d * kBackwardQueryRows + i]);
+        }
+      }
     }
-    scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>() + start * grad_token_stride + head * head_dim;
-    for (int64_t i = 0; i < seqlen; ++i) {
-      const float* column = s.grad_q_transposed + i / kBackwardQueryRows * query_panel + i % kBackwardQueryRows;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        grad_q_data[i * grad_token_stride + d] = static_cast<scalar_t>(column[d * kBackwardQueryRows]);
-      }
+    if constexpr (!accumulate_in_gradients) {
+      store_rows(grad_k_rows, seqlen, head_dim, 1.0f, grad_k.data_ptr<scalar_t>() + first_gradient,
+                 grad_token_stride);
+      store_rows(grad_v_rows, seqlen, head_dim, 1.0f, grad_v.data_ptr<scalar_t>() + first_gradient,
+                 grad_token_stride);
     }
   });
 }
