@@ -474,12 +474,13 @@ void attention_forward_kernel(const AttentionInputs& in, at::Tensor& out, at::Te
   });
 }
 
-// Per task (one sequence and head) the query blocks are the outer loop, as in SDPA's CPU kernel: a thread holds one
-// query block's Q^T, dO^T and dQ^T accumulator and one key block's K^T, rebuilt for every query block (and float32
-// copies of the q, dO, k and v blocks where they cannot be read in place). dK and dV accumulate over the query
-// blocks in the float32 gradients themselves, or, for bfloat16 and float16, in float32 buffers of the sequence's
-// rows. The tiles are transposed, [key columns, query rows]: S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every
-// operand as stored and the element-wise step runs along query rows, where lse and delta are contiguous.
+// Per task (one sequence and head) the query blocks are the outer loop, as in SDPA's CPU kernel: a thread holds
+// one query block's Q^T, dO^T and dQ^T accumulator and one key block's K^T, rebuilt for every query block (and
+// float32 copies of the q, dO, k and v blocks where they cannot be read in place). dK and dV accumulate over the
+// query blocks in the float32 gradients themselves, or, for bfloat16 and float16, in float32 buffers of the
+// sequence's rows. The tiles are transposed, [key columns, query rows]: S^T = K Q^T and dP^T = V dO^T, so that
+// dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every operand as stored and the element-wise step
+// runs along query rows, where lse and delta are contiguous.
 template <typename scalar_t>
 void attention_backward_kernel(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& out,
                                const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
