@@ -3,7 +3,7 @@ against PyTorch's SDPA (CPU flash) as a transformers model calls it (q, k and v 
 padding mask built once per batch), timed interleaved, and their peak memory.
 
     python benchmarks/cpu_attention_compare.py [--threads 2] [--rounds 5] [--repeats 5] [--memory [--memory-runs 3]]
-        [--dropout P] [--dtype float32|bfloat16]
+        [--errors] [--dropout P] [--dtype float32|bfloat16]
 
 Shape B=4, T=512, H=12, D=64, float32 unless --dtype says otherwise; "padded" gives lengths 512, 400, 300, 200
 (SDPA then gets the boolean key mask, which rules out nothing on the CPU: its flash kernel takes masks).
@@ -16,6 +16,10 @@ are forced through mmap (MALLOC_MMAP_THRESHOLD_), so freed buffers leave the res
 peak resident set (VmHWM, reset through /proc/self/clear_refs after one warm-up call) counts what one more call
 holds at its peak, inputs excluded. The kernel updates those counters in batches, which leaves ~0.1-0.2 MB of
 noise per process, so each cell is the median of --memory-runs processes.
+
+Errors (--errors): each provider's output and gradients without padding or dropout against float64 attention on
+the same (rounded) inputs, as the relative L2 error of the whole tensor and the max error over the max |value| (with
+padding the two differ by design: SDPA's padded query rows are not zero and send gradient to the valid keys).
 """
 import argparse
 import json
@@ -153,6 +157,28 @@ def measure_memory(threads, dropout_p, dtype_name, runs):
         print(f"| {case_name(mode, padded)} | {peaks['electra_ext']:.1f} MB | {peaks['sdpa']:.1f} MB |")
 
 
+def print_errors(dtype):
+    qkv, _, grad_out = make_inputs(False, dtype)
+    results = {}
+    # ops.attention in float64 is its reference: the expected values.
+    for name, make, inputs in [("float64", ours, qkv.detach().double().requires_grad_()),
+                               *((p, make, qkv) for p, make in PROVIDERS.items())]:
+        attend, leaves = make(inputs, None, 0.0)
+        out = attend()
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        results[name] = [out.detach(), *(grads[0].unbind(2) if len(grads) == 1 else grads)]
+    print("| tensor | electra_ext: relative L2 error, max error | SDPA (CPU): relative L2 error, max error |")
+    print("| --- | --- | --- |")
+    for i, tensor in enumerate(("out", "dq", "dk", "dv")):
+        expected = results["float64"][i]
+        cells = []
+        for provider in PROVIDERS:
+            error = results[provider][i].double() - expected
+            cells.append(f"{(error.norm() / expected.norm()).item():.2e}, "
+                         f"{(error.abs().max() / expected.abs().max()).item():.2e}")
+        print(f"| {tensor} | {' | '.join(cells)} |")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
@@ -160,6 +186,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-runs", type=int, default=3, help="processes per memory cell (the median is kept)")
+    parser.add_argument("--errors", action="store_true", help="errors against float64 attention, no padding")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability for both")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -175,6 +202,8 @@ def main():
     time_cases(args.rounds, args.repeats, args.dropout, dtype)
     if args.memory:
         measure_memory(args.threads, args.dropout, args.dtype, args.memory_runs)
+    if args.errors:
+        print_errors(dtype)
 
 
 if __name__ == "__main__":

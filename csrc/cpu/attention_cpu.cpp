@@ -45,7 +45,10 @@
 // copies of the q, dO, k and v blocks, 96 KB, and the sequence's dK and dV accumulators, 256 KB), against SDPA's
 // 256 KB and 384 KB (two 64 x 512 tiles, and their bfloat16 copies). Forward + backward at this shape, 2 threads,
 // peaks 24.3 MiB above its inputs in float32 (SDPA 24.4) and 12.8 in bfloat16 (SDPA 12.9); the gradients and the
-// output alone are 24.0 and 12.0 (benchmarks/cpu_attention_compare.py, SDPA given separate q, k, v leaves).
+// output alone are 24.0 and 12.0 (benchmarks/cpu_attention_compare.py, SDPA given separate q, k, v leaves). Each
+// further thread adds its scratch, so in bfloat16 more threads hold more than SDPA (8: 16.0 against 15.3 MiB): our
+// float32 dK and dV accumulators, where SDPA rounds dK and dV into the bfloat16 gradients after every 64 queries
+// (its dK and dV errors against float64 are 2.3x ours).
 //
 // Products go through ATen's cpublas::brgemm (oneDNN's JIT brgemm on AVX2 CPUs, else MKL's sgemm). The kernels'
 // bodies (attention_cpu_kernels.h) are compiled twice, for baseline x86-64 and with AVX2 + FMA, and the build is
