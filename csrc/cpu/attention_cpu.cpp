@@ -26,16 +26,16 @@
 // Backward tiling: one task per (sequence, head), its query blocks the outer loop (as in SDPA's CPU kernel), so a
 // thread holds one query block's operands, not a whole sequence's. It works on transposed [64 keys, 128 queries]
 // tiles: S^T = K Q^T and dP^T = V dO^T, so that dV += (P o M)^T dO, dK += dS^T Q and dQ^T += K^T dS^T take every
-// operand as stored (no tile is transposed) and the element-wise step runs along query rows, where lse and delta
-// are contiguous. Per query block, Q^T and dO^T are built once; per (query block, key block), K^T [D, 64] is
-// built again (T / 128 times per key block, 4 at T = 512: ~4.5 ms on one core by the forward's measured ~1.1 ms
-// per pass over a sequence's keys, against ~95 ms of products). float32 q, k, v and dO are
-// read in place with the fused QKV's token stride (2304 floats): forward + backward took 61-63 ms so (2 threads),
-// 63 ms with contiguous copies of every block. 128 x 64 tiles instead of 64 x 64 took the three
-// accumulating products from 64 to 54 ms (one core). dQ^T accumulates over key blocks in the task's panel, dK
-// and dV over query blocks in the float32 gradients themselves (in float32 buffers of the sequence's rows for
-// other dtypes), each in a fixed order: results are bitwise the same for any number of threads. delta =
-// rowsum(dO o O) is computed per query block, not through a [tokens, H, D] float32 temporary.
+// operand as stored (no tile is transposed) and the element-wise step runs along query rows, where lse and delta are
+// contiguous. Per query block, Q^T and dO^T are built once; per (query block, key block), K^T [D, 64] is built again
+// (T / 128 times per key block, 4 at T = 512: measured on one core, the backward took 84.9-86.4 ms so and 83.1-84.7
+// with each K^T built once, a timing-only variant: ~2%). float32 q, k, v and dO are read in place with the fused QKV's
+// token stride (2304 floats): forward + backward took 61-63 ms so (2 threads), 63 ms with contiguous copies of every
+// block; the backward alone on one core 83.5-88.4 ms against 85.6-86.8. 128 x 64 tiles instead of 64 x 64 took the
+// three accumulating products from 64 to 54 ms (one core). dQ^T accumulates over key blocks in the task's panel, dK
+// and dV over query blocks in the float32 gradients themselves (in float32 buffers of the sequence's rows for other
+// dtypes), each in a fixed order: results are bitwise the same for any number of threads. delta = rowsum(dO o O) is
+// computed per query block, not through a [tokens, H, D] float32 temporary.
 //
 // Memory: per thread, the forward's float32 scratch at T = 512, D = 64 is 68 KB for float32 (K^T panel 32 KB,
 // score tile 32 KB, row maxima and sums 4 KB) and 178 KB for bfloat16 (plus float32 V and q blocks, 48 KB, and
